@@ -1,0 +1,67 @@
+"""The typer app, its error handling and console; commands live in sibling modules."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+
+from fol_infer import __version__
+from fol_infer.errors import FolInferError
+
+app = typer.Typer(
+    name="fol-infer",
+    help="FoL visual place recognition: export engines, encode, index, query, benchmark.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+console = Console(stderr=True)  # progress, notices, errors
+stdout = Console()  # results
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def friendly_errors(func: F) -> F:
+    """Turn the toolkit's own errors into one line on stderr and their exit code."""
+
+    @wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except FolInferError as exc:
+            console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            console.print("[yellow]interrupted[/yellow]")
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def untrained_banner(trained: bool) -> None:
+    if not trained:
+        console.print(
+            "[bold yellow]UNTRAINED[/bold yellow] random weights (fol-infer make-checkpoint): "
+            "outputs exercise the pipeline but say nothing about FoL's accuracy"
+        )
+
+
+@app.callback()
+def _main(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
+) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+
+
+@app.command()
+def version() -> None:
+    """Print the toolkit version."""
+    print(__version__)

@@ -1,0 +1,148 @@
+"""Commands from checkpoint to verified bundle: make-checkpoint, export, verify, info."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from fol_infer.cli.app import app, console, friendly_errors, stdout, untrained_banner
+from fol_infer.errors import UsageError
+
+BackendOption = Annotated[
+    str, typer.Option("--backend", "-b", help="Encoder backend: onnx, torch or trt.")
+]
+CheckpointOption = Annotated[
+    Path | None,
+    typer.Option("--checkpoint", help="Checkpoint for the torch backend (default: the bundle's)."),
+]
+
+
+@app.command("make-checkpoint")
+@friendly_errors
+def make_checkpoint(
+    out: Annotated[Path, typer.Argument(help="Where to write the .pth file.")],
+    arch: Annotated[str, typer.Option(help="vits14, vitb14, vitl14, vitg14 or tiny.")] = "vitb14",
+    seed: Annotated[int, typer.Option(help="Random seed: same seed, same weights.")] = 0,
+    force: Annotated[bool, typer.Option(help="Overwrite an existing file.")] = False,
+) -> None:
+    """Write a seeded random checkpoint in the published layout, marked UNTRAINED."""
+    from fol_infer.model.arch import get_arch
+    from fol_infer.model.checkpoint import make_checkpoint as make
+
+    get_arch(arch)
+    if out.exists() and not force:
+        raise UsageError(f"{out} already exists: pass --force to overwrite it")
+    make(arch, seed, out)
+    untrained_banner(False)
+    console.print(f"wrote {out} ({arch}, seed {seed}, {out.stat().st_size / 2**20:.1f} MiB)")
+
+
+@app.command()
+@friendly_errors
+def export(
+    checkpoint: Annotated[Path, typer.Argument(help="FoL checkpoint (.pth).")],
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Bundle folder [engines/<arch>-<res>].")
+    ] = None,
+    resolution: Annotated[
+        str, typer.Option(help="Input size: 322 or HxW, multiples of 14, >= 210.")
+    ] = "322",
+    opset: Annotated[int, typer.Option(help="ONNX opset (>= 17).")] = 18,
+    force: Annotated[bool, typer.Option(help="Replace an existing bundle folder.")] = False,
+    trust_checkpoint: Annotated[
+        bool,
+        typer.Option(help="Allow full unpickling of the checkpoint (runs code it holds)."),
+    ] = False,
+) -> None:
+    """Export a checkpoint to a bundle: global.onnx, local.onnx, reference.npz, manifest."""
+    import time
+
+    from fol_infer.export.onnx import export_bundle
+    from fol_infer.export.opcheck import check_bundle
+
+    start = time.perf_counter()
+    with console.status("exporting") as spinner:
+        bundle = export_bundle(
+            checkpoint,
+            out,
+            resolution,
+            opset=opset,
+            force=force,
+            trust_checkpoint=trust_checkpoint,
+            progress=lambda msg: spinner.update(msg),
+        )
+    reports = check_bundle(bundle)
+    console.print(f"wrote {bundle} in {time.perf_counter() - start:.0f} s")
+    for report in reports:
+        verdict = "TensorRT-ready" if report.ok else "NOT TensorRT-ready: " + "; ".join(report.problems)
+        console.print(f"  {report.path.name}: {sum(report.op_counts.values())} nodes, {verdict}")
+
+
+@app.command()
+@friendly_errors
+def verify(
+    bundle_dir: Annotated[Path, typer.Argument(help="Bundle folder.")],
+    backend: BackendOption = "onnx",
+    checkpoint: CheckpointOption = None,
+    precision: Annotated[str, typer.Option(help="Tolerances: fp32 or fp16.")] = "fp32",
+) -> None:
+    """Re-run reference.npz through a backend and compare with the PyTorch outputs (exit 1 on failure)."""
+    from fol_infer.backends import open_encoder
+    from fol_infer.bundle import Bundle
+    from fol_infer.parity import TOLERANCES, verify as run_verify
+
+    if precision not in TOLERANCES:
+        raise UsageError(f"--precision must be one of {', '.join(TOLERANCES)}")
+    bundle = Bundle.open(bundle_dir, verify="full")
+    untrained_banner(bundle.manifest.trained)
+    encoder = open_encoder(bundle, backend, checkpoint=checkpoint)
+    try:
+        report = run_verify(bundle, encoder, precision)
+    finally:
+        encoder.close()
+    tol = TOLERANCES[precision]
+    table = Table(title=f"{bundle_dir} — {backend} vs PyTorch reference ({report.images} images)")
+    table.add_column("check")
+    table.add_column("value", justify="right")
+    table.add_column("tolerance", justify="right")
+    table.add_row("min global cosine", f"{report.min_global_cosine:.7f}", f">= {tol['global_cosine']}")
+    table.add_row("max token |diff|", f"{report.max_token_diff:.2e}", f"<= {tol['token_diff']:.0e}")
+    table.add_row("count agreement", f"{report.count_agreement:.0%}", "100%" if precision == "fp32" else "-")
+    table.add_row("region agreement", f"{report.position_agreement:.0%}", f">= {tol['positions']:.0%}")
+    stdout.print(table)
+    if not report.passed:
+        console.print("[red]FAILED[/red]: " + "; ".join(report.failures))
+        raise typer.Exit(1)
+    console.print("[green]passed[/green]")
+
+
+@app.command()
+@friendly_errors
+def info(
+    path: Annotated[Path, typer.Argument(help="A bundle folder or a checkpoint file.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Say what a bundle or checkpoint is: architecture, resolution, sizes, checksums."""
+    if path.is_dir():
+        from fol_infer.bundle import Bundle
+
+        bundle = Bundle.open(path, verify="sizes")
+        data = bundle.manifest.to_dict()
+    else:
+        from fol_infer.model.checkpoint import describe_checkpoint
+
+        data = describe_checkpoint(path)
+    if as_json:
+        print(json.dumps(data, indent=2))
+        return
+    untrained_banner(bool(data.get("trained", True)))
+    table = Table(show_header=False, title=str(path))
+    for key, value in data.items():
+        if isinstance(value, dict):
+            value = json.dumps(value, indent=1) if len(json.dumps(value)) > 60 else json.dumps(value)
+        table.add_row(key, str(value))
+    stdout.print(table)

@@ -1,0 +1,35 @@
+"""Errors a user can act on: the CLI prints them on one line and exits with their code."""
+
+from __future__ import annotations
+
+
+class FolInferError(Exception):
+    """Base class: the message says what is wrong and what to do."""
+
+    exit_code = 1
+
+
+class UsageError(FolInferError):
+    """Bad arguments or inputs the user chose (exit code 2, like typer's own usage errors)."""
+
+    exit_code = 2
+
+
+class CheckpointError(UsageError):
+    """A checkpoint that is missing, not a checkpoint, or not an FoL model we support."""
+
+
+class BundleError(UsageError):
+    """A bundle folder that is missing, incomplete, tampered with or from another version."""
+
+
+class ImageError(FolInferError):
+    """An image that cannot be decoded into an RGB picture."""
+
+
+class IndexStoreError(UsageError):
+    """An index that is missing, torn, from another bundle or another toolkit version."""
+
+
+class BackendUnavailableError(UsageError):
+    """An optional engine (torch, tensorrt, triton, a GPU) is not installed or not present."""
