@@ -62,7 +62,7 @@ def encode(
     finally:
         encoder.close()
     for failure in failures:
-        console.print(f"[yellow]skipped[/yellow] {failure.reason}", highlight=False)
+        console.print(f"[yellow]skipped[/yellow] {failure.reason}", highlight=False, soft_wrap=True)
     if not names:
         raise UsageError("no image could be read; nothing written")
     tmp = out.with_name(out.name + ".partial.npz")

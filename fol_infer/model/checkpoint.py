@@ -9,9 +9,7 @@ Pickles run code when unpickled, so ``weights_only=True`` always, unless the use
 from __future__ import annotations
 
 import logging
-import pickle
 import warnings
-import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,18 +42,18 @@ def _read_pickle(path: Path, trust: bool) -> object:
         raise CheckpointError(f"checkpoint is an empty file: {path}")
     try:
         return torch.load(path, map_location="cpu", weights_only=not trust)
-    except pickle.UnpicklingError as exc:
-        if trust:
-            raise CheckpointError(f"{path} is not a readable checkpoint: {exc}") from None
-        first = str(exc).strip().splitlines()[0]
+    except Exception as exc:  # torch.load raises many types on foreign files
+        lines = str(exc).strip().splitlines() or [type(exc).__name__]
+        if not trust and "weights only load failed" in lines[0].lower():
+            reason = next((ln.strip() for ln in lines if "unsupported global" in ln.lower()), lines[0])
+            reason = reason.split(" Please use")[0]
+            raise CheckpointError(
+                f"{path} needs full unpickling, which can run arbitrary code ({reason}); "
+                "if you trust its source, rerun with --trust-checkpoint"
+            ) from None
         raise CheckpointError(
-            f"{path} needs full unpickling, which can run arbitrary code ({first}); "
-            "if you trust its source, rerun with --trust-checkpoint"
-        ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise CheckpointError(
-            f"{path} is not a PyTorch checkpoint ({first}); pass an FoL .pth file"
+            f"{path} is not a PyTorch checkpoint ({type(exc).__name__}: {lines[0][:120]}); "
+            "pass an FoL .pth file"
         ) from None
 
 
