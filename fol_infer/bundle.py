@@ -183,7 +183,9 @@ class Bundle:
         folder = Path(folder)
         manifest_path = folder / MANIFEST
         if not folder.is_dir():
-            raise BundleError(f"bundle folder not found: {folder} (create one with fol-infer export)")
+            raise BundleError(
+                f"bundle folder not found: {folder} (create one with fol-infer export)"
+            )
         if not manifest_path.is_file():
             raise BundleError(
                 f"{folder} is not a bundle: no {MANIFEST} (was the export interrupted? "

@@ -14,7 +14,9 @@ from fol_infer.parity import compare, load_reference, verify
 
 
 @pytest.mark.parametrize("bundle_fixture", ["tiny_bundle", "tiny_bundle_322"])
-def test_onnx_matches_the_pytorch_reference(bundle_fixture: str, request: pytest.FixtureRequest) -> None:
+def test_onnx_matches_the_pytorch_reference(
+    bundle_fixture: str, request: pytest.FixtureRequest
+) -> None:
     bundle = Bundle.open(request.getfixturevalue(bundle_fixture))
     with open_encoder(bundle, "onnx") as encoder:  # type: ignore[attr-defined]
         report = verify(bundle, encoder)
@@ -38,7 +40,9 @@ def test_torch_backend_reproduces_its_reference_and_batch_is_dynamic(tiny_bundle
         np.testing.assert_array_equal(a.local.counts, b.local.counts)
 
 
-def test_global_only_never_runs_the_local_branch(tiny_bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_global_only_never_runs_the_local_branch(
+    tiny_bundle: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     encoder = open_encoder(Bundle.open(tiny_bundle), "onnx")
     monkeypatch.setattr(encoder, "encode_local", lambda *_: pytest.fail("local branch ran"))
     out = encoder.encode(load_reference(Bundle.open(tiny_bundle))["images"], local=False)
@@ -68,3 +72,24 @@ def test_token_list_drops_padding(tiny_bundle: Path) -> None:
     out = encoder.encode(load_reference(Bundle.open(tiny_bundle))["images"])
     assert out.local is not None
     assert [len(t) for t in out.token_list()] == out.local.counts.tolist()
+
+
+def test_region_mismatch_is_excused_only_at_an_exact_confidence_tie(tiny_bundle_322: Path) -> None:
+    from fol_infer.parity import boundary_ties
+
+    bundle = Bundle.open(tiny_bundle_322)
+    reference = load_reference(bundle)
+    out = open_encoder(bundle).encode(reference["images"])
+    assert out.local is not None
+    flipped = out.local.region_mask.copy()
+    flipped[0] = ~flipped[0]  # a different selection on image 0
+    out.local.region_mask = flipped
+    assert not compare(reference, out).passed  # no tie in the reference: a real failure
+    conf = reference["confidence"].copy().reshape(2, -1)
+    order = np.argsort(-conf[0], kind="stable")
+    conf[0, order[225]] = conf[0, order[224]]  # now the 225th and 226th places tie
+    reference["confidence"] = conf.reshape(reference["confidence"].shape)
+    assert boundary_ties(reference["confidence"]).tolist() == [True, False]
+    report = compare(reference, out)
+    assert report.boundary_ties == 1 and report.position_agreement == 0.5
+    assert report.untied_position_agreement == 1.0

@@ -54,7 +54,10 @@ def test_verify_fails_with_exit_1_beyond_tolerance(tiny_bundle: Path, tmp_path: 
     data["global"] = np.roll(data["global"], 1, axis=1)  # a wrong reference
     np.savez(copy / "reference.npz", **data)
     manifest = Manifest.from_dict(json.loads((copy / "manifest.json").read_text()))
-    manifest.reference |= {"sha256": sha256_file(copy / "reference.npz"), "bytes": (copy / "reference.npz").stat().st_size}
+    manifest.reference |= {
+        "sha256": sha256_file(copy / "reference.npz"),
+        "bytes": (copy / "reference.npz").stat().st_size,
+    }
     manifest.write(copy)
     code, out = run("verify", copy, "--backend", "onnx")
     assert code == 1 and "FAILED" in out and "global cosine" in out
@@ -69,7 +72,9 @@ def test_verify_fails_with_exit_1_beyond_tolerance(tiny_bundle: Path, tmp_path: 
         (("make-checkpoint", "x.pth", "--arch", "vitz14"), "unknown architecture"),
     ],
 )
-def test_usage_errors_exit_2_with_one_line(args: tuple[str, ...], message: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_usage_errors_exit_2_with_one_line(
+    args: tuple[str, ...], message: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.chdir(tmp_path)
     code, out = run(*args)
     assert code == 2 and message in out
@@ -84,14 +89,22 @@ def _odd_images(folder: Path) -> dict[str, bool]:
     Image.fromarray(rgb[..., 0]).save(folder / "gray.png")
     Image.fromarray(rgb).convert("CMYK").save(folder / "cmyk.jpg")
     Image.fromarray(np.dstack([rgb, rgb[..., :1]])).save(folder / "rgba.png")
-    Image.fromarray((rng.integers(0, 65535, (240, 260))).astype(np.uint16)).save(folder / "deep16.png")
+    Image.fromarray((rng.integers(0, 65535, (240, 260))).astype(np.uint16)).save(
+        folder / "deep16.png"
+    )
     full = (folder / "rgb.jpg").read_bytes()
     (folder / "truncated.jpg").write_bytes(full[: len(full) // 2])
     (folder / "empty.jpg").write_bytes(b"")
     (folder / "notes.jpg").write_text("not a picture")
     return {
-        "rgb.jpg": True, "gray.png": True, "cmyk.jpg": True, "rgba.png": True, "deep16.png": True,
-        "truncated.jpg": False, "empty.jpg": False, "notes.jpg": False,
+        "rgb.jpg": True,
+        "gray.png": True,
+        "cmyk.jpg": True,
+        "rgba.png": True,
+        "deep16.png": True,
+        "truncated.jpg": False,
+        "empty.jpg": False,
+        "notes.jpg": False,
     }
 
 
@@ -114,7 +127,9 @@ def test_encode_skips_unreadable_images_and_lists_them(tiny_bundle: Path, tmp_pa
         for tokens, count in zip(enc["tokens"], enc["count"]):
             assert not tokens[count:].any()
     assert "3 skipped" in log
-    code, log = run("encode", tiny_bundle, tmp_path / "imgs", "--out", tmp_path / "s.npz", "--strict")
+    code, log = run(
+        "encode", tiny_bundle, tmp_path / "imgs", "--out", tmp_path / "s.npz", "--strict"
+    )
     assert code != 0 and not (tmp_path / "s.npz").exists()
 
 
@@ -130,5 +145,7 @@ def test_encode_matches_encoding_in_python(tiny_bundle: Path, tmp_path: Path) ->
     assert run("encode", tiny_bundle, folder / "rgb.jpg", folder / "gray.png", "--out", out)[0] == 0
     bundle = Bundle.open(tiny_bundle)
     with np.load(out) as enc:
-        direct = open_encoder(bundle).encode(preprocess_batch(list(enc["paths"]), bundle.resolution))
+        direct = open_encoder(bundle).encode(
+            preprocess_batch(list(enc["paths"]), bundle.resolution)
+        )
         np.testing.assert_allclose(enc["global"], direct.descriptors, atol=1e-6)

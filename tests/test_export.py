@@ -20,7 +20,10 @@ from fol_infer.export.opcheck import check_bundle, check_graph  # noqa: E402
 
 def test_bundle_contents_and_manifest(tiny_bundle: Path, tiny_checkpoint: Path) -> None:
     assert sorted(p.name for p in tiny_bundle.iterdir()) == [
-        "global.onnx", "local.onnx", "manifest.json", "reference.npz"
+        "global.onnx",
+        "local.onnx",
+        "manifest.json",
+        "reference.npz",
     ]
     m = json.loads((tiny_bundle / "manifest.json").read_text())
     assert m["schema_version"] == 1 and m["arch"]["name"] == "tiny" and m["trained"] is False
@@ -30,7 +33,9 @@ def test_bundle_contents_and_manifest(tiny_bundle: Path, tiny_checkpoint: Path) 
     assert [i["name"] for i in g["inputs"]] == ["image"]
     assert g["inputs"][0]["shape"] == ["batch", 3, 210, 224]
     assert {o["name"]: o["shape"] for o in g["outputs"]} == {
-        "global": ["batch", 8448], "features": ["batch", 64, 15, 16], "confidence": ["batch", 15, 16]
+        "global": ["batch", 8448],
+        "features": ["batch", 64, 15, 16],
+        "confidence": ["batch", 15, 16],
     }
     local = {o["name"]: (o["shape"], o["dtype"]) for o in m["graphs"]["local"]["outputs"]}
     assert local["tokens"] == (["batch", 3600, 128], "float32")
@@ -83,8 +88,12 @@ def test_opcheck_accepts_a_clean_graph(tmp_path: Path) -> None:
     assert report.ok and report.op_counts["Relu"] == 1
 
 
-@pytest.mark.parametrize(("resolution", "match"), [("323", "multiple of 14"), ("196", "210"), ("abc", "expected")])
-def test_bad_resolution_is_refused_before_any_work(tiny_checkpoint: Path, tmp_path: Path, resolution: str, match: str) -> None:
+@pytest.mark.parametrize(
+    ("resolution", "match"), [("323", "multiple of 14"), ("196", "210"), ("abc", "expected")]
+)
+def test_bad_resolution_is_refused_before_any_work(
+    tiny_checkpoint: Path, tmp_path: Path, resolution: str, match: str
+) -> None:
     with pytest.raises(UsageError, match=match):
         onnx_export.export_bundle(tiny_checkpoint, tmp_path / "b", resolution)
     assert list(tmp_path.iterdir()) == []
@@ -99,7 +108,9 @@ def test_existing_folder_needs_force(tiny_checkpoint: Path, tmp_path: Path) -> N
     assert (out / "keep.txt").read_text() == "mine"
 
 
-def test_failed_export_leaves_nothing_behind(tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_failed_export_leaves_nothing_behind(
+    tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     def boom(*args: object, **kwargs: object) -> None:
         raise RuntimeError("exporter crashed")
 
@@ -117,7 +128,9 @@ def test_force_replaces_a_bundle_atomically(tiny_checkpoint: Path, tmp_path: Pat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]  # no temporary folders left
 
 
-def test_bundle_from_another_schema_or_tampered_is_refused(tiny_bundle: Path, tmp_path: Path) -> None:
+def test_bundle_from_another_schema_or_tampered_is_refused(
+    tiny_bundle: Path, tmp_path: Path
+) -> None:
     import shutil
 
     copy = tmp_path / "copy"

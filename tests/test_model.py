@@ -28,7 +28,9 @@ def test_position_embedding_follows_dinov2_scale_factor_rule(model) -> None:  # 
     want = want.permute(0, 2, 3, 1).reshape(1, h * w, -1)
     assert torch.equal(got[:, 1:], want)
     assert torch.equal(got[:, :1], backbone.pos_embed[:, :1])
-    by_size = F.interpolate(grid, mode="bicubic", size=(h, w)).permute(0, 2, 3, 1).reshape(1, h * w, -1)
+    by_size = (
+        F.interpolate(grid, mode="bicubic", size=(h, w)).permute(0, 2, 3, 1).reshape(1, h * w, -1)
+    )
     assert not torch.allclose(got[:, 1:], by_size)  # the rule matters
     assert torch.equal(backbone.position_embedding(37, 37), backbone.pos_embed)
 
@@ -72,7 +74,9 @@ def test_sinkhorn_matches_the_spec_recurrence() -> None:
         u = log_mu - torch.logsumexp(z + v[:, None], 2)
         v = log_nu - torch.logsumexp(z + u[:, :, None], 1)
     want = torch.exp(z + u[:, :, None] + v[:, None] - norm)[:, :m]
-    torch.testing.assert_close(fol.sinkhorn_assignment(scores, dustbin).double(), want, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(
+        fol.sinkhorn_assignment(scores, dustbin).double(), want, rtol=1e-5, atol=1e-7
+    )
 
 
 def test_clamp_top_values_clamps_exactly_three_to_the_five_percent_value() -> None:

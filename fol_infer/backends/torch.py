@@ -66,7 +66,9 @@ class TorchEncoder(EncoderBase):
         images = self.check_images(images)
         with self._torch.inference_mode():
             d, f, c = self._global(self._torch.from_numpy(images).to(self.device))
-        return GlobalOutput(descriptors=d.cpu().numpy(), features=f.cpu().numpy(), confidence=c.cpu().numpy())
+        return GlobalOutput(
+            descriptors=d.cpu().numpy(), features=f.cpu().numpy(), confidence=c.cpu().numpy()
+        )
 
     def encode_local(self, global_out: GlobalOutput) -> LocalOutput:
         t = self._torch

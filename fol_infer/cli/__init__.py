@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from fol_infer.cli import encode_command, model_commands  # noqa: F401  (register commands)
+from fol_infer.cli import (  # noqa: F401  (importing registers the commands)
+    dataset_command,
+    encode_command,
+    index_commands,
+    model_commands,
+)
 from fol_infer.cli.app import app
 
 

@@ -18,8 +18,10 @@ from rich.progress import (
 
 
 @contextmanager
-def progress_bar(console: Console, label: str, total: int, unit: str = "img") -> Iterator[Callable[[int], None]]:
-    """Yields `advance(n)`; shows images/s and the time left. Quiet when not a terminal."""
+def progress_bar(
+    console: Console, label: str, total: int, unit: str = "img"
+) -> Iterator[Callable[..., None]]:
+    """Yields `advance(n, total=None)`; shows images/s and the time left."""
     columns = (
         TextColumn(f"[bold]{label}"),
         BarColumn(),
@@ -33,7 +35,9 @@ def progress_bar(console: Console, label: str, total: int, unit: str = "img") ->
     with Progress(*columns, console=console, transient=False) as progress:
         task = progress.add_task(label, total=total, rate="")
 
-        def advance(n: int) -> None:
+        def advance(n: int, new_total: int | None = None) -> None:
+            if new_total is not None:
+                progress.update(task, total=new_total)
             progress.advance(task, n)
             speed = progress.tasks[task].speed
             progress.update(task, rate=f"{speed:.1f} {unit}/s" if speed else "")

@@ -162,7 +162,10 @@ def export_bundle(
         say("exporting global.onnx")
         _export(global_graph, (example,), tmp / "global.onnx", GLOBAL_INPUTS, GLOBAL_OUTPUTS, opset)
         say("exporting local.onnx")
-        local_args = (torch.from_numpy(reference["features"]), torch.from_numpy(reference["confidence"]))
+        local_args = (
+            torch.from_numpy(reference["features"]),
+            torch.from_numpy(reference["confidence"]),
+        )
         _export(local_graph, local_args, tmp / "local.onnx", LOCAL_INPUTS, LOCAL_OUTPUTS, opset)
         np.savez(tmp / "reference.npz", **reference)
         say("writing manifest")

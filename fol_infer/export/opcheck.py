@@ -90,8 +90,13 @@ def check_graph(path: str | Path, batch_axis_name: str = "batch") -> GraphReport
             if k is None:
                 report.problems.append(f"TopK {node.name}: k is not a constant")
             elif int(k.reshape(-1)[0]) >= TOPK_MAX_K:
-                report.problems.append(f"TopK {node.name}: k={int(k.reshape(-1)[0])} >= {TOPK_MAX_K}")
-        if node.op_type in ("Conv", "ConvTranspose") and _initializer_value(graph, node.input[1]) is None:
+                report.problems.append(
+                    f"TopK {node.name}: k={int(k.reshape(-1)[0])} >= {TOPK_MAX_K}"
+                )
+        if (
+            node.op_type in ("Conv", "ConvTranspose")
+            and _initializer_value(graph, node.input[1]) is None
+        ):
             report.problems.append(f"{node.op_type} {node.name}: weights are not an initializer")
     for value in list(graph.input) + list(graph.output):
         dims = value.type.tensor_type.shape.dim

@@ -45,7 +45,9 @@ def _read_pickle(path: Path, trust: bool) -> object:
     except Exception as exc:  # torch.load raises many types on foreign files
         lines = str(exc).strip().splitlines() or [type(exc).__name__]
         if not trust and "weights only load failed" in lines[0].lower():
-            reason = next((ln.strip() for ln in lines if "unsupported global" in ln.lower()), lines[0])
+            reason = next(
+                (ln.strip() for ln in lines if "unsupported global" in ln.lower()), lines[0]
+            )
             reason = reason.split(" Please use")[0]
             raise CheckpointError(
                 f"{path} needs full unpickling, which can run arbitrary code ({reason}); "
@@ -100,9 +102,7 @@ def check_state_dict(state: Mapping[str, object], arch: ArchSpec) -> None:
     if wrong:
         problems.append(f"wrong shape {len(wrong)}: {_listed(wrong)}")
     if problems:
-        raise CheckpointError(
-            f"checkpoint does not match FoL {arch.name}: " + "; ".join(problems)
-        )
+        raise CheckpointError(f"checkpoint does not match FoL {arch.name}: " + "; ".join(problems))
 
 
 def load_checkpoint(path: str | Path, trust: bool = False) -> LoadedCheckpoint:
@@ -176,7 +176,9 @@ def describe_checkpoint(path: str | Path, trust: bool = False) -> dict[str, obje
     shapes = {k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}
     arch = detect_arch(shapes)
     check_state_dict(state, arch)
-    nested = isinstance(raw, Mapping) and any(isinstance(raw.get(k), Mapping) for k in STATE_DICT_KEYS)
+    nested = isinstance(raw, Mapping) and any(
+        isinstance(raw.get(k), Mapping) for k in STATE_DICT_KEYS
+    )
     return {
         "kind": "checkpoint",
         "path": str(path),

@@ -8,7 +8,6 @@ TensorRT's precision constraints can pin to fp32.
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -157,5 +156,3 @@ class DinoV2(nn.Module):
 
 def grid_size(height: int, width: int) -> tuple[int, int]:
     return height // PATCH_SIZE, width // PATCH_SIZE
-
-

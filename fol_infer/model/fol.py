@@ -5,6 +5,11 @@ Written as two branches with static output shapes so that each exports to one ON
 - local: features + confidence -> tokens (B, 3600, 128), count (B,), region mask (B, h, w)
 A query answered from the global descriptor alone never runs the local branch.
 Every step follows ``shared/spec/fol-inference.md`` sections 3-6.
+
+The 225 regions are the TopK of the softmax confidence, exactly as published. That map is
+nearly flat (its logits lie in [0, 1/64]), so float32 rounding can leave exact ties at the
+225th place; torch.topk breaks them in an unspecified order, ONNX Runtime and TensorRT by
+lowest index, so backends can differ on such images (measured in benchmarks/export_parity.py).
 """
 
 from __future__ import annotations
@@ -75,10 +80,16 @@ class Aggregator(nn.Module):
             nn.Linear(width, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, TOKEN_DIM)
         )
         self.cluster_features = nn.Sequential(
-            nn.Conv2d(width, HIDDEN, 1), nn.Dropout(0.3), nn.ReLU(), nn.Conv2d(HIDDEN, CLUSTER_DIM, 1)
+            nn.Conv2d(width, HIDDEN, 1),
+            nn.Dropout(0.3),
+            nn.ReLU(),
+            nn.Conv2d(HIDDEN, CLUSTER_DIM, 1),
         )
         self.score = nn.Sequential(
-            nn.Conv2d(width, HIDDEN, 1), nn.Dropout(0.3), nn.ReLU(), nn.Conv2d(HIDDEN, NUM_CLUSTERS, 1)
+            nn.Conv2d(width, HIDDEN, 1),
+            nn.Dropout(0.3),
+            nn.ReLU(),
+            nn.Conv2d(HIDDEN, NUM_CLUSTERS, 1),
         )
 
     def forward(
@@ -91,9 +102,7 @@ class Aggregator(nn.Module):
         mask_guide = torch.where(saliency >= SALIENCY_FLOOR, saliency, torch.zeros_like(saliency))
         p = sinkhorn_assignment(s, 1.0 - mask_guide)  # (B, 64, n)
         clusters = F.normalize(torch.bmm(f, p.transpose(1, 2)), dim=1, eps=L2_EPS)  # (B,128,64)
-        descriptor = torch.cat(
-            [F.normalize(g, dim=-1, eps=L2_EPS), clusters.flatten(1)], dim=-1
-        )
+        descriptor = torch.cat([F.normalize(g, dim=-1, eps=L2_EPS), clusters.flatten(1)], dim=-1)
         confidence = torch.softmax(clamp_top_values(p.mean(dim=1)), dim=-1)
         return F.normalize(descriptor, dim=-1, eps=L2_EPS), confidence
 

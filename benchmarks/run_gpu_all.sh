@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# Every GPU-only check of the project, in one go, for a session that has a CUDA GPU for a few
+# minutes (target: under 8 minutes on an H100). Writes logs and JSON results under $OUT and a
+# one-line-per-section summary in $OUT/summary.txt; exits non-zero if any section failed.
+#
+#   OUT=/some/dir bash benchmarks/run_gpu_all.sh
+#
+# The GPU machine has torch, triton, cupy and numpy and the checkout on PYTHONPATH; nothing is
+# pip-installed there. pytest is pure Python: if the machine lacks it, carry these paths of the
+# local .venv and this script links them in (nothing else of the venv, whose torch is CPU-only):
+#   .venv/lib/python3.11/site-packages/{pytest,_pytest,pluggy,iniconfig,packaging,py.py}
+#
+# Adding a benchmark: append a section at the end with `run NAME SECONDS command...`; keep the
+# sum of the limits under ~8 minutes (now 460 s; the sections usually take far less).
+set -u
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+OUT="${OUT:-$ROOT/benchmarks/results/gpu}"
+PY="${PYTHON:-python3}"
+mkdir -p "$OUT"
+cd "$ROOT" || exit 1
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+: >"$OUT/summary.txt"
+failed=0
+
+# run NAME LIMIT_SECONDS COMMAND...: log to $OUT/NAME.log, record the exit status.
+run() {
+    local name=$1 limit=$2
+    shift 2
+    echo
+    echo "=== $name (limit ${limit}s) ==="
+    local t0=$SECONDS
+    timeout --kill-after=10 "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
+    local rc=${PIPESTATUS[0]}
+    echo "$name rc=$rc $((SECONDS - t0))s" | tee -a "$OUT/summary.txt"
+    [ "$rc" -eq 0 ] || failed=1
+}
+
+# ---------------------------------------------------------------- environment
+run environment 30 bash -c 'nvidia-smi; "$0" -c "import sys, torch, triton
+print(sys.version); print(torch.__version__, torch.version.cuda, triton.__version__)
+print(torch.cuda.get_device_name())"' "$PY"
+
+if ! "$PY" -c "import pytest" 2>/dev/null; then
+    site="$ROOT/.venv/lib/python3.11/site-packages"
+    vendored="$OUT/.pytest-only"
+    mkdir -p "$vendored"
+    for p in pytest _pytest pluggy iniconfig packaging py.py; do
+        [ -e "$site/$p" ] && ln -sfn "$site/$p" "$vendored/$p"
+    done
+    export PYTHONPATH="$PYTHONPATH:$vendored"
+    "$PY" -c "import pytest" 2>/dev/null ||
+        echo "pytest missing and not carried: the test sections below will fail" |
+        tee -a "$OUT/summary.txt"
+fi
+
+# ------------------------------------------------ re-ranking kernel (issue 5)
+# Compiled kernels on the GPU (gpu marker), then the interpreter tests too (one mode a process).
+run rerank_gpu_tests 100 "$PY" -m pytest -q -p no:cacheprovider --noconftest -m gpu \
+    tests/test_rerank_triton.py
+run rerank_interpreter_tests 60 env TRITON_INTERPRET=1 "$PY" -m pytest -q -p no:cacheprovider \
+    --noconftest -m "not gpu" tests/test_rerank_triton.py
+run rerank_benchmark 270 "$PY" benchmarks/rerank_gpu.py --out "$OUT/rerank_gpu.json" --budget-s 240
+
+# ------------------------------------------------ more GPU benchmarks go here
+
+echo
+cat "$OUT/summary.txt"
+exit $failed

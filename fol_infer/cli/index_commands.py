@@ -1,0 +1,149 @@
+"""`fol-infer index` (build or extend a database index) and `fol-infer query`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from fol_infer.cli.app import app, console, friendly_errors, stdout, untrained_banner
+from fol_infer.cli.model_commands import BackendOption, CheckpointOption
+from fol_infer.cli.progress import progress_bar
+from fol_infer.errors import UsageError
+
+
+@app.command()
+@friendly_errors
+def index(
+    bundle_dir: Annotated[Path, typer.Argument(help="Bundle folder.")],
+    db_folder: Annotated[Path, typer.Argument(help="Folder of database images (recursive).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Index folder.")],
+    backend: BackendOption = "onnx",
+    checkpoint: CheckpointOption = None,
+    batch: Annotated[int, typer.Option(help="Images per forward pass and per commit.")] = 8,
+    tokens: Annotated[
+        str, typer.Option(help="Token storage: fp16 or int8 (+ a scale per token).")
+    ] = "fp16",
+    faiss: Annotated[
+        str,
+        typer.Option(
+            "--faiss", help='FAISS factory string, e.g. "Flat", "HNSW32", "IVF4096,PQ64".'
+        ),
+    ] = "Flat",
+    append: Annotated[
+        bool, typer.Option(help="Add the images not yet indexed to an existing index.")
+    ] = False,
+    force: Annotated[
+        bool,
+        typer.Option(
+            help="Rebuild an existing index (the old one stays until the new one is done)."
+        ),
+    ] = False,
+) -> None:
+    """Index a database: global descriptors in FAISS, region tokens in a memory-mapped store.
+
+    An interrupted build resumes when the same command is run again.
+    """
+    from fol_infer.backends import open_encoder
+    from fol_infer.bundle import Bundle
+    from fol_infer.index.database import BuildSettings, build_index
+
+    if append and force:
+        raise UsageError("--append and --force exclude each other")
+    if tokens not in ("fp16", "int8"):
+        raise UsageError(f"--tokens must be fp16 or int8, not {tokens!r}")
+    if batch < 1:
+        raise UsageError("--batch must be at least 1")
+    if not db_folder.is_dir():
+        raise UsageError(f"database folder not found: {db_folder}")
+    bundle = Bundle.open(bundle_dir)
+    untrained_banner(bundle.manifest.trained)
+    settings = BuildSettings(factory=faiss, tokens=tokens, batch=batch)  # type: ignore[arg-type]
+    mode = "append" if append else "force" if force else "new"
+    encoder = open_encoder(bundle, backend, checkpoint=checkpoint)
+    try:
+        with progress_bar(console, "indexing", total=0) as advance:
+            done = [0]
+
+            def on_progress(n: int, total: int) -> None:
+                advance(n - done[0], total)
+                done[0] = n
+
+            report = build_index(bundle, encoder, db_folder, out, settings, mode, on_progress)  # type: ignore[arg-type]
+    finally:
+        encoder.close()
+    for path, reason in report.failures:
+        console.print(f"[yellow]skipped[/yellow] {path}: {reason}", highlight=False, soft_wrap=True)
+    resumed = (
+        f" (resumed after {report.resumed_from})" if report.resumed_from and mode == "new" else ""
+    )
+    console.print(
+        f"{out}: {report.total} images indexed, {report.added} added{resumed} at "
+        f"{report.images_per_second:.1f} img/s, {len(report.failures)} skipped"
+    )
+
+
+@app.command()
+@friendly_errors
+def query(
+    index_dir: Annotated[Path, typer.Argument(help="Index folder.")],
+    paths: Annotated[list[Path], typer.Argument(help="Query images or folders.")],
+    bundle_dir: Annotated[
+        Path | None, typer.Option("--bundle", help="Bundle folder [the one that built the index].")
+    ] = None,
+    top_k: Annotated[int, typer.Option(help="Results per query.")] = 10,
+    rerank_k: Annotated[int, typer.Option(help="Global candidates to re-rank.")] = 100,
+    no_rerank: Annotated[
+        bool, typer.Option("--no-rerank", help="Global search only (skips the local branch).")
+    ] = False,
+    backend: BackendOption = "onnx",
+    reranker: Annotated[str, typer.Option(help="Re-ranker: auto, cpu, triton or torch.")] = "auto",
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Retrieve database images for each query, re-ranked by region-token matches."""
+    from fol_infer.images import find_images
+    from fol_infer.index.database import METADATA
+    from fol_infer.index.metadata import IndexMetadata
+    from fol_infer.pipeline import Retriever
+
+    if bundle_dir is None:
+        if not (index_dir / METADATA).is_file():
+            raise UsageError(f"{index_dir} is not an index (no {METADATA})")
+        bundle_dir = Path(IndexMetadata.load(index_dir / METADATA).bundle_name)
+    files = find_images(paths)
+    if not files:
+        raise UsageError("no query images found")
+    results = []
+    with Retriever(bundle_dir, index_dir, backend=backend, reranker=reranker) as retriever:
+        if not as_json:
+            untrained_banner(retriever.bundle.manifest.trained)
+        for path in files:
+            try:
+                results.extend(retriever.query([path], top_k, rerank_k, rerank=not no_rerank))
+            except UsageError:
+                raise
+            except Exception as exc:  # one unreadable query must not lose the others
+                from fol_infer.errors import ImageError
+
+                if not isinstance(exc, ImageError):
+                    raise
+                console.print(f"[yellow]skipped[/yellow] {exc}", highlight=False, soft_wrap=True)
+    if as_json:
+        print(json.dumps([r.to_json() for r in results], indent=2))
+        return
+    for r in results:
+        table = Table(title=r.query, title_justify="left")
+        table.add_column("rank", justify="right")
+        table.add_column("global (score)")
+        if r.reranked is not None:
+            table.add_column("re-ranked (matches)")
+        for i, hit in enumerate(r.global_hits):
+            row = [str(hit.rank), f"{hit.path} ({hit.score:.3f})"]
+            if r.reranked is not None:
+                rr = r.reranked[i] if i < len(r.reranked) else None
+                row.append(f"{rr.path} ({rr.matches})" if rr else "")
+            table.add_row(*row)
+        stdout.print(table)

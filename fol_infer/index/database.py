@@ -1,0 +1,264 @@
+"""An index folder: build it from a folder of images, append to it, open it for queries.
+
+Layout of INDEX_DIR:
+- ``index.json``    IndexMetadata: image paths, failures, bundle fingerprint, build settings
+- ``descriptors/``  TokenStore (dim 8448, fp32, one row per image): the durable global side
+- ``tokens/``       TokenStore (fp16 or int8): the re-ranking tokens, true counts only
+- ``global.faiss``  GlobalIndex, derived from ``descriptors/`` (rebuilt when behind)
+
+Commit order per batch: descriptors, tokens, then ``index.json``, whose image count is the
+commit point. After a crash the stores may hold a batch more than the metadata; opening or
+resuming cuts them back to it. A new build is marked incomplete until its last batch, so an
+interrupted build is never served; re-running the same command resumes it. Appending keeps
+the index servable after every batch.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from fol_infer.backends.base import GLOBAL_DIM, Encoder
+from fol_infer.bundle import Bundle
+from fol_infer.errors import IndexStoreError, UsageError
+from fol_infer.images import find_images
+from fol_infer.index.global_index import Device, GlobalIndex
+from fol_infer.index.metadata import IndexMetadata
+from fol_infer.index.token_store import Dtype, TokenStore
+from fol_infer.loader import iter_batches
+
+METADATA, DESCRIPTORS, TOKENS, FAISS_FILE = "index.json", "descriptors", "tokens", "global.faiss"
+REBUILD_SUFFIX = ".rebuild"
+Mode = Literal["new", "append", "force"]
+Progress = Callable[[int, int], None]  # (images done, images total)
+
+
+@dataclass
+class BuildSettings:
+    factory: str = "Flat"
+    tokens: Dtype = "fp16"
+    batch: int = 8
+
+    def to_dict(self) -> dict[str, object]:
+        return {"factory": self.factory, "tokens": self.tokens, "batch": self.batch}
+
+
+@dataclass
+class BuildReport:
+    folder: Path
+    added: int
+    total: int
+    failures: list[tuple[str, str]] = field(default_factory=list)
+    resumed_from: int = 0
+    seconds: float = 0.0
+
+    @property
+    def images_per_second(self) -> float:
+        return self.added / self.seconds if self.seconds else 0.0
+
+
+def _is_index(folder: Path) -> bool:
+    return (folder / METADATA).is_file()
+
+
+def _stores_match(meta: IndexMetadata, descriptors: TokenStore, tokens: TokenStore) -> None:
+    """Cut stores back to the metadata's commit point (a crash between commits)."""
+    n = len(meta.paths)
+    for store in (descriptors, tokens):
+        if len(store) < n:
+            raise IndexStoreError(
+                f"{store.path} holds {len(store)} images but {METADATA} lists {n}: the index "
+                "is damaged; rebuild it with --force"
+            )
+        if len(store) > n:
+            store.truncate(n)
+
+
+def _faiss_from_descriptors(descriptors: TokenStore, factory: str, device: Device) -> GlobalIndex:
+    index = GlobalIndex.create(GLOBAL_DIM, factory, device=device)
+    _extend(index, descriptors, 0)
+    return index
+
+
+def _extend(index: GlobalIndex, descriptors: TokenStore, start: int, chunk: int = 4096) -> None:
+    for a in range(start, len(descriptors), chunk):
+        rows = descriptors.get(range(a, min(a + chunk, len(descriptors))))
+        index.add(np.concatenate(rows).astype(np.float32, copy=False))
+
+
+def build_index(
+    bundle: Bundle,
+    encoder: Encoder,
+    db_folder: str | Path,
+    out: str | Path,
+    settings: BuildSettings | None = None,
+    mode: Mode = "new",
+    progress: Progress | None = None,
+) -> BuildReport:
+    """Encode every image under `db_folder` into the index at `out` (see module doc)."""
+    settings = settings or BuildSettings()
+    out, root = Path(out), Path(db_folder).resolve()
+    files = find_images([root])
+    if not files:
+        raise UsageError(f"no images found under {db_folder} (looked for jpg, png, ...)")
+    work = out
+    if _is_index(out) and mode == "new":
+        meta = IndexMetadata.load(out / METADATA)
+        if meta.settings.get("complete", False):
+            raise UsageError(
+                f"{out} already holds an index: pass --append to add images or --force to rebuild"
+            )
+    elif out.exists() and not _is_index(out) and mode != "force" and any(out.iterdir()):
+        raise UsageError(f"{out} exists and is not an index: choose another --out or pass --force")
+    if mode == "force" and out.exists():
+        work = out.with_name(out.name + REBUILD_SUFFIX)
+        shutil.rmtree(work, ignore_errors=True)
+    if mode == "append" and not _is_index(out):
+        raise UsageError(f"--append: {out} is not an index yet; build it first")
+
+    if _is_index(work):
+        meta = IndexMetadata.load(work / METADATA)
+        meta.check_bundle(bundle.manifest.fingerprint, str(bundle.folder))
+        _check_settings(meta, settings, work)
+        descriptors, tokens = TokenStore.open(work / DESCRIPTORS), TokenStore.open(work / TOKENS)
+        _stores_match(meta, descriptors, tokens)
+    else:
+        work.mkdir(parents=True, exist_ok=True)
+        meta = IndexMetadata(
+            root=str(root),
+            bundle_sha256=bundle.manifest.fingerprint,
+            bundle_name=str(bundle.folder),
+            settings=settings.to_dict()
+            | {"resolution": list(bundle.resolution), "complete": False},
+        )
+        descriptors = TokenStore.create(work / DESCRIPTORS, dtype="fp32", dim=GLOBAL_DIM)
+        tokens = TokenStore.create(work / TOKENS, dtype=settings.tokens)
+        meta.save(work / METADATA)
+
+    root = Path(meta.root)  # names stay relative to the first build's root
+    known = set(meta.paths) | {p for p, _ in meta.failures}
+    todo = [f for f in files if _relative(f, root) not in known]
+    report = BuildReport(folder=out, added=0, total=len(meta.paths), resumed_from=len(meta.paths))
+    start = time.perf_counter()
+    try:
+        for batch in iter_batches(todo, bundle.resolution, settings.batch):
+            failures = [(_relative(Path(f.source), root), f.reason) for f in batch.failures]
+            if batch.indices:
+                result = encoder.encode(batch.images)
+                descriptors.append([d[None] for d in result.descriptors])
+                tokens.append(result.token_list())
+                meta.add_images([_relative(todo[i], root) for i in batch.indices])
+            meta.failures.extend(failures)
+            meta.save(work / METADATA)  # the commit point
+            report.added += len(batch.indices)
+            report.failures.extend(failures)
+            if progress:
+                progress(report.added + len(report.failures), len(todo))
+        if not meta.paths:
+            raise UsageError(f"none of the {len(files)} files under {db_folder} could be read")
+        faiss_index = _faiss_from_descriptors(descriptors, settings.factory, "cpu")
+        faiss_index.save(work / FAISS_FILE)
+        meta.settings["complete"] = True
+        meta.save(work / METADATA)
+    finally:
+        descriptors.close()
+        tokens.close()
+    if work != out:
+        trash = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, trash)
+        os.replace(work, out)
+        shutil.rmtree(trash, ignore_errors=True)
+    report.total = len(meta.paths)
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _relative(path: Path, root: Path) -> str:
+    """How an image is named in the index: relative to the database root when under it."""
+    path = path.resolve()
+    return path.relative_to(root).as_posix() if path.is_relative_to(root) else path.as_posix()
+
+
+def _check_settings(meta: IndexMetadata, settings: BuildSettings, folder: Path) -> None:
+    for key, value in settings.to_dict().items():
+        if key != "batch" and meta.settings.get(key) != value:
+            raise UsageError(
+                f"{folder} was built with {key}={meta.settings.get(key)!r}, not {value!r}: "
+                "use the same settings, or --force to rebuild"
+            )
+
+
+class Database:
+    """An opened index: metadata, token store and FAISS index, released by `close`."""
+
+    def __init__(
+        self,
+        folder: str | Path,
+        bundle: Bundle | None = None,
+        device: Device = "auto",
+        verify: Literal["sizes", "full"] = "sizes",
+    ) -> None:
+        self.folder = Path(folder)
+        if not _is_index(self.folder):
+            if self.folder.with_name(self.folder.name + REBUILD_SUFFIX).is_dir():
+                raise IndexStoreError(
+                    f"{self.folder}: a --force rebuild was interrupted; re-run it"
+                )
+            raise IndexStoreError(
+                f"{self.folder} is not an index (no {METADATA}): build it with fol-infer index"
+            )
+        self.meta = IndexMetadata.load(self.folder / METADATA)
+        if not self.meta.settings.get("complete", False):
+            raise IndexStoreError(
+                f"{self.folder}: the build was interrupted after {len(self.meta.paths)} images; "
+                "re-run the same fol-infer index command to resume it"
+            )
+        if bundle is not None:
+            self.meta.check_bundle(bundle.manifest.fingerprint, str(bundle.folder))
+        self.tokens = TokenStore.open(self.folder / TOKENS, verify=verify)
+        descriptors = TokenStore.open(self.folder / DESCRIPTORS, verify=verify)
+        try:
+            _stores_match(self.meta, descriptors, self.tokens)
+            self.global_index = self._open_faiss(descriptors, device, verify)
+        finally:
+            descriptors.close()
+
+    def _open_faiss(
+        self, descriptors: TokenStore, device: Device, verify: Literal["sizes", "full"]
+    ) -> GlobalIndex:
+        """The saved FAISS index, caught up with descriptors appended since it was saved."""
+        path, n = self.folder / FAISS_FILE, len(self.meta.paths)
+        index = GlobalIndex.open(path, verify=verify, device=device) if path.is_file() else None
+        if index is None or len(index) > n or index.factory != self.meta.settings["factory"]:
+            index = _faiss_from_descriptors(descriptors, str(self.meta.settings["factory"]), device)
+        elif len(index) < n:
+            _extend(index, descriptors, len(index))
+        return index
+
+    def __len__(self) -> int:
+        return len(self.meta.paths)
+
+    @property
+    def paths(self) -> list[str]:
+        """Image paths as recorded: relative to the database root unless outside it."""
+        return self.meta.paths
+
+    def absolute_path(self, db_index: int) -> Path:
+        return Path(self.meta.root) / self.meta.paths[db_index]
+
+    def close(self) -> None:
+        self.tokens.close()
+        self.global_index.close()
+
+    def __enter__(self) -> Database:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,342 @@
+"""Global descriptors in FAISS, inner product (descriptors are unit norm: cosine similarity).
+
+The default ``"Flat"`` is exact (IndexFlatIP). Any FAISS factory string works for large
+databases, built with METRIC_INNER_PRODUCT: ``"HNSW32"``, ``"IVF4096,PQ64"``, ``"SQfp16"``,
+``"HNSW32,SQfp16"``, ...
+
+Training rule (IVF, PQ, SQ8 ... need it): `add` buffers descriptors in memory until
+`train_size` of them have arrived, then trains on all of them and adds them. `train_size`
+defaults to 39 x the largest cluster count in the factory (FAISS's own advice), capped at
+1 GiB of float32 vectors but never below the cluster count itself. `search` and `save` train
+on whatever is buffered when fewer arrived; below the cluster count FAISS cannot train, and
+a `UsageError` says so and suggests ``"Flat"``.
+
+With GPU FAISS installed and a GPU present, ``device="auto"`` searches on a GPU copy of the
+index (rebuilt after `add`); factories FAISS cannot put on a GPU (HNSW) stay on the CPU.
+
+File format (one file, written atomically: temp + fsync + os.replace):
+``b"FOLGIDX1"``, u32 header length, JSON header (schema and toolkit version, factory, dim,
+ntotal, search parameters), the FAISS index bytes, u64 length of those bytes, and the sha256
+of everything before it. `open` checks the sizes always and the hash with ``verify="full"``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any, Literal
+
+import numpy as np
+
+from fol_infer import __version__
+from fol_infer.backends.base import GLOBAL_DIM
+from fol_infer.errors import BackendUnavailableError, IndexStoreError, UsageError
+from fol_infer.index.metadata import atomic_writer, check_schema, store_error
+
+SCHEMA_VERSION = 1
+_MAGIC = b"FOLGIDX1"
+_U32, _U64 = struct.Struct("<I"), struct.Struct("<Q")
+_TAIL = _U64.size + 32
+_GPU_MAX_K = 2048  # FAISS GPU k-selection limit; larger k searches the CPU index
+_TRAIN_BYTES = 1 << 30
+_PARAMS = {"nprobe": "nprobe", "ef_search": "efSearch"}
+
+Device = Literal["auto", "cpu", "gpu"]
+
+
+def _faiss() -> Any:
+    import faiss  # imported lazily: loading FAISS costs ~0.2 s and not every command needs it
+
+    return faiss
+
+
+def gpu_available() -> bool:
+    """True when this FAISS build has GPU support and sees at least one GPU."""
+    faiss = _faiss()
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+def _cluster_count(index: Any) -> int:
+    """The most centroids any part of the index trains (IVF lists, PQ codebooks); 1 if none."""
+    faiss = _faiss()
+    parts = [faiss.downcast_index(index)]
+    if hasattr(parts[0], "index"):  # IndexPreTransform (OPQ, PCA ...)
+        parts.append(faiss.downcast_index(parts[0].index))
+    if hasattr(parts[-1], "storage"):  # HNSW over PQ / SQ storage
+        parts.append(faiss.downcast_index(parts[-1].storage))
+    try:
+        parts.append(faiss.extract_index_ivf(index))
+    except RuntimeError:
+        pass
+    k = 1
+    for p in parts:
+        k = max(k, int(getattr(p, "nlist", 1)))
+        if hasattr(p, "pq"):
+            k = max(k, int(p.pq.ksub))
+    return k
+
+
+class GlobalIndex:
+    """A FAISS inner-product index over image ids 0..N-1 in the order they were added."""
+
+    def __init__(self, index: Any, factory: str, device: Device, train_size: int | None):
+        self.factory = factory
+        self.dim = int(index.d)
+        self._index = index
+        self._pending: list[np.ndarray] = []
+        self._min_train = _cluster_count(index)
+        cap = max(self._min_train, _TRAIN_BYTES // (4 * self.dim))
+        self.train_size = train_size or min(39 * self._min_train, cap)
+        self._params: dict[str, int] = {}
+        self._gpu: Any = None
+        self._gpu_res: Any = None
+        self.device = _resolve_device(device)
+
+    @classmethod
+    def create(
+        cls,
+        dim: int = GLOBAL_DIM,
+        factory: str = "Flat",
+        device: Device = "auto",
+        train_size: int | None = None,
+    ) -> GlobalIndex:
+        faiss = _faiss()
+        try:
+            index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+        except RuntimeError as exc:
+            reason = str(exc).strip().splitlines()[-1]
+            raise UsageError(
+                f"FAISS cannot build factory {factory!r} for dim {dim}: {reason}"
+            ) from None
+        return cls(index, factory, device, train_size)
+
+    def __len__(self) -> int:
+        return int(self._index.ntotal) + sum(len(p) for p in self._pending)
+
+    @property
+    def ntotal(self) -> int:
+        return len(self)
+
+    # ----------------------------------------------------------------- build
+    def add(self, descriptors: np.ndarray) -> None:
+        """Append (B, dim) descriptors; their ids continue from `ntotal`."""
+        x = self._check(descriptors, "descriptors")
+        self._gpu = None
+        if self._index.is_trained and not self._pending:
+            self._index.add(x)
+            return
+        self._pending.append(x)
+        if sum(len(p) for p in self._pending) >= self.train_size:
+            self._train()
+
+    def _train(self) -> None:
+        """Train on everything buffered, then add it (see the training rule in the module doc)."""
+        if not self._pending:
+            return
+        x = np.concatenate(self._pending)
+        if len(x) < self._min_train:
+            raise UsageError(
+                f"the database has {len(x)} descriptors but FAISS factory {self.factory!r} "
+                f"needs at least {self._min_train} to train: use factory 'Flat' for it"
+            )
+        try:
+            self._index.train(x)
+        except RuntimeError as exc:
+            reason = str(exc).strip().splitlines()[-1]
+            raise UsageError(
+                f"FAISS factory {self.factory!r} cannot train on {len(x)} descriptors "
+                f"({reason}): use factory 'Flat' or a smaller one"
+            ) from None
+        self._index.add(x)
+        self._pending = []
+
+    def _check(self, x: np.ndarray, what: str) -> np.ndarray:
+        a = np.ascontiguousarray(x, dtype=np.float32)
+        if a.ndim != 2 or a.shape[1] != self.dim:
+            raise UsageError(f"{what} have shape {np.shape(x)}, expected (n, {self.dim})")
+        if not np.isfinite(a).all():
+            raise UsageError(f"{what} hold NaN or infinite values: check the encoder")
+        return a
+
+    # ----------------------------------------------------------------- search
+    def set_search_params(self, nprobe: int | None = None, ef_search: int | None = None) -> None:
+        """IVF `nprobe` (lists visited) and HNSW `ef_search` (queue size): speed vs recall."""
+        faiss = _faiss()
+        for name, value in (("nprobe", nprobe), ("ef_search", ef_search)):
+            if value is None:
+                continue
+            if int(value) < 1:
+                raise UsageError(f"{name} must be at least 1, got {value}")
+            try:
+                faiss.ParameterSpace().set_index_parameter(self._index, _PARAMS[name], int(value))
+            except RuntimeError:
+                raise UsageError(f"FAISS factory {self.factory!r} has no {name} setting") from None
+            self._params[name] = int(value)
+        self._gpu = None
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k by inner product: (nq, k) float32 scores, descending, and (nq, k) int64 ids
+        (-1 where an approximate index finds fewer than k)."""
+        q = self._check(queries, "queries")
+        self._train()
+        n = int(self._index.ntotal)
+        if not 1 <= k <= n:
+            raise UsageError(f"k = {k} but the index holds {n} images: ask for 1 <= k <= {n}")
+        index = self._gpu_index() if k <= _GPU_MAX_K else self._index
+        scores, ids = index.search(q, k)
+        return scores, ids.astype(np.int64, copy=False)
+
+    def _gpu_index(self) -> Any:
+        """The GPU copy when the device is a GPU and FAISS can place this factory there."""
+        if self.device != "gpu":
+            return self._index
+        if self._gpu is None:
+            faiss = _faiss()
+            if self._gpu_res is None:
+                self._gpu_res = faiss.StandardGpuResources()
+            try:
+                self._gpu = faiss.index_cpu_to_gpu(self._gpu_res, 0, self._index)
+            except RuntimeError:
+                self.device = "cpu"  # e.g. HNSW: FAISS has no GPU version of it
+                return self._index
+            for name, value in self._params.items():
+                faiss.GpuParameterSpace().set_index_parameter(self._gpu, _PARAMS[name], value)
+        return self._gpu
+
+    # ----------------------------------------------------------------- save / open
+    def save(self, path: Path | str) -> None:
+        """Write atomically (see the module doc); trains first if descriptors are buffered."""
+        self._train()
+        faiss = _faiss()
+        header = json.dumps(
+            {
+                "format": "fol-infer-global-index",
+                "schema_version": SCHEMA_VERSION,
+                "toolkit_version": __version__,
+                "factory": self.factory,
+                "dim": self.dim,
+                "ntotal": int(self._index.ntotal),
+                "search_params": self._params,
+            }
+        ).encode()
+        try:
+            with atomic_writer(path) as f:
+                sink = _HashingWriter(f)
+                sink.write(_MAGIC + _U32.pack(len(header)) + header)
+                start = sink.size
+                faiss.write_index(self._index, faiss.PyCallbackIOWriter(sink.write))
+                sink.write(_U64.pack(sink.size - start))
+                f.write(sink.digest())
+        except OSError as exc:
+            raise store_error(exc, "saving the global index to", path) from exc
+
+    @classmethod
+    def open(
+        cls, path: Path | str, verify: Literal["sizes", "full"] = "sizes", device: Device = "auto"
+    ) -> GlobalIndex:
+        """Load a saved index; refuse a torn, damaged or other-schema file, naming it."""
+        faiss = _faiss()
+        path = Path(path)
+        try:
+            f = open(path, "rb")
+        except FileNotFoundError:
+            raise IndexStoreError(f"{path} is missing: build the index first") from None
+        with f:
+            size = os.fstat(f.fileno()).st_size
+            head = f.read(len(_MAGIC) + _U32.size)
+            if len(head) < len(_MAGIC) + _U32.size or head[: len(_MAGIC)] != _MAGIC:
+                raise IndexStoreError(f"{path} is not a fol-infer global index: rebuild it")
+            hlen = _U32.unpack_from(head, len(_MAGIC))[0]
+            try:
+                header = json.loads(f.read(hlen))
+                check_schema(header["schema_version"], SCHEMA_VERSION, path, "global index")
+                factory, dim, ntotal = str(header["factory"]), header["dim"], header["ntotal"]
+                params = dict(header["search_params"])
+            except (ValueError, KeyError, TypeError):
+                raise IndexStoreError(f"{path} has a damaged header: rebuild the index") from None
+            f.seek(size - _TAIL)
+            payload = _U64.unpack(f.read(_U64.size))[0] if size >= _TAIL else -1
+            if size != len(head) + hlen + payload + _TAIL:
+                raise IndexStoreError(
+                    f"{path} has {size} bytes, its header and footer say "
+                    f"{len(head) + hlen + max(payload, 0) + _TAIL}: the file is torn; rebuild it"
+                )
+            if verify == "full":
+                f.seek(0)
+                h = hashlib.sha256()
+                left = size - 32
+                while left:
+                    block = f.read(min(left, 64 << 20))
+                    h.update(block)
+                    left -= len(block)
+                if h.digest() != f.read(32):
+                    raise IndexStoreError(f"{path} fails its sha256 check: rebuild the index")
+            f.seek(len(head) + hlen)
+            try:
+                index = faiss.read_index(faiss.PyCallbackIOReader(_bounded_reader(f, payload)))
+            except RuntimeError:
+                raise IndexStoreError(f"{path}: FAISS cannot read it; rebuild the index") from None
+        if index.ntotal != ntotal or index.d != dim:
+            raise IndexStoreError(f"{path} disagrees with its own header: rebuild the index")
+        out = cls(index, factory, device, None)
+        if params:
+            out.set_search_params(**params)
+        return out
+
+    def close(self) -> None:
+        """Release the GPU copy and its resources; safe to call twice."""
+        self._gpu = None
+        self._gpu_res = None
+
+    def __enter__(self) -> GlobalIndex:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _resolve_device(device: str) -> str:
+    if device == "cpu":
+        return "cpu"
+    if device == "auto":
+        return "gpu" if gpu_available() else "cpu"
+    if device == "gpu":
+        if not gpu_available():
+            raise BackendUnavailableError(
+                "GPU FAISS was asked for but this FAISS has no GPU support or sees no GPU: "
+                "install faiss-gpu-cu12 on a CUDA machine, or use device 'cpu'"
+            )
+        return "gpu"
+    raise UsageError(f"device must be 'auto', 'cpu' or 'gpu', not {device!r}")
+
+
+class _HashingWriter:
+    """A write callback for FAISS that hashes and counts what it passes to the file."""
+
+    def __init__(self, f: IO[bytes]):
+        self._f, self._h, self.size = f, hashlib.sha256(), 0
+
+    def write(self, data: bytes) -> int:
+        self._f.write(data)
+        self._h.update(data)
+        self.size += len(data)
+        return len(data)
+
+    def digest(self) -> bytes:
+        return self._h.digest()
+
+
+def _bounded_reader(f: IO[bytes], n: int) -> Callable[[int], bytes]:
+    """A read callback for FAISS that never reads past the index bytes into the footer."""
+    left = [n]
+
+    def read(size: int) -> bytes:
+        data = f.read(min(size, left[0]))
+        left[0] -= len(data)
+        return data
+
+    return read

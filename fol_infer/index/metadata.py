@@ -1,0 +1,210 @@
+"""What an index knows about its images and how it was built, and the durable-write helpers.
+
+`IndexMetadata` is one small JSON file: the database images (paths relative to the database
+root, so a moved database still opens), their UTM coordinates when the file names carry them
+(spec section 8: ``@<utm_east>@<utm_north>@...``), the sha256 of the bundle manifest that
+encoded them, the build settings, and the images that failed and why.
+
+Crash safety: every file of the index that is rewritten as a whole (this metadata, the token
+store's commit record, the FAISS file) is written through `atomic_writer`: write a temporary
+file beside the target, fsync it, `os.replace` it over the target, fsync the folder. A reader
+therefore sees either the old file or the new one, never a mixture. A crash leaves at most a
+stray ``*.tmp`` file, which the next write of the same target overwrites.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+
+from fol_infer import __version__
+from fol_infer.errors import IndexStoreError, UsageError
+
+SCHEMA_VERSION = 1
+_FORMAT = "fol-infer-index-metadata"
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename or a new file in `path` durable (a no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def store_error(exc: OSError, doing: str, path: Path | str) -> IndexStoreError:
+    """Turn an OS error during a write into the one-line error a user can act on."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return IndexStoreError(
+            f"disk full while {doing} {path}: free space and rerun; "
+            "the index is left at its last committed state"
+        )
+    return IndexStoreError(
+        f"cannot write {path} while {doing} ({exc.strerror or exc}); "
+        "the index is left at its last committed state"
+    )
+
+
+@contextmanager
+def atomic_writer(path: Path | str) -> Iterator[IO[bytes]]:
+    """Yield a binary file that replaces `path` only if the block completes (see module doc)."""
+    target = Path(path)
+    tmp = target.with_name(target.name + ".tmp")
+    f = open(tmp, "wb")
+    try:
+        yield f
+        f.flush()
+        os.fsync(f.fileno())
+        f.close()
+        os.replace(tmp, target)
+    except BaseException:
+        f.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(target.parent)
+
+
+def write_json_atomic(path: Path | str, obj: Any, doing: str) -> None:
+    """Write `obj` as JSON through `atomic_writer`; OS errors become `IndexStoreError`."""
+    data = json.dumps(obj, indent=1).encode()
+    try:
+        with atomic_writer(path) as f:
+            f.write(data)
+    except OSError as exc:
+        raise store_error(exc, doing, path) from exc
+
+
+def read_json(path: Path | str, what: str) -> dict[str, Any]:
+    """Read a JSON object, naming the file and what to do when it is missing or unreadable."""
+    try:
+        obj = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise IndexStoreError(
+            f"{path} is missing: this is not a complete {what}; rebuild it"
+        ) from None
+    except (OSError, ValueError) as exc:
+        raise IndexStoreError(f"{path} is unreadable ({exc}): rebuild the {what}") from None
+    if not isinstance(obj, dict):
+        raise IndexStoreError(f"{path} is not a {what} record: rebuild the {what}")
+    return obj
+
+
+def check_schema(found: object, expected: int, path: Path | str, what: str) -> None:
+    """Refuse a file written by another on-disk schema, naming both versions."""
+    if found != expected:
+        raise IndexStoreError(
+            f"{path} is a {what} of schema version {found}, this fol-infer "
+            f"({__version__}) reads version {expected}: rebuild the {what} with this version"
+        )
+
+
+def parse_utm(path: str | os.PathLike[str]) -> tuple[float, float] | None:
+    """(east, north) from a name like ``@0543256.96@4178906.29@...``, or None without them."""
+    parts = Path(path).name.split("@")
+    if len(parts) < 3:
+        return None
+    try:
+        east, north = float(parts[1]), float(parts[2])
+    except ValueError:
+        return None
+    if not (np.isfinite(east) and np.isfinite(north)):
+        return None
+    return east, north
+
+
+@dataclass
+class IndexMetadata:
+    """Everything about an index but its vectors; row i describes image id i.
+
+    `paths` are POSIX paths relative to `root` (the database root at build time).
+    `failures` lists images that could not be encoded, as (relative path, reason); they have
+    no id. `settings` holds the build settings (resolution, factory, token dtype, ...) as
+    JSON values.
+    """
+
+    root: str
+    bundle_sha256: str
+    bundle_name: str = ""
+    settings: dict[str, Any] = field(default_factory=dict)
+    paths: list[str] = field(default_factory=list)
+    failures: list[tuple[str, str]] = field(default_factory=list)
+    toolkit_version: str = __version__
+    schema_version: int = SCHEMA_VERSION
+
+    @property
+    def utm(self) -> np.ndarray | None:
+        """(N, 2) float64 east/north per image (NaN rows where a name has none), or None
+        when no name carries coordinates. Derived from the names so it cannot drift from them."""
+        coords = [parse_utm(p) for p in self.paths]
+        if all(c is None for c in coords):
+            return None
+        nan = (float("nan"), float("nan"))
+        return np.array([c if c is not None else nan for c in coords], dtype=np.float64)
+
+    def add_images(self, paths: Sequence[str | os.PathLike[str]]) -> None:
+        """Append images (absolute or relative to `root`) in id order."""
+        root = Path(self.root)
+        for p in paths:
+            q = Path(p)
+            if q.is_absolute() and not q.is_relative_to(root):
+                raise UsageError(f"image {q} is not under the database root {root}")
+            self.paths.append((q.relative_to(root) if q.is_absolute() else q).as_posix())
+
+    def check_bundle(self, sha256: str, name: str = "") -> None:
+        """Refuse to serve an index with a bundle other than the one that built it."""
+        if sha256 != self.bundle_sha256:
+            built = f"{self.bundle_name or 'bundle'} (manifest sha256 {self.bundle_sha256[:12]})"
+            given = f"{name or 'bundle'} (manifest sha256 {sha256[:12]})"
+            raise IndexStoreError(
+                f"this index was built by {built} but the engine is {given}: "
+                "use the bundle that built it or rebuild the index with this one"
+            )
+
+    def save(self, path: Path | str) -> None:
+        """Write atomically (see module doc)."""
+        obj = {
+            "format": _FORMAT,
+            "schema_version": self.schema_version,
+            "toolkit_version": self.toolkit_version,
+            "root": self.root,
+            "bundle_sha256": self.bundle_sha256,
+            "bundle_name": self.bundle_name,
+            "settings": self.settings,
+            "paths": self.paths,
+            "failures": [list(f) for f in self.failures],
+        }
+        write_json_atomic(path, obj, "saving index metadata to")
+
+    @classmethod
+    def load(cls, path: Path | str) -> IndexMetadata:
+        obj = read_json(path, "index metadata")
+        if obj.get("format") != _FORMAT:
+            raise IndexStoreError(f"{path} is not fol-infer index metadata: rebuild the index")
+        check_schema(obj.get("schema_version"), SCHEMA_VERSION, path, "index metadata")
+        try:
+            return cls(
+                root=str(obj["root"]),
+                bundle_sha256=str(obj["bundle_sha256"]),
+                bundle_name=str(obj.get("bundle_name", "")),
+                settings=dict(obj["settings"]),
+                paths=[str(p) for p in obj["paths"]],
+                failures=[(str(p), str(r)) for p, r in obj["failures"]],
+                toolkit_version=str(obj["toolkit_version"]),
+                schema_version=int(obj["schema_version"]),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise IndexStoreError(f"{path} is damaged ({exc!r}): rebuild the index") from None

@@ -1,0 +1,189 @@
+"""Re-ranking: count mutual nearest-neighbour token matches (spec section 7), one entry point.
+
+``count_mutual_matches`` / ``count_mutual_matches_many`` validate their inputs once, then hand
+them to a backend: ``cpu`` (numpy, bounded memory), ``triton`` (CUDA GPU), ``torch`` (the
+published formulation, kept as the baseline), or ``auto`` (triton when a working CUDA GPU is
+there, else cpu). Backends are imported lazily, so importing this package never pulls in torch
+or triton.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import math
+import os
+from collections.abc import Callable, Sequence
+from functools import cache
+
+import numpy as np
+
+from fol_infer.errors import BackendUnavailableError, UsageError
+from fol_infer.rerank.cpu import count_mutual_matches_many_cpu
+
+__all__ = ["BACKENDS", "count_mutual_matches", "count_mutual_matches_many", "rerank_order"]
+
+BACKENDS = ("auto", "cpu", "triton", "torch")
+_GPU_INSTALL_HINT = (
+    "install triton and a CUDA build of torch (pip install 'fol-infer[gpu]') on a machine with "
+    "an NVIDIA GPU, or use backend='cpu'"
+)
+_log = logging.getLogger(__name__)
+_fallback_noted = False  # the auto -> cpu notice is logged once per process
+
+Many = Callable[[list[np.ndarray], list[list[np.ndarray]], float], list[np.ndarray]]
+
+
+def count_mutual_matches(
+    query: np.ndarray,
+    candidates: Sequence[np.ndarray],
+    threshold: float = 0.7,
+    backend: str = "auto",
+) -> np.ndarray:
+    """Score of each candidate against one query: int64 (K,).
+
+    ``query`` is (Nq, D) and each candidate (Nr_k, D), float32 or float16 (up-cast to float32
+    before any product); lengths may differ and may be 0. A score is the number of pairs
+    (i, j(i)) with i(j(i)) == i and S[i, j(i)] > threshold, where S = Q R^T and argmax ties go
+    to the lowest index. Raises ValueError on NaN/Inf or mis-shaped tokens.
+    """
+    return count_mutual_matches_many([query], [candidates], threshold, backend)[0]
+
+
+def count_mutual_matches_many(
+    queries: Sequence[np.ndarray],
+    candidate_lists: Sequence[Sequence[np.ndarray]],
+    threshold: float = 0.7,
+    backend: str = "auto",
+) -> list[np.ndarray]:
+    """``count_mutual_matches`` for several queries at once, each with its own candidates.
+
+    Batching lets a backend spread all (query, candidate) pairs over every core or the GPU.
+    """
+    if backend not in BACKENDS:
+        raise UsageError(
+            f"unknown re-ranking backend {backend!r}: use one of {', '.join(BACKENDS)}"
+        )
+    if not isinstance(threshold, (int, float, np.integer, np.floating)) or math.isnan(threshold):
+        raise UsageError(f"re-ranking threshold must be a number, got {threshold!r}")
+    qs, cls = _validated(queries, candidate_lists)
+    scores = _backend(backend)(qs, cls, float(threshold))
+    return [np.asarray(s, np.int64).reshape(len(c)) for s, c in zip(scores, cls, strict=True)]
+
+
+def rerank_order(scores: np.ndarray) -> np.ndarray:
+    """Permutation putting candidates by score, descending; equal scores keep their global rank.
+
+    ``scores`` is in global-rank order, so a stable sort is exactly the spec's tie rule.
+    """
+    s = np.asarray(scores)
+    if s.ndim != 1:
+        raise ValueError(f"scores must be 1-D (one per candidate), got shape {s.shape}")
+    return np.argsort(-s.astype(np.float64), kind="stable")
+
+
+def _validated(
+    queries: Sequence[np.ndarray], candidate_lists: Sequence[Sequence[np.ndarray]]
+) -> tuple[list[np.ndarray], list[list[np.ndarray]]]:
+    """Arrays as given (no copies), after checking shapes, dtypes and finiteness once each."""
+    if len(queries) != len(candidate_lists):
+        raise ValueError(
+            f"{len(queries)} queries but {len(candidate_lists)} candidate lists: pass one list "
+            "of candidates per query"
+        )
+    checked: set[int] = set()
+    qs = [_checked(q, f"query {qi}", None, checked) for qi, q in enumerate(queries)]
+    cls = [
+        [
+            _checked(c, f"candidate {ki} of query {qi}", qs[qi].shape[1], checked)
+            for ki, c in enumerate(cands)
+        ]
+        for qi, cands in enumerate(candidate_lists)
+    ]
+    return qs, cls
+
+
+def _checked(a: np.ndarray, name: str, dim: int | None, checked: set[int]) -> np.ndarray:
+    """``a`` as an array if (N, dim), floating-point and finite; else ValueError naming it."""
+    arr = np.asarray(a)
+    if arr.ndim != 2 or (dim is not None and arr.shape[1] != dim):
+        want = f"(N, {dim})" if dim is not None else "(N, D)"
+        raise ValueError(f"{name} must be a {want} token array, got shape {arr.shape}")
+    if arr.dtype.kind != "f":
+        raise ValueError(f"{name} must hold float16 or float32 tokens, got {arr.dtype}")
+    if id(arr) not in checked and arr.size:
+        # min and max propagate NaN and reach +-Inf: two SIMD passes, no boolean temporary.
+        if not (math.isfinite(arr.min()) and math.isfinite(arr.max())):
+            raise ValueError(f"{name} contains NaN or Inf values: its tokens are corrupt")
+        checked.add(id(arr))
+    return arr
+
+
+def _backend(name: str) -> Many:
+    """The scoring function for a backend name; 'auto' resolves (and may notice) here."""
+    if name == "cpu":
+        return count_mutual_matches_many_cpu
+    if name == "torch":
+        return _torch_backend()
+    reason = _triton_unavailable_reason()
+    if reason is None:
+        from fol_infer.rerank.triton_kernel import count_mutual_matches_many_triton
+
+        return count_mutual_matches_many_triton
+    if name == "triton":
+        raise BackendUnavailableError(
+            f"re-ranking backend 'triton' is unavailable ({reason}): {_GPU_INSTALL_HINT}"
+        )
+    global _fallback_noted
+    if not _fallback_noted:
+        _fallback_noted = True
+        _log.warning("re-ranking on the CPU: the triton backend is unavailable (%s)", reason)
+    return count_mutual_matches_many_cpu
+
+
+def _torch_backend() -> Many:
+    """The published formulation, on the GPU when torch sees one."""
+    if importlib.util.find_spec("torch") is None:
+        raise BackendUnavailableError(
+            "re-ranking backend 'torch' needs torch: pip install 'fol-infer[export]', "
+            "or use backend='cpu'"
+        )
+    import torch
+
+    from fol_infer.rerank.torch_published import count_mutual_matches_many_torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return lambda qs, cls, thr: count_mutual_matches_many_torch(qs, cls, thr, device=device)
+
+
+@cache
+def _triton_unavailable_reason() -> str | None:
+    """Why the triton backend cannot run here, or None when it passed a smoke test.
+
+    The device-node check comes first so that a CPU-only machine with torch installed never
+    imports torch here. Then the kernel runs once on a tiny case with a known answer: any
+    failure there (compiler, driver) means 'not working', and the auto notice says why.
+    """
+    if os.name == "posix" and not _nvidia_device_node():
+        return "no NVIDIA GPU found"
+    try:
+        from fol_infer.rerank.triton_kernel import (
+            count_mutual_matches_many_triton,
+            triton_available,
+        )
+
+        usable, why = triton_available()
+        if not usable:
+            return why
+        probe = np.eye(2, 4, dtype=np.float32)
+        got = count_mutual_matches_many_triton([probe], [[probe, probe[:1]]], 0.7)
+        if [int(x) for x in got[0]] != [2, 1]:
+            return f"its smoke test scored {list(got[0])} instead of [2, 1]"
+    except Exception as exc:  # any failure means the optional engine is unusable here
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def _nvidia_device_node() -> bool:
+    """An NVIDIA GPU device node exists: discrete (/dev/nvidiactl), Jetson, or WSL2 (/dev/dxg)."""
+    return any(os.path.exists(p) for p in ("/dev/nvidiactl", "/dev/nvhost-ctrl-gpu", "/dev/dxg"))
