@@ -51,6 +51,7 @@ class QueryResult:
     global_hits: list[GlobalHit]
     reranked: list[RerankHit] | None
     timings_ms: dict[str, float] = field(default_factory=dict)  # this query's share per stage
+    descriptor: np.ndarray | None = field(default=None, repr=False)  # (8448,) global descriptor
 
     def to_json(self) -> dict[str, Any]:
         """The documented JSON shape of `fol-infer query --json`."""
@@ -166,7 +167,8 @@ class Retriever:
                     )
                     for r, j in enumerate(order)
                 ]
-            results.append(QueryResult(_label(source, q), hits, reranked, share))
+            descriptor = global_out.descriptors[q]
+            results.append(QueryResult(_label(source, q), hits, reranked, share, descriptor))
         return results
 
     @staticmethod

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from fol_infer.cli import (  # noqa: F401  (importing registers the commands)
+    bench_command,
     dataset_command,
     encode_command,
     index_commands,

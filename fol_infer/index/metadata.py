@@ -26,7 +26,7 @@ from typing import IO, Any
 import numpy as np
 
 from fol_infer import __version__
-from fol_infer.errors import IndexStoreError, UsageError
+from fol_infer.errors import IndexStoreError
 
 SCHEMA_VERSION = 1
 _FORMAT = "fol-infer-index-metadata"
@@ -156,13 +156,12 @@ class IndexMetadata:
         return np.array([c if c is not None else nan for c in coords], dtype=np.float64)
 
     def add_images(self, paths: Sequence[str | os.PathLike[str]]) -> None:
-        """Append images (absolute or relative to `root`) in id order."""
+        """Append images in id order: kept relative to `root` when under it (so a moved
+        database still opens), absolute otherwise (images appended from another folder)."""
         root = Path(self.root)
         for p in paths:
             q = Path(p)
-            if q.is_absolute() and not q.is_relative_to(root):
-                raise UsageError(f"image {q} is not under the database root {root}")
-            self.paths.append((q.relative_to(root) if q.is_absolute() else q).as_posix())
+            self.paths.append((q.relative_to(root) if q.is_relative_to(root) else q).as_posix())
 
     def check_bundle(self, sha256: str, name: str = "") -> None:
         """Refuse to serve an index with a bundle other than the one that built it."""

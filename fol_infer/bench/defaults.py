@@ -1,0 +1,66 @@
+"""The embedded default of `fol-infer bench`: an UNTRAINED ViT-B/14 and a synthetic dataset.
+
+Both are generated on first use and cached (``$FOL_INFER_CACHE``, else ``~/.cache/fol-infer``)
+so that later runs start at once. A user checkpoint given with ``--checkpoint`` is exported
+into the same cache, keyed by its sha256 and the resolution.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from fol_infer.bundle import sha256_file
+
+DEFAULT_ARCH = "vitb14"
+DEFAULT_SEED = 0
+DEFAULT_RESOLUTION = 322
+# Small enough for the whole default run to take a few minutes on 2 CPU cores.
+DEFAULT_DATASET = {"places": 12, "queries_per_place": 1, "distractors": 8, "seed": 0}
+
+Say = Callable[[str], None]
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("FOL_INFER_CACHE") or Path.home() / ".cache" / "fol-infer"
+    return Path(root)
+
+
+def default_checkpoint(say: Say) -> Path:
+    from fol_infer.model.checkpoint import make_checkpoint
+
+    path = cache_dir() / "checkpoints" / f"untrained-{DEFAULT_ARCH}-seed{DEFAULT_SEED}.pth"
+    if not path.is_file():
+        say(f"generating an UNTRAINED seeded {DEFAULT_ARCH} checkpoint in {path}")
+        make_checkpoint(DEFAULT_ARCH, DEFAULT_SEED, path)
+    return path
+
+
+def bundle_for(checkpoint: Path, resolution: str, say: Say) -> Path:
+    """Export `checkpoint` once per (content, resolution) into the cache."""
+    from fol_infer.export.onnx import export_bundle
+    from fol_infer.images import check_resolution
+
+    h, w = check_resolution(resolution)
+    key = f"{sha256_file(checkpoint)[:16]}-{h}x{w}"
+    folder = cache_dir() / "bundles" / key
+    if not (folder / "manifest.json").is_file():
+        say(f"exporting {checkpoint.name} at {h}x{w} to {folder} (once)")
+        export_bundle(checkpoint, folder, (h, w), force=folder.exists())
+    return folder
+
+
+def default_dataset(say: Say) -> Path:
+    from fol_infer.bench.dataset import make_dataset
+
+    params = DEFAULT_DATASET
+    folder = (
+        cache_dir()
+        / "datasets"
+        / "synthetic-{places}p-{queries_per_place}q-{distractors}d-seed{seed}".format(**params)
+    )
+    if not folder.is_dir():
+        say(f"generating a synthetic dataset in {folder}")
+        make_dataset(folder, **params)
+    return folder

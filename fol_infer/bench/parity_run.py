@@ -1,0 +1,78 @@
+"""Parity of an engine's whole run against the PyTorch reference on the same images.
+
+Encodes the dataset again with the torch backend, ranks it in memory the same way (inner
+product, then the same re-ranker) and compares descriptors, top-1 choices and recall.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from fol_infer.backends import open_encoder
+from fol_infer.bench.dataset import Dataset
+from fol_infer.bench.recall import RECALL_NS, recall_at
+from fol_infer.bundle import Bundle
+from fol_infer.images import preprocess_batch
+from fol_infer.parity import cosine
+from fol_infer.pipeline import QueryResult
+from fol_infer.rerank import count_mutual_matches_many, rerank_order
+
+
+def _encode_all(encoder, paths, resolution, batch: int = 4):  # type: ignore[no-untyped-def]
+    descriptors, tokens = [], []
+    for start in range(0, len(paths), batch):
+        out = encoder.encode(preprocess_batch(paths[start : start + batch], resolution))
+        descriptors.append(out.descriptors)
+        tokens.extend(out.token_list())
+    return np.concatenate(descriptors), tokens
+
+
+def torch_parity(
+    bundle: Bundle, dataset: Dataset, results: list[QueryResult], options: Any, rerank_k: int
+) -> dict[str, Any]:
+    reference = open_encoder(bundle, "torch", checkpoint=options.checkpoint)
+    try:
+        db_desc, db_tokens = _encode_all(reference, dataset.database, bundle.resolution)
+        q_desc, q_tokens = _encode_all(reference, dataset.queries, bundle.resolution)
+    finally:
+        reference.close()
+    order = np.argsort(-(q_desc @ db_desc.T), axis=1, kind="stable")
+    candidates = order[:, :rerank_k]
+    matches = count_mutual_matches_many(
+        q_tokens, [[db_tokens[j] for j in row] for row in candidates], backend=options.reranker
+    )
+    reranked = np.array(
+        [
+            np.concatenate([row[rerank_order(m)], full[rerank_k:]])
+            for row, m, full in zip(candidates, matches, order)
+        ]
+    )
+    engine_global = np.array([[h.db_index for h in r.global_hits] for r in results])
+    engine_final = np.array([r.ranking() for r in results])
+    engine_q = np.stack([r.descriptor for r in results if r.descriptor is not None])
+    cos = cosine(engine_q, q_desc)
+    out: dict[str, Any] = {
+        "images_compared": len(cos),
+        "min_global_cosine": float(cos.min()),
+        "mean_global_cosine": float(cos.mean()),
+        "top1_agreement_global": float(np.mean(engine_global[:, 0] == order[:, 0])),
+        "top1_agreement_reranked": float(np.mean(engine_final[:, 0] == reranked[:, 0])),
+    }
+    positives = dataset.positives()
+    if positives is not None:
+        n_db = len(dataset.database)
+        for name, engine_rank, torch_rank in (
+            ("global", engine_global, order),
+            ("reranked", engine_final, reranked),
+        ):
+            ours = recall_at(engine_rank, positives, RECALL_NS, num_database=n_db)
+            ref = recall_at(torch_rank, positives, RECALL_NS, num_database=n_db)
+            out[f"recall_delta_{name}"] = {
+                k.removeprefix("R@"): (
+                    None if ours[k] is None or ref[k] is None else ours[k] - ref[k]
+                )
+                for k in ours
+            }
+    return out

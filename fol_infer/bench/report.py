@@ -1,0 +1,182 @@
+"""Render a benchmark report: JSON (the schema below), a Markdown summary, a PNG chart.
+
+JSON schema, version 1 (keys always present unless marked optional):
+- schema "fol-infer-bench", schema_version 1, partial (true if interrupted), notes [str]
+- environment: fol_infer, python, platform, cpu, cpu_count, gpu (str|null), engine, libraries
+- inputs: engine, bundle, arch, resolution [h, w], trained, precision, dataset,
+  synthetic_dataset, database_images, query_images, rerank_k, batch, warmup, reranker
+- latency_ms: {stage: {p50, p90, p99, mean}} for preprocess, global, search, local, fetch,
+  rerank, total and unattributed (total minus the stages: pipeline and bench bookkeeping)
+- throughput: database_images_per_s, batch, failed_images
+- recall: global {"1", "5", "10", "25", "100": percent|null}, reranked {same},
+  unavailable (str|null)
+- recall_vs_rerank_k: K [depths], "1" [R@1 per depth], "5" [R@5 per depth]
+- parity (optional, engines other than torch): images_compared, min_global_cosine,
+  mean_global_cosine, top1_agreement_global, top1_agreement_reranked, recall_delta_global,
+  recall_delta_reranked — or {"unavailable": reason}
+- memory: token_store_bytes_per_image, published_bytes_per_image, peak_rss_mib, gpu_peak_mib
+- overhead: unattributed_share (fraction of the total)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, ImageDraw
+
+STAGE_ORDER = ("preprocess", "global", "search", "local", "fetch", "rerank", "unattributed")
+COLORS = ("#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#aaaaaa")
+
+
+def write_json(report: dict[str, Any], path: Path) -> None:
+    path.write_text(json.dumps(report, indent=2) + "\n")
+
+
+def _fmt(value: float | None, digits: int = 1) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def markdown(report: dict[str, Any]) -> str:
+    inp, env = report.get("inputs", {}), report.get("environment", {})
+    lines = [f"# fol-infer bench — {inp.get('engine', '?')} engine", ""]
+    lines += [f"> {note}" for note in report.get("notes", [])]
+    if report.get("partial"):
+        lines.append("> PARTIAL: the run was interrupted; only what was measured is shown")
+    resolution = "x".join(map(str, inp.get("resolution", [])))
+    trained = "trained" if inp.get("trained") else "UNTRAINED"
+    source = "synthetic" if inp.get("synthetic_dataset") else inp.get("dataset", "?")
+    libraries = ", ".join(f"{k} {v}" for k, v in env.get("libraries", {}).items())
+    lines += [
+        "",
+        f"- machine: {env.get('cpu', '?')} ({env.get('cpu_count', '?')} cores), "
+        f"GPU: {env.get('gpu') or 'none'}",
+        f"- model: {inp.get('arch', '?')} at {resolution}, {trained}, "
+        f"precision {inp.get('precision', '?')}",
+        f"- dataset: {inp.get('database_images', '?')} database / "
+        f"{inp.get('query_images', '?')} queries ({source}), "
+        f"re-rank K = {inp.get('rerank_k', '?')}",
+        f"- libraries: {libraries}",
+        "",
+    ]
+    latency = report.get("latency_ms", {})
+    if latency:
+        lines += ["| stage (batch 1) | p50 ms | p90 ms | p99 ms |", "|---|---:|---:|---:|"]
+        for stage in (*STAGE_ORDER, "total"):
+            if stage in latency:
+                s = latency[stage]
+                lines.append(f"| {stage} | {s['p50']:.1f} | {s['p90']:.1f} | {s['p99']:.1f} |")
+        lines.append("")
+    if "throughput" in report:
+        t = report["throughput"]
+        lines += [
+            f"Database encoding: {t['database_images_per_s']:.2f} images/s at batch {t['batch']}.",
+            "",
+        ]
+    recall = report.get("recall")
+    if recall:
+        if recall.get("unavailable"):
+            lines += [f"Recall unavailable: {recall['unavailable']}", ""]
+        else:
+            ns = list(recall["global"])
+            lines += [
+                "| recall | " + " | ".join(f"R@{n}" for n in ns) + " |",
+                "|---|" + "---:|" * len(ns),
+            ]
+            for name in ("global", "reranked"):
+                lines.append(f"| {name} | " + " | ".join(_fmt(recall[name][n]) for n in ns) + " |")
+            lines.append("")
+    parity = report.get("parity")
+    if parity:
+        if "unavailable" in parity:
+            lines += [f"Parity unavailable: {parity['unavailable']}", ""]
+        else:
+            lines += [
+                f"Parity vs PyTorch on {parity['images_compared']} queries: global cosine "
+                f"min {parity['min_global_cosine']:.6f} / mean {parity['mean_global_cosine']:.6f}; "
+                f"top-1 agreement {parity['top1_agreement_global']:.0%} global, "
+                f"{parity['top1_agreement_reranked']:.0%} re-ranked; recall delta (re-ranked) "
+                f"{parity.get('recall_delta_reranked', 'n/a')}.",
+                "",
+            ]
+    memory = report.get("memory", {})
+    if memory:
+        per_image = memory.get("token_store_bytes_per_image", 0.0)
+        gpu_mib = memory.get("gpu_peak_mib")
+        gpu = "n/a" if gpu_mib is None else f"{gpu_mib:.0f} MiB"
+        lines += [
+            f"Memory: peak RSS {_fmt(memory.get('peak_rss_mib'), 0)} MiB, "
+            f"GPU peak {gpu}; "
+            f"token store {per_image / 2**20:.3f} MiB per image "
+            f"({per_image / memory.get('published_bytes_per_image', 1):.2f}x "
+            "the published 1.76 MiB).",
+        ]
+    if "overhead" in report:
+        lines.append(
+            "Unattributed time (bookkeeping between stages): "
+            f"{report['overhead']['unattributed_share']:.2%} of the total."
+        )
+    return "\n".join(lines) + "\n"
+
+
+def png(report: dict[str, Any], path: Path, width: int = 1100, height: int = 420) -> None:
+    """Left: p50 latency per stage (stacked bar); right: recall vs re-rank depth K."""
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    title = f"fol-infer bench — {report.get('inputs', {}).get('engine', '?')}"
+    if not report.get("inputs", {}).get("trained", True):
+        title += " (UNTRAINED weights)"
+    draw.text((20, 10), title, fill="black")
+    _latency_panel(draw, report.get("latency_ms", {}), (20, 40, width // 2 - 20, height - 20))
+    _recall_panel(
+        draw, report.get("recall_vs_rerank_k", {}), (width // 2 + 20, 40, width - 20, height - 20)
+    )
+    image.save(path)
+
+
+def _latency_panel(
+    draw: ImageDraw.ImageDraw, latency: dict[str, Any], box: tuple[int, int, int, int]
+) -> None:
+    x0, y0, x1, y1 = box
+    draw.text((x0, y0), "p50 latency per query stage (ms, batch 1)", fill="black")
+    values = [(s, latency[s]["p50"]) for s in STAGE_ORDER if s in latency]
+    total = sum(max(v, 0.0) for _, v in values) or 1.0
+    bar_top, bar_bottom = y0 + 30, y0 + 80
+    x = float(x0)
+    for (_, value), color in zip(values, COLORS):
+        w = (x1 - x0) * max(value, 0.0) / total
+        draw.rectangle((x, bar_top, x + w, bar_bottom), fill=color)
+        x += w
+    for i, ((stage, value), color) in enumerate(zip(values, COLORS)):
+        y = bar_bottom + 20 + 22 * i
+        draw.rectangle((x0, y, x0 + 14, y + 14), fill=color)
+        draw.text((x0 + 22, y), f"{stage}: {value:.1f} ms", fill="black")
+
+
+def _recall_panel(
+    draw: ImageDraw.ImageDraw, curve: dict[str, Any], box: tuple[int, int, int, int]
+) -> None:
+    x0, y0, x1, y1 = box
+    draw.text((x0, y0), "re-ranked recall vs re-rank depth K", fill="black")
+    ks = curve.get("K", [])
+    series = [(n, curve.get(n, []), c) for n, c in (("1", COLORS[0]), ("5", COLORS[1]))]
+    px0, py0, px1, py1 = x0 + 40, y0 + 30, x1 - 10, y1 - 30
+    draw.rectangle((px0, py0, px1, py1), outline="black")
+    for pct in (0, 50, 100):
+        y = py1 - (py1 - py0) * pct / 100
+        draw.text((x0, y - 6), f"{pct}%", fill="black")
+    if not ks or all(v is None for _, vals, _ in series for v in vals):
+        draw.text((px0 + 10, py0 + 10), "recall unavailable", fill="black")
+        return
+    xs = [px0 + (px1 - px0) * i / max(len(ks) - 1, 1) for i in range(len(ks))]
+    for x, k in zip(xs, ks):
+        draw.text((x - 6, py1 + 8), str(k), fill="black")
+    for name, values, color in series:
+        points = [(x, py1 - (py1 - py0) * v / 100) for x, v in zip(xs, values) if v is not None]
+        if len(points) > 1:
+            draw.line(points, fill=color, width=3)
+        for x, y in points:
+            draw.ellipse((x - 3, y - 3, x + 3, y + 3), fill=color)
+        if points:
+            draw.text((points[-1][0] - 40, points[-1][1] - 18), f"R@{name}", fill=color)

@@ -1,0 +1,79 @@
+"""`fol-infer bench`: latency per stage, Recall@N before/after re-ranking, parity."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from fol_infer.cli.app import app, console, friendly_errors, stdout
+from fol_infer.errors import UsageError
+
+ENGINES = ("onnx", "torch", "trt")
+
+
+@app.command()
+@friendly_errors
+def bench(
+    engine: Annotated[str, typer.Option(help="Engine to measure: onnx, torch or trt.")] = "onnx",
+    bundle: Annotated[
+        Path | None, typer.Option(help="Bundle folder (else exported from --checkpoint).")
+    ] = None,
+    checkpoint: Annotated[
+        Path | None, typer.Option(help="Checkpoint [an UNTRAINED seeded ViT-B/14].")
+    ] = None,
+    dataset: Annotated[
+        Path | None, typer.Option(help="Dataset root in the standard layout [synthetic].")
+    ] = None,
+    resolution: Annotated[
+        str, typer.Option(help="Resolution when exporting from a checkpoint.")
+    ] = "322",
+    rerank_k: Annotated[int, typer.Option(help="Global candidates re-ranked per query.")] = 100,
+    batch: Annotated[int, typer.Option(help="Batch size for database encoding.")] = 8,
+    warmup: Annotated[int, typer.Option(help="Warm-up queries before timing.")] = 2,
+    reranker: Annotated[str, typer.Option(help="Re-ranker: auto, cpu, triton or torch.")] = "auto",
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="Write the JSON report here.")
+    ] = None,
+    markdown_out: Annotated[
+        Path | None, typer.Option("--markdown", help="Write a Markdown summary here.")
+    ] = None,
+    plot: Annotated[Path | None, typer.Option(help="Write a PNG chart here.")] = None,
+) -> None:
+    """Benchmark an engine end to end; with no arguments, on an embedded UNTRAINED default."""
+    from fol_infer.bench.harness import Bench, BenchOptions
+    from fol_infer.bench.report import markdown, png, write_json
+
+    if engine not in ENGINES:
+        raise UsageError(f"--engine must be one of {', '.join(ENGINES)}")
+    if bundle is not None and checkpoint is not None and engine != "torch":
+        console.print("note: --bundle given; --checkpoint is used only for the PyTorch reference")
+    if rerank_k < 1 or batch < 1 or warmup < 0:
+        raise UsageError("--rerank-k and --batch must be >= 1, --warmup >= 0")
+    if bundle is None and checkpoint is None:
+        console.print(
+            "[bold yellow]embedded default:[/bold yellow] UNTRAINED seeded ViT-B/14 at 322 and a "
+            "synthetic dataset — latencies are real, recall says nothing about FoL's accuracy",
+            soft_wrap=True,
+        )
+    options = BenchOptions(
+        engine, bundle, checkpoint, dataset, resolution, rerank_k, batch, warmup, reranker
+    )
+    runner = Bench(options, say=lambda msg: console.print(f"[dim]{msg}[/dim]", soft_wrap=True))
+    interrupted = False
+    try:
+        report = runner.run()
+    except KeyboardInterrupt:
+        interrupted = True
+        report = runner.report
+        console.print("[yellow]interrupted: what was measured so far follows[/yellow]")
+    stdout.print(markdown(report), markup=False, highlight=False, soft_wrap=True)
+    if json_out:
+        write_json(report, json_out)
+    if markdown_out:
+        markdown_out.write_text(markdown(report))
+    if plot:
+        png(report, plot)
+    if interrupted:
+        raise typer.Exit(130)

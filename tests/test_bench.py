@@ -1,0 +1,146 @@
+"""`fol-infer bench` on a tiny bundle and a tiny synthetic dataset: the report and bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from sample_images import make_images
+from typer.testing import CliRunner
+
+from fol_infer.bench.dataset import make_dataset
+from fol_infer.bench.harness import Bench
+from fol_infer.cli import app
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_dataset(
+        tmp_path_factory.mktemp("ds") / "synthetic",
+        places=3,
+        queries_per_place=1,
+        distractors=1,
+        size=(240, 320),
+    )
+
+
+def test_report_holds_every_figure(tiny_bundle: Path, dataset: Path, tmp_path: Path) -> None:
+    out = tmp_path / "r.json"
+    md, plot = tmp_path / "r.md", tmp_path / "r.png"
+    result = runner.invoke(
+        app,
+        [
+            "bench",
+            "--bundle",
+            str(tiny_bundle),
+            "--dataset",
+            str(dataset),
+            "--json",
+            str(out),
+            "--markdown",
+            str(md),
+            "--plot",
+            str(plot),
+            "--warmup",
+            "1",
+            "--reranker",
+            "cpu",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert (
+        report["schema"] == "fol-infer-bench"
+        and report["schema_version"] == 1
+        and not report["partial"]
+    )
+    assert any("UNTRAINED" in n for n in report["notes"]) and any(
+        "synthetic" in n for n in report["notes"]
+    )
+    for stage in ("preprocess", "global", "search", "local", "fetch", "rerank", "total"):
+        s = report["latency_ms"][stage]
+        assert 0 <= s["p50"] <= s["p90"] <= s["p99"]
+    assert set(report["recall"]["global"]) == {"1", "5", "10", "25", "100"}
+    assert report["recall"]["reranked"]["100"] == 100.0  # the whole database is ranked
+    assert report["inputs"]["rerank_k"] == report["inputs"]["database_images"]
+    parity = report["parity"]
+    assert parity["min_global_cosine"] > 0.9999 and parity["top1_agreement_global"] == 1.0
+    assert all(v == 0 for v in parity["recall_delta_global"].values() if v is not None)
+    assert (
+        report["memory"]["token_store_bytes_per_image"]
+        < 0.5 * report["memory"]["published_bytes_per_image"]
+    )
+    assert report["throughput"]["database_images_per_s"] > 0
+    assert 0 <= report["overhead"]["unattributed_share"] < 1
+    assert report["environment"]["cpu"] and "numpy" in report["environment"]["libraries"]
+    assert "| total |" in md.read_text() and plot.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_missing_layout_and_names_without_utm(tiny_bundle: Path, tmp_path: Path) -> None:
+    (tmp_path / "ds" / "images" / "test" / "database").mkdir(parents=True)
+    result = runner.invoke(
+        app, ["bench", "--bundle", str(tiny_bundle), "--dataset", str(tmp_path / "ds")]
+    )
+    assert result.exit_code == 2 and "queries" in result.output and "database/" in result.output
+    for folder in ("database", "queries"):
+        make_images(tmp_path / "plain" / "images" / "test" / folder, 2)
+        for path in (tmp_path / "plain" / "images" / "test" / folder).iterdir():
+            path.rename(path.with_name(path.name.split("@")[-1]))  # drop the UTM part
+    out = tmp_path / "r.json"
+    result = runner.invoke(
+        app,
+        [
+            "bench",
+            "--bundle",
+            str(tiny_bundle),
+            "--dataset",
+            str(tmp_path / "plain"),
+            "--json",
+            str(out),
+            "--warmup",
+            "0",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert report["recall"]["global"] is None and "no UTM" in report["recall"]["unavailable"]
+    assert "Recall unavailable" in result.output
+
+
+def test_engine_not_installed_says_what_to_install(tiny_bundle: Path, dataset: Path) -> None:
+    result = runner.invoke(
+        app, ["bench", "--engine", "trt", "--bundle", str(tiny_bundle), "--dataset", str(dataset)]
+    )
+    assert result.exit_code == 2 and "install" in result.output.lower()
+
+
+def test_interrupt_prints_what_was_measured(
+    tiny_bundle: Path, dataset: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def stop(self: Bench, *args: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Bench, "_recall", stop)
+    result = runner.invoke(
+        app,
+        [
+            "bench",
+            "--bundle",
+            str(tiny_bundle),
+            "--dataset",
+            str(dataset),
+            "--warmup",
+            "0",
+            "--reranker",
+            "cpu",
+        ],
+    )
+    assert result.exit_code == 130
+    assert (
+        "interrupted" in result.output
+        and "PARTIAL" in result.output
+        and "| total |" in result.output
+    )

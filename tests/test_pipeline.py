@@ -1,0 +1,145 @@
+"""The query API and `fol-infer query`: same answers for every input kind and thread."""
+
+from __future__ import annotations
+
+import json
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from sample_images import make_images
+from typer.testing import CliRunner
+
+from fol_infer.backends import open_encoder
+from fol_infer.bundle import Bundle
+from fol_infer.cli import app
+from fol_infer.images import preprocess
+from fol_infer.index.database import BuildSettings, build_index
+from fol_infer.pipeline import Retriever
+from fol_infer.rerank import count_mutual_matches
+
+
+@pytest.fixture(scope="module")
+def index_dir(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("pipeline")
+    make_images(root / "db", 6)
+    bundle = Bundle.open(tiny_bundle)
+    with open_encoder(bundle) as encoder:  # type: ignore[attr-defined]
+        build_index(bundle, encoder, root / "db", root / "idx", BuildSettings(batch=4))
+    return root / "idx"
+
+
+@pytest.fixture(scope="module")
+def queries(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    return make_images(tmp_path_factory.mktemp("q"), 3, seed=1)
+
+
+def test_results_follow_the_spec_and_the_json_shape(
+    tiny_bundle: Path, index_dir: Path, queries: list[Path]
+) -> None:
+    with Retriever(tiny_bundle, index_dir) as retriever:
+        (result,) = retriever.query([queries[0]], top_k=4, rerank_k=5)
+        (global_only,) = retriever.query([queries[0]], top_k=5, rerank=False)
+        image = preprocess(queries[0], retriever.bundle.resolution)[None]
+        query_tokens = retriever.encoder.encode(image).token_list()[0]
+        candidates = [h.db_index for h in global_only.global_hits]
+        candidate_tokens = retriever.database.tokens.get(candidates)
+    assert [h.rank for h in result.global_hits] == [1, 2, 3, 4]
+    assert [h.db_index for h in result.global_hits] == candidates[:4]
+    scores = [h.score for h in result.global_hits]
+    assert scores == sorted(scores, reverse=True)
+    expected = count_mutual_matches(query_tokens, candidate_tokens, backend="cpu")
+    best = sorted(range(5), key=lambda j: (-expected[j], j))[:4]  # ties keep the global rank
+    assert result.reranked is not None
+    assert [h.db_index for h in result.reranked] == [candidates[j] for j in best]
+    assert [h.matches for h in result.reranked] == [int(expected[j]) for j in best]
+    doc = result.to_json()
+    assert set(doc) == {"query", "global", "reranked"}
+    assert set(doc["global"][0]) == {"rank", "db_index", "path", "score"}
+    assert set(doc["reranked"][0]) == {"rank", "db_index", "path", "matches"}
+
+
+def test_paths_pil_and_arrays_give_the_same_answer(
+    tiny_bundle: Path, index_dir: Path, queries: list[Path]
+) -> None:
+    with Retriever(tiny_bundle, index_dir) as retriever:
+        pil = Image.open(queries[1])
+        answers = [
+            retriever.query(src, top_k=3, rerank_k=4)[0]
+            for src in (queries[1], pil, np.asarray(pil))
+        ]
+    for other in answers[1:]:
+        assert [h.db_index for h in other.reranked or []] == [
+            h.db_index for h in answers[0].reranked or []
+        ]
+        np.testing.assert_allclose(
+            [h.score for h in other.global_hits],
+            [h.score for h in answers[0].global_hits],
+            atol=1e-6,
+        )
+
+
+def test_concurrent_queries_match_serial_ones(
+    tiny_bundle: Path, index_dir: Path, queries: list[Path]
+) -> None:
+    with Retriever(tiny_bundle, index_dir) as retriever:
+        serial = [retriever.query([q], top_k=3, rerank_k=4)[0].to_json() for q in queries]
+        with ThreadPoolExecutor(4) as pool:
+            parallel = list(
+                pool.map(
+                    lambda q: retriever.query([q], top_k=3, rerank_k=4)[0].to_json(), queries * 2
+                )
+            )
+    assert parallel == serial * 2
+
+
+def test_k_larger_than_database_is_clamped_with_a_notice(
+    tiny_bundle: Path, index_dir: Path, queries: list[Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING), Retriever(tiny_bundle, index_dir) as retriever:
+        (result,) = retriever.query([queries[0]], top_k=50, rerank_k=100)
+    assert (
+        len(result.global_hits) == 6 and result.reranked is not None and len(result.reranked) == 6
+    )
+    assert "larger than the database (6 images)" in caplog.text
+
+
+def test_no_rerank_never_runs_the_local_branch(
+    tiny_bundle: Path, index_dir: Path, queries: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with Retriever(tiny_bundle, index_dir) as retriever:
+        monkeypatch.setattr(
+            retriever.encoder, "encode_local", lambda *_: pytest.fail("local branch ran")
+        )
+        (result,) = retriever.query([queries[0]], top_k=2, rerank=False)
+    assert result.reranked is None and result.timings_ms["local"] == 0.0
+
+
+def test_query_cli_json_and_unreadable_query(
+    tiny_bundle: Path, index_dir: Path, queries: list[Path], tmp_path: Path
+) -> None:
+    broken = tmp_path / "broken.jpg"
+    broken.write_text("nope")
+    result = CliRunner().invoke(
+        app,
+        [
+            "query",
+            str(index_dir),
+            str(queries[0]),
+            str(broken),
+            "--json",
+            "--top-k",
+            "2",
+            "--rerank-k",
+            "3",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    start = result.output.index("[")
+    doc = json.loads(result.output[start:])
+    assert len(doc) == 1 and doc[0]["query"] == str(queries[0])
+    assert len(doc[0]["global"]) == 2 and len(doc[0]["reranked"]) == 2
+    assert "broken.jpg" in result.output
