@@ -33,3 +33,7 @@ class IndexStoreError(UsageError):
 
 class BackendUnavailableError(UsageError):
     """An optional engine (torch, tensorrt, triton, a GPU) is not installed or not present."""
+
+
+class EngineError(FolInferError):
+    """A TensorRT engine that failed to build or to run (out of memory, rejected shape)."""

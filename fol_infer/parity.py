@@ -25,7 +25,7 @@ class ParityReport:
     images: int
     min_global_cosine: float
     mean_global_cosine: float
-    max_token_diff: float  # over images whose counts agree
+    max_token_diff: float  # over images that selected the same regions
     count_agreement: float  # share of images with the same token count
     position_agreement: float  # share of images with the same selected region
     boundary_ties: int  # images whose reference confidence ties at the 225th place
@@ -68,10 +68,10 @@ def compare(
     same_count = ref_count == out.local.counts
     same_region = np.all(reference["region_mask"] == out.local.region_mask, axis=(1, 2))
     tied = boundary_ties(reference["confidence"])
-    diffs = [
+    diffs = [  # token rows line up only where the same regions were selected
         float(np.abs(reference["tokens"][i, :n] - out.local.tokens[i, :n]).max(initial=0.0))
         for i, n in enumerate(ref_count)
-        if same_count[i]
+        if same_count[i] and same_region[i]
     ]
     report = ParityReport(
         images=len(cos),

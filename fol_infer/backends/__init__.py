@@ -27,9 +27,9 @@ def open_encoder(
 
         return TorchEncoder.from_bundle(bundle, checkpoint, threads=threads)
     if backend == "trt":
-        from fol_infer.backends.trt import TrtEncoder  # type: ignore[import-not-found]
+        from fol_infer.backends.trt import TrtEncoder
 
-        return TrtEncoder(bundle)  # type: ignore[no-any-return]
+        return TrtEncoder(bundle)
     raise UsageError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
 
 

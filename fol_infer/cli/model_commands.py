@@ -57,6 +57,11 @@ def export(
         bool,
         typer.Option(help="Allow full unpickling of the checkpoint (runs code it holds)."),
     ] = False,
+    trt: Annotated[
+        bool, typer.Option("--trt", help="Also build TensorRT engines here (needs a GPU).")
+    ] = False,
+    precision: Annotated[str, typer.Option(help="With --trt: fp16 or fp32 engines.")] = "fp16",
+    max_batch: Annotated[int, typer.Option(help="With --trt: largest batch of the profile.")] = 32,
 ) -> None:
     """Export a checkpoint to a bundle: global.onnx, local.onnx, reference.npz, manifest."""
     import time
@@ -82,6 +87,17 @@ def export(
             "TensorRT-ready" if report.ok else "NOT TensorRT-ready: " + "; ".join(report.problems)
         )
         console.print(f"  {report.path.name}: {sum(report.op_counts.values())} nodes, {verdict}")
+    if trt:
+        from fol_infer.cli.trt_command import build_bundle_engines
+
+        with console.status("building TensorRT engines") as spinner:
+            records = build_bundle_engines(
+                bundle, precision, max_batch, progress=lambda msg: spinner.update(msg)
+            )
+        for name, record in records.items():
+            console.print(
+                f"  {name}: {record.file} ({record.precision}, TensorRT {record.tensorrt})"
+            )
 
 
 @app.command()
@@ -90,7 +106,9 @@ def verify(
     bundle_dir: Annotated[Path, typer.Argument(help="Bundle folder.")],
     backend: BackendOption = "onnx",
     checkpoint: CheckpointOption = None,
-    precision: Annotated[str, typer.Option(help="Tolerances: fp32 or fp16.")] = "fp32",
+    precision: Annotated[
+        str | None, typer.Option(help="Tolerances: fp32 or fp16 [the engine's precision].")
+    ] = None,
 ) -> None:
     """Re-run reference.npz through a backend; compare with PyTorch (exit 1 on failure)."""
     from fol_infer.backends import open_encoder
@@ -98,11 +116,12 @@ def verify(
     from fol_infer.parity import TOLERANCES
     from fol_infer.parity import verify as run_verify
 
-    if precision not in TOLERANCES:
+    if precision is not None and precision not in TOLERANCES:
         raise UsageError(f"--precision must be one of {', '.join(TOLERANCES)}")
     bundle = Bundle.open(bundle_dir, verify="full")
     untrained_banner(bundle.manifest.trained)
     encoder = open_encoder(bundle, backend, checkpoint=checkpoint)
+    precision = precision or str(getattr(encoder, "precision", "fp32"))
     try:
         report = run_verify(bundle, encoder, precision)
     finally:

@@ -91,6 +91,8 @@ def build_bundle_engines(
             shapes = {t.name: [int(d) for d in t.shape[1:]] for t in spec.inputs}
             start = time.perf_counter()
             result = build_engine(source, shapes, options, fp32, say)
+            if mode == "constraints":
+                say(f"{graph}: {result.pinned_layers} layers constrained to fp32")
             if result.unmatched:
                 say(
                     f"note: {len(result.unmatched)} fp32 {graph} nodes have no layer of their own "

@@ -1,0 +1,387 @@
+"""The TensorRT backend: a bundle's engines on one CUDA stream, outputs optionally left on the GPU.
+
+Device memory comes from cuda-python when it is importable (the Jetson path: no torch there)
+and from torch's CUDA allocator otherwise. Buffers are allocated once for the engines' largest
+batch: pinned host buffers for the copies, and device buffers shared by tensor name, so the
+local engine reads the global engine's features and region scores where they were written. An
+optional CUDA graph replays the enqueues of each batch size. `encode_device` skips the copies
+back and hands out `DeviceArray`s (``__cuda_array_interface__``: torch.as_tensor, CuPy and
+Numba read them without a copy) for the GPU re-ranker and GPU FAISS. Every TensorRT call goes
+through `fol_infer.export.trt_build`. Not yet run on hardware.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+from fol_infer.backends.base import EncoderBase, EncoderOutput, GlobalOutput, LocalOutput
+from fol_infer.bundle import Bundle
+from fol_infer.errors import BackendUnavailableError, BundleError, EngineError, UsageError
+from fol_infer.export.engines import (
+    check_batch,
+    check_record,
+    current_gpu,
+    read_records,
+    rebuild_command,
+)
+from fol_infer.export.trt_build import EngineSession, TensorInfo, require_tensorrt
+
+FIELDS = {
+    "global": "descriptors",
+    "count": "counts",
+}  # output name -> dataclass field, if not equal
+MEMORY = ("auto", "cuda-python", "torch")
+
+
+@dataclass(frozen=True)
+class DeviceArray:
+    """A tensor in GPU memory owned by the encoder; valid until its next call or `close`.
+
+    Shapes and dtypes are the engine's (the count is int32 here, int64 in `LocalOutput`).
+    """
+
+    ptr: int
+    shape: tuple[int, ...]
+    dtype: np.dtype[Any]
+    stream: int  # consumers synchronize with this stream before reading
+
+    @property
+    def __cuda_array_interface__(self) -> dict[str, Any]:
+        return {
+            "shape": self.shape,
+            "typestr": self.dtype.str,
+            "data": (self.ptr, False),
+            "strides": None,
+            "version": 3,
+            "stream": self.stream or None,
+        }
+
+
+class _Memory(Protocol):
+    stream: int
+
+    def device(self, nbytes: int) -> int: ...
+    def pinned(self, nbytes: int) -> np.ndarray: ...
+    def h2d(self, dst: int, src: np.ndarray, nbytes: int) -> None: ...
+    def d2h(self, dst: np.ndarray, src: int, nbytes: int) -> None: ...
+    def sync(self) -> None: ...
+    def capture(self, enqueue: Callable[[], None]) -> object: ...
+    def launch(self, graph: object) -> None: ...
+    def close(self) -> None: ...
+
+
+class _CudaPython:
+    """cuda-python's runtime API (`cuda.bindings.runtime`, `cuda.cudart` before 12.6)."""
+
+    def __init__(self, device: int) -> None:
+        try:
+            from cuda.bindings import runtime as rt
+        except ImportError:
+            from cuda import cudart as rt
+        self._rt = rt
+        self._call(rt.cudaSetDevice(device))
+        self._stream = self._call(rt.cudaStreamCreateWithFlags(rt.cudaStreamNonBlocking))
+        self.stream = int(self._stream)
+        self._device: list[int] = []
+        self._host: list[int] = []
+        self._graphs: list[tuple[Any, Any]] = []
+
+    def _call(self, result: tuple[Any, ...]) -> Any:
+        if result[0] != self._rt.cudaError_t.cudaSuccess:
+            _, name = self._rt.cudaGetErrorName(result[0])
+            raise EngineError(f"CUDA error {name.decode()}: is the GPU out of memory?")
+        return result[1] if len(result) == 2 else result[1:]
+
+    def device(self, nbytes: int) -> int:
+        ptr = int(self._call(self._rt.cudaMalloc(nbytes)))
+        self._device.append(ptr)
+        return ptr
+
+    def pinned(self, nbytes: int) -> np.ndarray:
+        ptr = int(self._call(self._rt.cudaMallocHost(nbytes)))
+        self._host.append(ptr)
+        return np.ctypeslib.as_array((ctypes.c_ubyte * nbytes).from_address(ptr))
+
+    def h2d(self, dst: int, src: np.ndarray, nbytes: int) -> None:
+        kind = self._rt.cudaMemcpyKind.cudaMemcpyHostToDevice
+        self._call(self._rt.cudaMemcpyAsync(dst, src.ctypes.data, nbytes, kind, self.stream))
+
+    def d2h(self, dst: np.ndarray, src: int, nbytes: int) -> None:
+        kind = self._rt.cudaMemcpyKind.cudaMemcpyDeviceToHost
+        self._call(self._rt.cudaMemcpyAsync(dst.ctypes.data, src, nbytes, kind, self.stream))
+
+    def sync(self) -> None:
+        self._call(self._rt.cudaStreamSynchronize(self.stream))
+
+    def capture(self, enqueue: Callable[[], None]) -> object:
+        mode = self._rt.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal
+        self._call(self._rt.cudaStreamBeginCapture(self.stream, mode))
+        try:
+            enqueue()
+        finally:
+            graph = self._call(self._rt.cudaStreamEndCapture(self.stream))
+        runnable = self._call(self._rt.cudaGraphInstantiate(graph, 0))
+        self._graphs.append((runnable, graph))
+        return runnable
+
+    def launch(self, graph: object) -> None:
+        self._call(self._rt.cudaGraphLaunch(graph, self.stream))
+
+    def close(self) -> None:
+        rt = self._rt
+        for runnable, graph in self._graphs:
+            rt.cudaGraphExecDestroy(runnable)
+            rt.cudaGraphDestroy(graph)
+        for ptr in self._device:
+            rt.cudaFree(ptr)
+        for ptr in self._host:
+            rt.cudaFreeHost(ptr)
+        rt.cudaStreamDestroy(self._stream)
+        self._graphs, self._device, self._host = [], [], []
+
+
+class _TorchCuda:
+    """torch's CUDA allocator and streams, where torch is installed and cuda-python is not."""
+
+    def __init__(self, device: int) -> None:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise BackendUnavailableError(
+                "torch sees no CUDA GPU: install cuda-python or a CUDA torch"
+            )
+        self._torch = torch
+        self._dev = torch.device("cuda", device)
+        torch.cuda.set_device(self._dev)
+        self._stream = torch.cuda.Stream(device=self._dev)
+        self.stream = int(self._stream.cuda_stream)
+        self._tensors: dict[int, Any] = {}  # address -> owning tensor (device and pinned)
+        self._graphs: list[Any] = []
+
+    def device(self, nbytes: int) -> int:
+        t = self._torch.empty(nbytes, dtype=self._torch.uint8, device=self._dev)
+        self._tensors[t.data_ptr()] = t
+        return int(t.data_ptr())
+
+    def pinned(self, nbytes: int) -> np.ndarray:
+        t = self._torch.empty(nbytes, dtype=self._torch.uint8, pin_memory=True)
+        self._tensors[t.data_ptr()] = t
+        return np.asarray(t.numpy())
+
+    def _copy(self, dst: int, src: int, nbytes: int) -> None:
+        with self._torch.cuda.stream(self._stream):
+            self._tensors[dst][:nbytes].copy_(self._tensors[src][:nbytes], non_blocking=True)
+
+    def h2d(self, dst: int, src: np.ndarray, nbytes: int) -> None:
+        self._copy(dst, src.ctypes.data, nbytes)
+
+    def d2h(self, dst: np.ndarray, src: int, nbytes: int) -> None:
+        self._copy(dst.ctypes.data, src, nbytes)
+
+    def sync(self) -> None:
+        self._stream.synchronize()
+
+    def capture(self, enqueue: Callable[[], None]) -> object:
+        graph = self._torch.cuda.CUDAGraph()
+        with self._torch.cuda.graph(graph, stream=self._stream):
+            enqueue()
+        self._graphs.append(graph)
+        return graph
+
+    def launch(self, graph: object) -> None:
+        with self._torch.cuda.stream(self._stream):
+            graph.replay()  # type: ignore[attr-defined]
+
+    def close(self) -> None:
+        self._graphs.clear()
+        self._tensors.clear()
+
+
+def open_memory(kind: str, device: int) -> _Memory:
+    """cuda-python first (no torch on Jetson), torch's CUDA otherwise."""
+    if kind not in MEMORY:
+        raise UsageError(f"memory must be one of {', '.join(MEMORY)}, not {kind!r}")
+    if kind in ("auto", "cuda-python"):
+        try:
+            return _CudaPython(device)
+        except ImportError:
+            if kind == "cuda-python":
+                raise BackendUnavailableError(
+                    "cuda-python is not installed: pip install cuda-python"
+                ) from None
+    try:
+        return _TorchCuda(device)
+    except ImportError:
+        raise BackendUnavailableError(
+            "the trt backend needs cuda-python (pip install cuda-python, 12.x for CUDA 12 and "
+            "13.x for CUDA 13) or a CUDA build of torch for device memory"
+        ) from None
+
+
+@dataclass
+class _Buffer:
+    tensor: TensorInfo
+    device: int
+    host: np.ndarray  # pinned bytes
+
+    def nbytes(self, batch: int) -> int:
+        return batch * math.prod(self.tensor.shape[1:]) * self.tensor.dtype.itemsize
+
+    def host_view(self, batch: int) -> np.ndarray:
+        view = self.host[: self.nbytes(batch)].view(self.tensor.dtype)
+        return view.reshape((batch, *self.tensor.shape[1:]))
+
+
+class TrtEncoder(EncoderBase):
+    name = "trt"
+
+    def __init__(
+        self, bundle: Bundle, device: int = 0, cuda_graph: bool = False, memory: str = "auto"
+    ) -> None:
+        version = require_tensorrt()
+        gpu = current_gpu(device)
+        self.bundle = bundle
+        self.resolution = bundle.resolution
+        self.records = read_records(bundle)
+        for record in self.records.values():
+            check_record(bundle, record, version, gpu)
+        self.precision = self.records["global"].precision
+        self.max_batch = min(r.profile.max for r in self.records.values())
+        self.cuda_graph = cuda_graph
+        self._mem = open_memory(memory, device)
+        self._sessions: dict[str, EngineSession] = {}
+        self._buffers: dict[str, _Buffer] = {}
+        self._graphs: dict[tuple[int, tuple[str, ...]], object] = {}
+        self._batch: dict[str, int] = {}
+        try:
+            for graph, record in self.records.items():
+                path = bundle.folder / record.file
+                session = EngineSession(
+                    path.read_bytes(), path, rebuild_command(bundle.folder, record)
+                )
+                self._sessions[graph] = session
+                for tensor in session.tensors:
+                    session.bind(tensor.name, self._buffer(tensor).device)
+        except BaseException:
+            self.close()
+            raise
+
+    def _buffer(self, tensor: TensorInfo) -> _Buffer:
+        """One buffer per tensor name: a global output is the local input of the same name."""
+        known = self._buffers.get(tensor.name)
+        if known is None:
+            nbytes = self.max_batch * math.prod(tensor.shape[1:]) * tensor.dtype.itemsize
+            known = _Buffer(tensor, self._mem.device(nbytes), self._mem.pinned(nbytes))
+            self._buffers[tensor.name] = known
+        elif (known.tensor.dtype, known.tensor.shape[1:]) != (tensor.dtype, tensor.shape[1:]):
+            raise BundleError(f"the engines disagree on tensor {tensor.name!r}: rebuild them")
+        return known
+
+    def _upload(self, arrays: dict[str, np.ndarray]) -> None:
+        self._mem.sync()  # an earlier encode_device may still be reading the pinned inputs
+        for name, array in arrays.items():
+            buf = self._buffers[name]
+            np.copyto(buf.host_view(len(array)), array, casting="same_kind")
+            self._mem.h2d(buf.device, buf.host, buf.nbytes(len(array)))
+
+    def _download(self, names: list[str], batch: int) -> dict[str, np.ndarray]:
+        for name in names:
+            buf = self._buffers[name]
+            self._mem.d2h(buf.host, buf.device, buf.nbytes(batch))
+        self._mem.sync()
+        return {name: self._buffers[name].host_view(batch).copy() for name in names}
+
+    def _run(self, graphs: tuple[str, ...], batch: int) -> None:
+        for graph in graphs:
+            check_batch(batch, self.records[graph], self.bundle.folder)
+            if self._batch.get(graph) != batch:
+                self._sessions[graph].set_batch(batch)
+                self._batch[graph] = batch
+
+        def enqueue() -> None:
+            for graph in graphs:
+                self._sessions[graph].enqueue(self._mem.stream)
+
+        if not self.cuda_graph:
+            enqueue()
+            return
+        key = (batch, graphs)
+        if key not in self._graphs:
+            enqueue()  # TensorRT applies shape changes on the first enqueue, outside capture
+            self._graphs[key] = self._mem.capture(enqueue)
+        self._mem.launch(self._graphs[key])
+
+    def _outputs(self, graph: str) -> list[str]:
+        return [t.name for t in self._sessions[graph].tensors if not t.is_input]
+
+    def _inputs(self, graph: str) -> list[str]:
+        return [t.name for t in self._sessions[graph].tensors if t.is_input]
+
+    @staticmethod
+    def _fields(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {FIELDS.get(name, name): a for name, a in arrays.items()}
+
+    def _local_output(self, arrays: dict[str, np.ndarray]) -> LocalOutput:
+        fields = self._fields(arrays)
+        fields["counts"] = fields["counts"].astype(np.int64)
+        return LocalOutput(**fields)
+
+    def encode_global(self, images: np.ndarray) -> GlobalOutput:
+        return self.encode(images, local=False).global_
+
+    def encode_local(self, global_out: GlobalOutput) -> LocalOutput:
+        arrays = {n: getattr(global_out, FIELDS.get(n, n)) for n in self._inputs("local")}
+        batch = len(next(iter(arrays.values())))
+        self._upload(arrays)
+        self._run(("local",), batch)
+        return self._local_output(self._download(self._outputs("local"), batch))
+
+    def encode(self, images: np.ndarray, local: bool = True) -> EncoderOutput:
+        """Both branches in one pass: the local engine reads the global one's GPU outputs."""
+        images = self.check_images(images)
+        graphs = ("global", "local") if local else ("global",)
+        self._upload({self._inputs("global")[0]: images})
+        self._run(graphs, len(images))
+        host = self._download([n for g in graphs for n in self._outputs(g)], len(images))
+        g = GlobalOutput(**self._fields({n: host[n] for n in self._outputs("global")}))
+        return EncoderOutput(
+            g, self._local_output({n: host[n] for n in self._outputs("local")}) if local else None
+        )
+
+    def encode_device(self, images: np.ndarray, local: bool = True) -> dict[str, DeviceArray]:
+        """Run on the GPU and leave every output there (no copy back, no synchronisation)."""
+        images = self.check_images(images)
+        graphs = ("global", "local") if local else ("global",)
+        self._upload({self._inputs("global")[0]: images})
+        self._run(graphs, len(images))
+        out = {}
+        for name in (n for g in graphs for n in self._outputs(g)):
+            t = self._buffers[name].tensor
+            out[name] = DeviceArray(
+                self._buffers[name].device, (len(images), *t.shape[1:]), t.dtype, self._mem.stream
+            )
+        return out
+
+    def synchronize(self) -> None:
+        """Wait for the encoder's stream: `encode_device` results are complete after this."""
+        self._mem.sync()
+
+    def close(self) -> None:
+        for session in self._sessions.values():
+            session.close()
+        self._sessions.clear()
+        self._graphs.clear()
+        self._buffers.clear()
+        mem = getattr(self, "_mem", None)
+        if mem is not None:
+            del self._mem
+            try:
+                mem.sync()  # nothing may still be writing into memory about to be freed
+            finally:
+                mem.close()
