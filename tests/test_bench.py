@@ -16,6 +16,13 @@ from fol_infer.cli import app
 runner = CliRunner()
 
 
+def bench(bundle: Path, dataset: Path, *args: str | Path) -> tuple[int, str]:
+    """Run `fol-infer bench` on a bundle and a dataset; returns exit code and output."""
+    argv = ["bench", "--bundle", str(bundle), "--dataset", str(dataset), *map(str, args)]
+    result = runner.invoke(app, argv)
+    return result.exit_code, result.output
+
+
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_dataset(
@@ -28,38 +35,17 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_report_holds_every_figure(tiny_bundle: Path, dataset: Path, tmp_path: Path) -> None:
-    out = tmp_path / "r.json"
-    md, plot = tmp_path / "r.md", tmp_path / "r.png"
-    result = runner.invoke(
-        app,
-        [
-            "bench",
-            "--bundle",
-            str(tiny_bundle),
-            "--dataset",
-            str(dataset),
-            "--json",
-            str(out),
-            "--markdown",
-            str(md),
-            "--plot",
-            str(plot),
-            "--warmup",
-            "1",
-            "--reranker",
-            "cpu",
-        ],
-    )
-    assert result.exit_code == 0, result.output
+    out, md, plot = tmp_path / "r.json", tmp_path / "r.md", tmp_path / "r.png"
+    code, log = bench(
+        tiny_bundle, dataset, "--json", out, "--markdown", md, "--plot", plot, "--warmup", "1",
+        "--reranker", "cpu",
+    )  # fmt: skip
+    assert code == 0, log
     report = json.loads(out.read_text())
-    assert (
-        report["schema"] == "fol-infer-bench"
-        and report["schema_version"] == 1
-        and not report["partial"]
-    )
-    assert any("UNTRAINED" in n for n in report["notes"]) and any(
-        "synthetic" in n for n in report["notes"]
-    )
+    assert report["schema"] == "fol-infer-bench" and report["schema_version"] == 1
+    assert not report["partial"]
+    assert any("UNTRAINED" in n for n in report["notes"])
+    assert any("synthetic" in n for n in report["notes"])
     for stage in ("preprocess", "global", "search", "local", "fetch", "rerank", "total"):
         s = report["latency_ms"][stage]
         assert 0 <= s["p50"] <= s["p90"] <= s["p99"]
@@ -69,10 +55,8 @@ def test_report_holds_every_figure(tiny_bundle: Path, dataset: Path, tmp_path: P
     parity = report["parity"]
     assert parity["min_global_cosine"] > 0.9999 and parity["top1_agreement_global"] == 1.0
     assert all(v == 0 for v in parity["recall_delta_global"].values() if v is not None)
-    assert (
-        report["memory"]["token_store_bytes_per_image"]
-        < 0.5 * report["memory"]["published_bytes_per_image"]
-    )
+    memory = report["memory"]
+    assert memory["token_store_bytes_per_image"] < 0.5 * memory["published_bytes_per_image"]
     assert report["throughput"]["database_images_per_s"] > 0
     assert 0 <= report["overhead"]["unattributed_share"] < 1
     assert report["environment"]["cpu"] and "numpy" in report["environment"]["libraries"]
@@ -81,40 +65,23 @@ def test_report_holds_every_figure(tiny_bundle: Path, dataset: Path, tmp_path: P
 
 def test_missing_layout_and_names_without_utm(tiny_bundle: Path, tmp_path: Path) -> None:
     (tmp_path / "ds" / "images" / "test" / "database").mkdir(parents=True)
-    result = runner.invoke(
-        app, ["bench", "--bundle", str(tiny_bundle), "--dataset", str(tmp_path / "ds")]
-    )
-    assert result.exit_code == 2 and "queries" in result.output and "database/" in result.output
+    code, log = bench(tiny_bundle, tmp_path / "ds")
+    assert code == 2 and "queries" in log and "database/" in log
     for folder in ("database", "queries"):
         make_images(tmp_path / "plain" / "images" / "test" / folder, 2)
         for path in (tmp_path / "plain" / "images" / "test" / folder).iterdir():
             path.rename(path.with_name(path.name.split("@")[-1]))  # drop the UTM part
     out = tmp_path / "r.json"
-    result = runner.invoke(
-        app,
-        [
-            "bench",
-            "--bundle",
-            str(tiny_bundle),
-            "--dataset",
-            str(tmp_path / "plain"),
-            "--json",
-            str(out),
-            "--warmup",
-            "0",
-        ],
-    )
-    assert result.exit_code == 0, result.output
+    code, log = bench(tiny_bundle, tmp_path / "plain", "--json", out, "--warmup", "0")
+    assert code == 0, log
     report = json.loads(out.read_text())
     assert report["recall"]["global"] is None and "no UTM" in report["recall"]["unavailable"]
-    assert "Recall unavailable" in result.output
+    assert "Recall unavailable" in log
 
 
 def test_engine_not_installed_says_what_to_install(tiny_bundle: Path, dataset: Path) -> None:
-    result = runner.invoke(
-        app, ["bench", "--engine", "trt", "--bundle", str(tiny_bundle), "--dataset", str(dataset)]
-    )
-    assert result.exit_code == 2 and "install" in result.output.lower()
+    code, log = bench(tiny_bundle, dataset, "--engine", "trt")
+    assert code == 2 and "install" in log.lower()
 
 
 def test_interrupt_prints_what_was_measured(
@@ -124,23 +91,6 @@ def test_interrupt_prints_what_was_measured(
         raise KeyboardInterrupt
 
     monkeypatch.setattr(Bench, "_recall", stop)
-    result = runner.invoke(
-        app,
-        [
-            "bench",
-            "--bundle",
-            str(tiny_bundle),
-            "--dataset",
-            str(dataset),
-            "--warmup",
-            "0",
-            "--reranker",
-            "cpu",
-        ],
-    )
-    assert result.exit_code == 130
-    assert (
-        "interrupted" in result.output
-        and "PARTIAL" in result.output
-        and "| total |" in result.output
-    )
+    code, log = bench(tiny_bundle, dataset, "--warmup", "0", "--reranker", "cpu")
+    assert code == 130
+    assert "interrupted" in log and "PARTIAL" in log and "| total |" in log

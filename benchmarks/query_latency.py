@@ -1,0 +1,105 @@
+"""Index build throughput and query latency (global only; re-ranked at K = 10 and 100).
+
+    python benchmarks/query_latency.py [--arch vitb14] [--resolution 322] [--places 60] \
+        [--queries 8] [--json OUT]
+
+Uses an UNTRAINED seeded checkpoint and a synthetic database large enough for K = 100, so the
+figures are about speed only. Everything runs in this process, one configuration after the
+other on the same index, so the ratios between them are what to read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from fol_infer.backends import open_encoder
+from fol_infer.bench.dataset import make_dataset
+from fol_infer.bench.environment import cpu_model
+from fol_infer.bundle import Bundle
+from fol_infer.export.onnx import export_bundle
+from fol_infer.index.database import BuildSettings, Database, build_index
+from fol_infer.model.checkpoint import make_checkpoint
+from fol_infer.pipeline import STAGES, Retriever
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--arch", default="vitb14")
+    parser.add_argument("--resolution", type=int, default=322)
+    parser.add_argument("--places", type=int, default=60)
+    parser.add_argument("--distractors", type=int, default=40)
+    parser.add_argument("--queries", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--tokens", default="fp16")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+
+    report: dict[str, object] = {
+        "machine": f"{platform.node()}: {cpu_model()}",
+        "args": vars(args) | {"json": None},
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        ckpt = make_checkpoint(args.arch, 0, work / "ckpt.pth")
+        bundle = Bundle.open(export_bundle(ckpt, work / "bundle", args.resolution))
+        data = make_dataset(
+            work / "data", places=args.places, queries_per_place=1, distractors=args.distractors
+        )
+        db_dir = data / "images" / "test" / "database"
+        queries = sorted((data / "images" / "test" / "queries").glob("*.jpg"))[: args.queries]
+        with open_encoder(bundle) as encoder:  # type: ignore[attr-defined]
+            build = build_index(
+                bundle,
+                encoder,
+                db_dir,
+                work / "index",
+                BuildSettings(batch=args.batch, tokens=args.tokens),
+            )  # type: ignore[arg-type]
+        with Database(work / "index") as database:
+            n_db, store = len(database), database.tokens.bytes_per_image
+        report["index"] = {
+            "images": n_db,
+            "images_per_s": build.images_per_second,
+            "batch": args.batch,
+            "token_bytes_per_image": store,
+        }
+        print(
+            f"index: {n_db} images at {build.images_per_second:.2f} img/s (batch {args.batch}); "
+            f"tokens {store / 2**20:.3f} MiB/image"
+        )
+        rows = {}
+        with Retriever(bundle, work / "index", reranker="cpu") as retriever:
+            retriever.query([queries[0]], top_k=10, rerank_k=10)  # warm-up
+            for name, rerank, k in (
+                ("global only", False, 10),
+                ("re-rank K=10", True, 10),
+                ("re-rank K=100", True, 100),
+            ):
+                totals, stages = [], {s: [] for s in STAGES}
+                for q in queries:
+                    start = time.perf_counter()
+                    (result,) = retriever.query([q], top_k=10, rerank_k=min(k, n_db), rerank=rerank)
+                    totals.append((time.perf_counter() - start) * 1e3)
+                    for s in STAGES:
+                        stages[s].append(result.timings_ms[s])
+                rows[name] = {"total_p50_ms": statistics.median(totals)} | {
+                    f"{s}_p50_ms": statistics.median(v) for s, v in stages.items()
+                }
+                r = rows[name]
+                print(
+                    f"{name:14s}: total p50 {r['total_p50_ms']:8.1f} ms | "
+                    + " ".join(f"{s} {r[f'{s}_p50_ms']:.1f}" for s in STAGES)
+                )
+        report["queries"] = rows
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

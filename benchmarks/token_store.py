@@ -1,0 +1,278 @@
+"""Token store: bytes per image against the published layout, and what int8/fp16 do to rankings.
+
+Part 1 (size). Stores of images with FoL's true token counts (225 selected patches of the
+h x h grid, each covering 9, 12 or 16 positions of the upsampled grid, spec section 6) in fp32,
+fp16 and int8; bytes on disk per image as a ratio to the published 3600 x 128 float32
+(1.76 MiB).
+
+Part 2 (re-ranking fidelity). Synthetic queries, each with K candidates; every candidate's
+tokens go through a real store (fp32, fp16, int8) and come back through `get`; each store's
+tokens are scored against the fp32 query (spec section 7: mutual nearest neighbours with
+similarity > 0.7), candidates re-sorted by score (ties by global rank) and the orders compared.
+
+The generator, "model-like" tokens:
+- a visual vocabulary of 2,000 random unit "words"; an image picks `--patches` grid cells of a
+  23 x 23 grid (their 9/12/16-position coverage gives the token count) and one word per cell,
+  perturbed per image (BETA), so unrelated images share look-alike regions and negatives score
+  a few matches, as real ones do;
+- each token is its cell's vector plus a per-token perturbation (ALPHA): tokens of one cell
+  are near-duplicates (cosine ~0.8), like the upsampled local features, which makes argmax
+  near-ties common - the hard case for quantisation;
+- a planted share (`--positive-share`) of the candidates are true matches: a fraction
+  f ~ U(0.05, 0.6) of their tokens are the query's tokens plus noise of norm sigma ~ U(0.3,
+  1.3) (cosine ~ 1/sqrt(1 + sigma^2), i.e. 0.96 ... 0.61 around the 0.7 threshold), so scores
+  spread from a few to several hundred.
+The default `--patches 48` (~700 tokens per image, a fifth of the real ~3,400) keeps the run
+within minutes on 2 CPU cores: one fp32 score of two 3,400-token images costs ~0.14 s here.
+
+Scores come from `fol_infer.rerank.count_mutual_matches` when it is importable, else (or with
+`--scorer local`) from a float32 numpy reference of spec section 7 in this file.
+
+Run: python benchmarks/token_store.py [--queries 200 --k 100 --patches 48]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from fol_infer.index.token_store import TokenStore
+
+PUBLISHED_BYTES = 3600 * 128 * 4  # 1.76 MiB: the published zero-padded float32 layout
+DIM, GRID, VOCAB_SIZE = 128, 23, 2000
+ALPHA, BETA = 0.45, 0.55
+THRESHOLD = 0.7
+DTYPES = ("fp32", "fp16", "int8")
+
+Scorer = Callable[[np.ndarray, Sequence[np.ndarray]], np.ndarray]
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+
+
+def coverage(h: int) -> np.ndarray:
+    """Upsampled positions per patch of an h x h grid: nearest (floor(dst * h / H')), H' = 4h-3."""
+    per_axis = np.bincount(np.arange(4 * h - 3) * h // (4 * h - 3), minlength=h)
+    return np.outer(per_axis, per_axis).ravel()
+
+
+def fol_counts(rng: np.random.Generator, h: int, n: int, patches: int = 225) -> list[int]:
+    cov = coverage(h)
+    return [int(cov[rng.choice(h * h, patches, replace=False)].sum()) for _ in range(n)]
+
+
+class Generator:
+    """Model-like token lists (see the module doc)."""
+
+    def __init__(self, rng: np.random.Generator, patches: int):
+        self.rng, self.patches = rng, patches
+        self.vocab = unit(rng.standard_normal((VOCAB_SIZE, DIM)))
+        self.cov = coverage(GRID)
+
+    def _noise(self, n: int, norm: float | np.ndarray) -> np.ndarray:
+        return unit(self.rng.standard_normal((n, DIM))) * np.reshape(norm, (-1, 1))
+
+    def image(self) -> np.ndarray:
+        cells = self.rng.choice(GRID * GRID, self.patches, replace=False)
+        words = self.vocab[self.rng.integers(0, VOCAB_SIZE, self.patches)]
+        base = np.repeat(unit(words + self._noise(self.patches, BETA)), self.cov[cells], axis=0)
+        return unit(base + self._noise(len(base), ALPHA))
+
+    def candidates(
+        self, query: np.ndarray, k: int, share: float
+    ) -> tuple[list[np.ndarray], np.ndarray]:
+        """K candidates and which of them are planted true matches."""
+        out, planted = [], self.rng.random(k) < share
+        for is_match in planted:
+            r = self.image()
+            if is_match:
+                n = int(self.rng.uniform(0.05, 0.6) * min(len(query), len(r)))
+                src = np.sort(self.rng.choice(len(query), n, replace=False))
+                r[:n] = unit(query[src] + self._noise(n, self.rng.uniform(0.3, 1.3)))
+            out.append(r)
+        return out, planted
+
+
+def local_scores(query: np.ndarray, candidates: Sequence[np.ndarray]) -> np.ndarray:
+    """Spec section 7 in float32 numpy, candidates in groups of one product (S <= 256 MiB).
+
+    i(j) (best query token per candidate token) is one argmax over the query axis of the
+    group's S; j(i) is needed only for query tokens whose best similarity in that candidate
+    passes the threshold (others cannot count), found from per-candidate row maxima.
+    """
+    q = np.asarray(query, np.float32)
+    scores = np.zeros(len(candidates), np.int64)
+    budget = max(1, (256 << 20) // (4 * max(1, len(q))))  # candidate rows per group
+    group: list[int] = []
+    for k in range(len(candidates) + 1):
+        last = k == len(candidates)
+        if group and (last or sum(len(candidates[g]) for g in group) + len(candidates[k]) > budget):
+            _score_group(q, [np.asarray(candidates[g], np.float32) for g in group], scores, group)
+            group = []
+        if not last and len(candidates[k]) and len(q):
+            group.append(k)
+    return scores
+
+
+def _score_group(q: np.ndarray, rs: list[np.ndarray], out: np.ndarray, ids: list[int]) -> None:
+    starts = np.cumsum([0] + [len(r) for r in rs])
+    s = q @ np.concatenate(rs).T
+    best_query_token = s.argmax(axis=0)
+    seg_max = np.maximum.reduceat(s, starts[:-1], axis=1)
+    for col, k in enumerate(ids):
+        rows = np.flatnonzero(seg_max[:, col].astype(np.float64) > THRESHOLD)
+        if len(rows):
+            lo, hi = starts[col], starts[col + 1]
+            j = s[rows, lo:hi].argmax(axis=1) + lo
+            out[k] = np.count_nonzero(best_query_token[j] == rows)
+
+
+def discordant_share(a: np.ndarray, b: np.ndarray) -> float:
+    """Share of candidate pairs whose relative order differs between two re-ranked orders."""
+    pos_a, pos_b = np.argsort(a), np.argsort(b)
+    da = np.sign(pos_a[:, None] - pos_a[None, :])
+    db = np.sign(pos_b[:, None] - pos_b[None, :])
+    n = len(a)
+    return float(np.count_nonzero(np.triu(da != db, 1))) / max(1, n * (n - 1) // 2)
+
+
+def pick_scorer(choice: str) -> tuple[Scorer, str]:
+    """The project's re-ranker (when it is there, unless `choice` is "local"), else the local
+    reference above, which also serves to cross-check the re-ranker's figures."""
+    if choice != "local":
+        try:
+            from fol_infer.rerank import count_mutual_matches
+        except ImportError:
+            if choice == "rerank":
+                raise
+        else:
+
+            def scorer(query: np.ndarray, candidates: Sequence[np.ndarray]) -> np.ndarray:
+                return np.asarray(count_mutual_matches(query, list(candidates)), np.int64)
+
+            return scorer, "fol_infer.rerank.count_mutual_matches"
+    return local_scores, "local float32 numpy reference (benchmarks/token_store.py)"
+
+
+def rerank_order(scores: np.ndarray) -> np.ndarray:
+    """Candidates by score, descending; ties keep the global rank (stable)."""
+    return np.argsort(-scores, kind="stable")
+
+
+def sizes(rng: np.random.Generator, tmp: Path, n_images: int) -> None:
+    print(
+        f"## bytes per image vs the published {PUBLISHED_BYTES / 2**20:.2f} MiB, {n_images} images"
+    )
+    print("| input | dtype | mean tokens | bytes/image on disk | ratio to published |")
+    print("|---|---|---|---|---|")
+    for h, label in ((23, "322x322"), (36, "504x504")):
+        counts = fol_counts(rng, h, n_images)
+        tokens = [unit(rng.standard_normal((c, DIM))) for c in counts]
+        for dtype in DTYPES:
+            with TokenStore.create(tmp / f"{label}-{dtype}", dtype=dtype) as store:  # type: ignore[arg-type]
+                store.append(tokens)
+                bpi = store.bytes_per_image
+            print(
+                f"| {label} | {dtype} | {np.mean(counts):.0f} | {bpi:,.0f} | "
+                f"{bpi / PUBLISHED_BYTES:.4f} |"
+            )
+
+
+def fidelity(args: argparse.Namespace, rng: np.random.Generator, tmp: Path) -> None:
+    scorer, scorer_name = pick_scorer(args.scorer)
+    gen = Generator(rng, args.patches)
+    same = {d: 0 for d in DTYPES[1:]}
+    top1 = {d: 0 for d in DTYPES[1:]}
+    top10 = {d: 0 for d in DTYPES[1:]}
+    discordant = {d: 0.0 for d in DTYPES[1:]}
+    same_score = {d: 0 for d in DTYPES[1:]}
+    max_diff = {d: 0 for d in DTYPES[1:]}
+    n_tokens, pos_scores, neg_scores = [], [], []
+    t_score = {d: 0.0 for d in DTYPES}
+    t0 = time.perf_counter()
+    for qi in range(args.queries):
+        query = gen.image()
+        cands, planted = gen.candidates(query, args.k, args.positive_share)
+        n_tokens += [len(c) for c in cands]
+        orders, scores = {}, {}
+        for dtype in DTYPES:
+            with TokenStore.create(tmp / f"q{qi}-{dtype}", dtype=dtype) as store:  # type: ignore[arg-type]
+                ids = store.append(cands)
+                back = store.get(ids)
+            t = time.perf_counter()
+            scores[dtype] = scorer(query, back)
+            t_score[dtype] += time.perf_counter() - t
+            orders[dtype] = rerank_order(scores[dtype])
+        for dtype in DTYPES[1:]:
+            same[dtype] += bool(np.array_equal(orders[dtype], orders["fp32"]))
+            top1[dtype] += bool(orders[dtype][0] == orders["fp32"][0])
+            top10[dtype] += bool(np.array_equal(orders[dtype][:10], orders["fp32"][:10]))
+            discordant[dtype] += discordant_share(orders[dtype], orders["fp32"]) / args.queries
+            same_score[dtype] += int(np.count_nonzero(scores[dtype] == scores["fp32"]))
+            diff = int(np.abs(scores[dtype] - scores["fp32"]).max())
+            max_diff[dtype] = max(max_diff[dtype], diff)
+        pos_scores += scores["fp32"][planted].tolist()
+        neg_scores += scores["fp32"][~planted].tolist()
+        for dtype in DTYPES:
+            for p in tmp.glob(f"q{qi}-{dtype}/*"):
+                p.unlink()
+            (tmp / f"q{qi}-{dtype}").rmdir()
+    wall = time.perf_counter() - t0
+    nq, pairs = args.queries, args.queries * args.k
+    print(f"\n## re-ranking fidelity: {nq} queries x K={args.k} candidates, scorer: {scorer_name}")
+    print(
+        f"tokens per image: mean {np.mean(n_tokens):.0f} "
+        f"(min {min(n_tokens)}, max {max(n_tokens)}); "
+        f"fp32 scores: planted matches median {np.median(pos_scores):.0f} "
+        f"(max {max(pos_scores)}), other candidates median {np.median(neg_scores):.0f} "
+        f"(max {max(neg_scores)}); wall {wall:.0f} s"
+    )
+    print(
+        "| tokens | identical re-ranked order | same top-1 | identical top-10 order "
+        "| candidate pairs swapped | candidates with the fp32 score | max score change "
+        "| scoring time vs fp32 |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for dtype in DTYPES[1:]:
+        print(
+            f"| {dtype} | {same[dtype] / nq:.2%} ({same[dtype]}/{nq}) | {top1[dtype] / nq:.2%} | "
+            f"{top10[dtype] / nq:.2%} | {discordant[dtype]:.4%} | "
+            f"{same_score[dtype] / pairs:.2%} | {max_diff[dtype]} | "
+            f"{t_score[dtype] / t_score['fp32']:.2f} |"
+        )
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--queries", type=int, default=200)
+    p.add_argument("--k", type=int, default=100)
+    p.add_argument("--patches", type=int, default=48, help="selected patches per image (FoL: 225)")
+    p.add_argument("--positive-share", type=float, default=0.3)
+    p.add_argument("--size-images", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--tmp",
+        default="/dev/shm" if Path("/dev/shm").is_dir() else None,
+        help="folder for the per-query stores of part 2 (RAM by default: fsync is not measured)",
+    )
+    p.add_argument("--scorer", choices=["auto", "rerank", "local"], default="auto")
+    p.add_argument("--skip-size", action="store_true")
+    p.add_argument("--skip-fidelity", action="store_true")
+    args = p.parse_args()
+    # One generator per part, so that either part reproduces alone.
+    if not args.skip_size:
+        with tempfile.TemporaryDirectory(prefix="fol-token-bench-") as tmp:
+            sizes(np.random.default_rng([args.seed, 1]), Path(tmp), args.size_images)
+    if not args.skip_fidelity:
+        with tempfile.TemporaryDirectory(prefix="fol-token-bench-", dir=args.tmp) as tmp:
+            fidelity(args, np.random.default_rng(args.seed), Path(tmp))
+
+
+if __name__ == "__main__":
+    main()
