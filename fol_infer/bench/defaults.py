@@ -17,7 +17,7 @@ DEFAULT_ARCH = "vitb14"
 DEFAULT_SEED = 0
 DEFAULT_RESOLUTION = 322
 # Small enough for the whole default run to take a few minutes on 2 CPU cores.
-DEFAULT_DATASET = {"places": 12, "queries_per_place": 1, "distractors": 8, "seed": 0}
+DEFAULT_PLACES, DEFAULT_QUERIES_PER_PLACE, DEFAULT_DISTRACTORS, DEFAULT_DATA_SEED = 12, 1, 8, 0
 
 Say = Callable[[str], None]
 
@@ -54,13 +54,18 @@ def bundle_for(checkpoint: Path, resolution: str, say: Say) -> Path:
 def default_dataset(say: Say) -> Path:
     from fol_infer.bench.dataset import make_dataset
 
-    params = DEFAULT_DATASET
-    folder = (
-        cache_dir()
-        / "datasets"
-        / "synthetic-{places}p-{queries_per_place}q-{distractors}d-seed{seed}".format(**params)
+    name = (
+        f"synthetic-{DEFAULT_PLACES}p-{DEFAULT_QUERIES_PER_PLACE}q-{DEFAULT_DISTRACTORS}d-"
+        f"seed{DEFAULT_DATA_SEED}"
     )
+    folder = cache_dir() / "datasets" / name
     if not folder.is_dir():
         say(f"generating a synthetic dataset in {folder}")
-        make_dataset(folder, **params)
+        make_dataset(
+            folder,
+            DEFAULT_PLACES,
+            DEFAULT_QUERIES_PER_PLACE,
+            DEFAULT_DISTRACTORS,
+            DEFAULT_DATA_SEED,
+        )
     return folder

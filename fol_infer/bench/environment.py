@@ -75,12 +75,8 @@ def describe(engine: str) -> dict[str, Any]:
 
 def engine_precision(bundle: Bundle, engine: str) -> str:
     if engine == "trt":
-        built = bundle.manifest.engines
-        return (
-            str(next(iter(built.values()), {}).get("precision", "unknown"))
-            if built
-            else "not built"
-        )
+        records: list[dict[str, Any]] = list(bundle.manifest.engines.values())
+        return str(records[0].get("precision", "unknown")) if records else "not built"
     return "fp32"
 
 

@@ -29,6 +29,10 @@ def _encode_all(encoder, paths, resolution, batch: int = 4):  # type: ignore[no-
     return np.concatenate(descriptors), tokens
 
 
+def _delta(ours: float | None, reference: float | None) -> float | None:
+    return None if ours is None or reference is None else ours - reference
+
+
 def torch_parity(
     bundle: Bundle, dataset: Dataset, results: list[QueryResult], options: Any, rerank_k: int
 ) -> dict[str, Any]:
@@ -70,9 +74,6 @@ def torch_parity(
             ours = recall_at(engine_rank, positives, RECALL_NS, num_database=n_db)
             ref = recall_at(torch_rank, positives, RECALL_NS, num_database=n_db)
             out[f"recall_delta_{name}"] = {
-                k.removeprefix("R@"): (
-                    None if ours[k] is None or ref[k] is None else ours[k] - ref[k]
-                )
-                for k in ours
+                k.removeprefix("R@"): _delta(ours[k], ref[k]) for k in ours
             }
     return out

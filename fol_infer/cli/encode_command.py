@@ -32,7 +32,7 @@ def encode(
     from fol_infer.backends import open_encoder
     from fol_infer.bundle import Bundle
     from fol_infer.images import find_images
-    from fol_infer.loader import iter_batches
+    from fol_infer.loader import Failure, iter_batches
 
     if out.suffix != ".npz":
         raise UsageError(f"--out {out}: the output is a .npz file")
@@ -46,7 +46,11 @@ def encode(
     if not files:
         raise UsageError(f"no images found in {', '.join(map(str, paths))}")
     encoder = open_encoder(bundle, backend, checkpoint=checkpoint)
-    descriptors, tokens, counts, names, failures = [], [], [], [], []
+    descriptors: list[np.ndarray] = []
+    tokens: list[np.ndarray] = []
+    counts: list[np.ndarray] = []
+    names: list[str] = []
+    failures: list[Failure] = []
     try:
         with progress_bar(console, "encoding", total=len(files)) as advance:
             for chunk in iter_batches(files, bundle.resolution, batch, strict=strict):
@@ -66,14 +70,12 @@ def encode(
     if not names:
         raise UsageError("no image could be read; nothing written")
     tmp = out.with_name(out.name + ".partial.npz")
-    np.savez(
-        tmp,
-        **{
-            "global": np.concatenate(descriptors),
-            "tokens": np.concatenate(tokens),
-            "count": np.concatenate(counts),
-            "paths": np.array(names),
-        },
-    )
+    arrays = {
+        "global": np.concatenate(descriptors),
+        "tokens": np.concatenate(tokens),
+        "count": np.concatenate(counts),
+        "paths": np.array(names),
+    }
+    np.savez(tmp, **arrays)  # type: ignore[arg-type]  # numpy's stubs read ** as allow_pickle
     os.replace(tmp, out)
     console.print(f"wrote {out}: {len(names)} images, {len(failures)} skipped")

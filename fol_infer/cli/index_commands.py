@@ -12,7 +12,7 @@ from rich.table import Table
 from fol_infer.cli.app import app, console, friendly_errors, stdout, untrained_banner
 from fol_infer.cli.model_commands import BackendOption, CheckpointOption
 from fol_infer.cli.progress import progress_bar
-from fol_infer.errors import UsageError
+from fol_infer.errors import ImageError, UsageError
 
 
 @app.command()
@@ -66,13 +66,7 @@ def index(
     encoder = open_encoder(bundle, backend, checkpoint=checkpoint)
     try:
         with progress_bar(console, "indexing", total=0) as advance:
-            done = [0]
-
-            def on_progress(n: int, total: int) -> None:
-                advance(n - done[0], total)
-                done[0] = n
-
-            report = build_index(bundle, encoder, db_folder, out, settings, mode, on_progress)  # type: ignore[arg-type]
+            report = build_index(bundle, encoder, db_folder, out, settings, mode, advance)  # type: ignore[arg-type]
     finally:
         encoder.close()
     for path, reason in report.failures:
@@ -123,13 +117,7 @@ def query(
         for path in files:
             try:
                 results.extend(retriever.query([path], top_k, rerank_k, rerank=not no_rerank))
-            except UsageError:
-                raise
-            except Exception as exc:  # one unreadable query must not lose the others
-                from fol_infer.errors import ImageError
-
-                if not isinstance(exc, ImageError):
-                    raise
+            except ImageError as exc:  # one unreadable query must not lose the others
                 console.print(f"[yellow]skipped[/yellow] {exc}", highlight=False, soft_wrap=True)
     if as_json:
         print(json.dumps([r.to_json() for r in results], indent=2))

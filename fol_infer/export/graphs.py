@@ -20,6 +20,8 @@ class GlobalGraph(nn.Module):
     has no bicubic Resize, and the values are fixed for a fixed resolution anyway.
     """
 
+    pos_embed: torch.Tensor
+
     def __init__(self, model: FoLModel, resolution: tuple[int, int]) -> None:
         super().__init__()
         self.model = model

@@ -167,7 +167,7 @@ def export_bundle(
             torch.from_numpy(reference["confidence"]),
         )
         _export(local_graph, local_args, tmp / "local.onnx", LOCAL_INPUTS, LOCAL_OUTPUTS, opset)
-        np.savez(tmp / "reference.npz", **reference)
+        np.savez(tmp / "reference.npz", **reference)  # type: ignore[arg-type]  # numpy stub quirk
         say("writing manifest")
         manifest = Manifest(
             arch=loaded.arch.to_dict() | {"heads": loaded.arch.heads},

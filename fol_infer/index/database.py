@@ -37,7 +37,7 @@ from fol_infer.loader import iter_batches
 METADATA, DESCRIPTORS, TOKENS, FAISS_FILE = "index.json", "descriptors", "tokens", "global.faiss"
 REBUILD_SUFFIX = ".rebuild"
 Mode = Literal["new", "append", "force"]
-Progress = Callable[[int, int], None]  # (images done, images total)
+Progress = Callable[[int, int], None]  # (images just processed, images to process in all)
 
 
 @dataclass
@@ -160,7 +160,7 @@ def build_index(
             report.added += len(batch.indices)
             report.failures.extend(failures)
             if progress:
-                progress(report.added + len(report.failures), len(todo))
+                progress(len(batch.indices) + len(failures), len(todo))
         if not meta.paths:
             raise UsageError(f"none of the {len(files)} files under {db_folder} could be read")
         faiss_index = _faiss_from_descriptors(descriptors, settings.factory, "cpu")
