@@ -56,12 +56,10 @@ def run(arch: str, resolution: int, device: torch.device, batches: list[int], re
     for batch in batches:
         x = images[:batch]
         for name, half in (("fp32", False), ("fp16_autocast", True)):
-            ms = timed(lambda: forward(x, half), device, repeats)
+            ms = timed(lambda x=x, half=half: forward(x, half), device, repeats)
             out["latency_ms"][f"{name}_batch{batch}"] = ms  # type: ignore[index]
-            print(
-                f"{arch}/{resolution} {name:14s} batch {batch:2d}: {ms:8.2f} ms ({ms / batch:.2f} ms/img)",
-                flush=True,
-            )
+            label = f"{arch}/{resolution} {name:14s} batch {batch:2d}"
+            print(f"{label}: {ms:8.2f} ms ({ms / batch:.2f} ms/img)", flush=True)
     ref = [t.float().cpu().numpy() for t in forward(images, False)]
     half = [t.float().cpu().numpy() for t in forward(images, True)]
     reference = {
