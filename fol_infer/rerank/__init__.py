@@ -45,7 +45,9 @@ def count_mutual_matches(
     ``query`` is (Nq, D) and each candidate (Nr_k, D), float32 or float16 (up-cast to float32
     before any product); lengths may differ and may be 0. A score is the number of pairs
     (i, j(i)) with i(j(i)) == i and S[i, j(i)] > threshold, where S = Q R^T and argmax ties go
-    to the lowest index. Raises ValueError on NaN/Inf or mis-shaped tokens.
+    to the lowest index. Raises ValueError on NaN/Inf or mis-shaped tokens, UsageError on an
+    unknown backend or a non-finite threshold, BackendUnavailableError when an explicitly
+    chosen backend cannot run here.
     """
     return count_mutual_matches_many([query], [candidates], threshold, backend)[0]
 
@@ -64,8 +66,12 @@ def count_mutual_matches_many(
         raise UsageError(
             f"unknown re-ranking backend {backend!r}: use one of {', '.join(BACKENDS)}"
         )
-    if not isinstance(threshold, (int, float, np.integer, np.floating)) or math.isnan(threshold):
-        raise UsageError(f"re-ranking threshold must be a number, got {threshold!r}")
+    if not isinstance(threshold, (int, float, np.integer, np.floating)) or not math.isfinite(
+        threshold
+    ):
+        raise UsageError(
+            f"re-ranking threshold must be a finite number (e.g. 0.7), got {threshold!r}"
+        )
     qs, cls = _validated(queries, candidate_lists)
     scores = _backend(backend)(qs, cls, float(threshold))
     return [np.asarray(s, np.int64).reshape(len(c)) for s, c in zip(scores, cls, strict=True)]
@@ -104,19 +110,27 @@ def _validated(
 
 
 def _checked(a: np.ndarray, name: str, dim: int | None, checked: set[int]) -> np.ndarray:
-    """``a`` as an array if (N, dim), floating-point and finite; else ValueError naming it."""
+    """``a`` as an array if (N, dim), float16/float32 and finite; else ValueError naming it."""
     arr = np.asarray(a)
     if arr.ndim != 2 or (dim is not None and arr.shape[1] != dim):
         want = f"(N, {dim})" if dim is not None else "(N, D)"
         raise ValueError(f"{name} must be a {want} token array, got shape {arr.shape}")
-    if arr.dtype.kind != "f":
+    if arr.dtype not in (np.float16, np.float32):
         raise ValueError(f"{name} must hold float16 or float32 tokens, got {arr.dtype}")
     if id(arr) not in checked and arr.size:
-        # min and max propagate NaN and reach +-Inf: two SIMD passes, no boolean temporary.
-        if not (math.isfinite(arr.min()) and math.isfinite(arr.max())):
+        if not _all_finite(arr):
             raise ValueError(f"{name} contains NaN or Inf values: its tokens are corrupt")
         checked.add(id(arr))
     return arr
+
+
+def _all_finite(arr: np.ndarray) -> bool:
+    """No NaN or Inf, from the bits: exponent all ones. Integer SIMD, so float16 is as fast as
+    float32 (numpy's float16 min/max run a scalar loop, 150x slower: 0.5 s per query at K=100).
+    """
+    uint, inf_bits = (np.uint16, 0x7C00) if arr.dtype == np.float16 else (np.uint32, 0x7F800000)
+    magnitude = np.bitwise_and(arr.view(uint), inf_bits | (inf_bits - 1))  # sign bit cleared
+    return int(magnitude.max()) < inf_bits
 
 
 def _backend(name: str) -> Many:
