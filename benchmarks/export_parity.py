@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from fol_infer.backends import open_encoder
+from fol_infer.bench.environment import cpu_model
 from fol_infer.bundle import Bundle
 from fol_infer.export.onnx import export_bundle
 from fol_infer.export.reference import reference_images
@@ -97,8 +98,7 @@ def main() -> None:
                 flush=True,
             )
     report = {
-        "machine": f"{platform.node()} {platform.processor() or platform.machine()}, "
-        f"{torch.get_num_threads()} torch threads",
+        "machine": f"{platform.node()}: {cpu_model()}, {torch.get_num_threads()} torch threads",
         "versions": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__},
         "weights": "UNTRAINED seeded random checkpoints (make-checkpoint)",
         "results": results,

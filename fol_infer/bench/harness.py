@@ -214,7 +214,8 @@ class Bench:
             "reranked": _recall_block(reranked, positives, n_db),
             "unavailable": dataset.utm_unavailable,
         }
-        depths = [k for k in RERANK_DEPTHS if k <= self.report["inputs"]["rerank_k"]]
+        deepest = self.report["inputs"]["rerank_k"]
+        depths = sorted({k for k in RERANK_DEPTHS if k <= deepest} | {deepest})
         curve: dict[str, list[float | None]] = {"K": list(depths), "1": [], "5": []}
         if positives is not None:
             for k in depths:

@@ -124,7 +124,7 @@ def png(report: dict[str, Any], path: Path, width: int = 1100, height: int = 420
     """Left: p50 latency per stage (stacked bar); right: recall vs re-rank depth K."""
     image = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(image)
-    title = f"fol-infer bench — {report.get('inputs', {}).get('engine', '?')}"
+    title = f"fol-infer bench - {report.get('inputs', {}).get('engine', '?')} engine"
     if not report.get("inputs", {}).get("trained", True):
         title += " (UNTRAINED weights)"
     draw.text((20, 10), title, fill="black")
@@ -178,5 +178,6 @@ def _recall_panel(
             draw.line(points, fill=color, width=3)
         for x, y in points:
             draw.ellipse((x - 3, y - 3, x + 3, y + 3), fill=color)
-        if points:
-            draw.text((points[-1][0] - 40, points[-1][1] - 18), f"R@{name}", fill=color)
+    for i, (name, _, color) in enumerate(series):  # legend, top left of the plot
+        draw.line((px0 + 10, py0 + 14 + 18 * i, px0 + 30, py0 + 14 + 18 * i), fill=color, width=3)
+        draw.text((px0 + 36, py0 + 8 + 18 * i), f"R@{name}", fill="black")
