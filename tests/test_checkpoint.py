@@ -129,3 +129,12 @@ def test_model_parameter_names_match_the_expected_layout() -> None:
     model = random_model("tiny", 0)
     got = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     assert got == expected_shapes(ARCHS["tiny"])
+
+
+def test_truncated_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
+    path = make_checkpoint("tiny", 0, tmp_path / "full.pth")
+    cut = tmp_path / "cut.pth"
+    cut.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="is not a PyTorch checkpoint") as err:
+        load_checkpoint(cut)
+    assert "\n" not in str(err.value)

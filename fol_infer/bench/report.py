@@ -172,7 +172,7 @@ def _recall_panel(
     xs = [px0 + (px1 - px0) * i / max(len(ks) - 1, 1) for i in range(len(ks))]
     for x, k in zip(xs, ks):
         draw.text((x - 6, py1 + 8), str(k), fill="black")
-    for name, values, color in series:
+    for _, values, color in series:
         points = [(x, py1 - (py1 - py0) * v / 100) for x, v in zip(xs, values) if v is not None]
         if len(points) > 1:
             draw.line(points, fill=color, width=3)
