@@ -13,9 +13,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def ruff(*args: str) -> subprocess.CompletedProcess[str]:
-    if shutil.which("ruff") is None and not (Path(sys.executable).parent / "ruff").exists():
+    beside = Path(sys.executable).parent / "ruff"  # the environment's own ruff first
+    exe = str(beside) if beside.exists() else shutil.which("ruff")
+    if exe is None:
         pytest.skip("ruff is not installed (pip install '.[dev]')")
-    exe = shutil.which("ruff") or str(Path(sys.executable).parent / "ruff")
     return subprocess.run([exe, *args], cwd=REPO, capture_output=True, text=True, check=False)
 
 
