@@ -1,0 +1,89 @@
+"""Re-ranked order with fp16 / int8 stored tokens vs fp32, on tokens the model itself produced.
+
+    python benchmarks/token_formats_model.py [--bundle DIR] [--dataset ROOT] [--json OUT]
+
+`benchmarks/token_store.py` measures the same on hand-made tokens whose similarities crowd the
+0.7 threshold; this script uses the encoder's real output instead (by default the bench's
+UNTRAINED ViT-B/14 at 322 and its synthetic dataset, from the bench cache). Every query
+re-ranks the whole database with the CPU re-ranker; tokens go through a real TokenStore.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from fol_infer.backends import open_encoder
+from fol_infer.bench import defaults
+from fol_infer.bench.dataset import open_dataset
+from fol_infer.bundle import Bundle
+from fol_infer.images import preprocess_batch
+from fol_infer.index.token_store import TokenStore
+from fol_infer.rerank import count_mutual_matches_many, rerank_order
+
+
+def encode(encoder, paths: list[Path], resolution: tuple[int, int]) -> list[np.ndarray]:  # type: ignore[no-untyped-def]
+    tokens: list[np.ndarray] = []
+    for start in range(0, len(paths), 8):
+        tokens.extend(
+            encoder.encode(preprocess_batch(paths[start : start + 8], resolution)).token_list()
+        )
+    return tokens
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--bundle", type=Path)
+    parser.add_argument("--dataset", type=Path)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    say = print
+    bundle = Bundle.open(
+        args.bundle or defaults.bundle_for(defaults.default_checkpoint(say), "322", say)
+    )
+    dataset = open_dataset(args.dataset or defaults.default_dataset(say))
+    with open_encoder(bundle) as encoder:  # type: ignore[attr-defined]
+        db = encode(encoder, dataset.database, bundle.resolution)
+        queries = encode(encoder, dataset.queries, bundle.resolution)
+    ids = list(range(len(db)))
+    orders: dict[str, list[np.ndarray]] = {}
+    scores: dict[str, list[np.ndarray]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for fmt in ("fp32", "fp16", "int8"):
+            with TokenStore.create(Path(tmp) / fmt, dtype=fmt) as store:  # type: ignore[arg-type]
+                store.append(db)
+                stored = [t.astype(np.float32) for t in store.get(ids)]
+            scores[fmt] = count_mutual_matches_many(queries, [stored] * len(queries), backend="cpu")
+            orders[fmt] = [rerank_order(s) for s in scores[fmt]]
+    report: dict[str, object] = {
+        "bundle": str(bundle.folder),
+        "trained": bundle.manifest.trained,
+        "queries": len(queries),
+        "candidates_per_query": len(db),
+        "mean_tokens": float(np.mean([len(t) for t in db])),
+    }
+    for fmt in ("fp16", "int8"):
+        same_order = np.mean([np.array_equal(a, b) for a, b in zip(orders[fmt], orders["fp32"])])
+        same_top1 = np.mean([a[0] == b[0] for a, b in zip(orders[fmt], orders["fp32"])])
+        same_scores = np.mean([np.mean(a == b) for a, b in zip(scores[fmt], scores["fp32"])])
+        max_shift = max(int(np.abs(a - b).max()) for a, b in zip(scores[fmt], scores["fp32"]))
+        report[fmt] = {
+            "identical_order": float(same_order),
+            "identical_top1": float(same_top1),
+            "identical_scores": float(same_scores),
+            "max_score_change": max_shift,
+        }
+        print(
+            f"{fmt}: identical full order {same_order:.1%} of {len(queries)} queries, top-1 "
+            f"{same_top1:.1%}, identical scores {same_scores:.1%}, max score change {max_shift}"
+        )
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
