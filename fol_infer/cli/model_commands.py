@@ -88,16 +88,9 @@ def export(
         )
         console.print(f"  {report.path.name}: {sum(report.op_counts.values())} nodes, {verdict}")
     if trt:
-        from fol_infer.cli.trt_command import build_bundle_engines
+        from fol_infer.cli.trt_command import build_and_report
 
-        with console.status("building TensorRT engines") as spinner:
-            records = build_bundle_engines(
-                bundle, precision, max_batch, progress=lambda msg: spinner.update(msg)
-            )
-        for name, record in records.items():
-            console.print(
-                f"  {name}: {record.file} ({record.precision}, TensorRT {record.tensorrt})"
-            )
+        build_and_report(bundle, precision, max_batch)
 
 
 @app.command()

@@ -166,6 +166,21 @@ def build_trt(
     ] = False,
 ) -> None:
     """Build TensorRT engines for a bundle on this GPU (engines only run where they were built)."""
+    build_and_report(
+        bundle_dir, precision, max_batch, workspace, timing_cache, opt_batch, strongly_typed
+    )
+
+
+def build_and_report(
+    bundle_dir: Path,
+    precision: str,
+    max_batch: int,
+    workspace: float | None = None,
+    timing_cache: Path | None = None,
+    opt_batch: int | None = None,
+    strongly_typed: bool = False,
+) -> None:
+    """Build with a spinner, then print one table row per engine (build-trt, export --trt)."""
     start = time.perf_counter()
     with console.status("building TensorRT engines") as spinner:
         records = build_bundle_engines(
