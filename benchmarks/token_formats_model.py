@@ -20,19 +20,10 @@ import numpy as np
 from fol_infer.backends import open_encoder
 from fol_infer.bench import defaults
 from fol_infer.bench.dataset import open_dataset
+from fol_infer.bench.parity_run import encode_files
 from fol_infer.bundle import Bundle
-from fol_infer.images import preprocess_batch
 from fol_infer.index.token_store import TokenStore
 from fol_infer.rerank import count_mutual_matches_many, rerank_order
-
-
-def encode(encoder, paths: list[Path], resolution: tuple[int, int]) -> list[np.ndarray]:  # type: ignore[no-untyped-def]
-    tokens: list[np.ndarray] = []
-    for start in range(0, len(paths), 8):
-        tokens.extend(
-            encoder.encode(preprocess_batch(paths[start : start + 8], resolution)).token_list()
-        )
-    return tokens
 
 
 def main() -> None:
@@ -47,8 +38,8 @@ def main() -> None:
     )
     dataset = open_dataset(args.dataset or defaults.default_dataset(say))
     with open_encoder(bundle) as encoder:  # type: ignore[attr-defined]
-        db = encode(encoder, dataset.database, bundle.resolution)
-        queries = encode(encoder, dataset.queries, bundle.resolution)
+        _, db = encode_files(encoder, dataset.database, bundle.resolution)
+        _, queries = encode_files(encoder, dataset.queries, bundle.resolution)
     ids = list(range(len(db)))
     orders: dict[str, list[np.ndarray]] = {}
     scores: dict[str, list[np.ndarray]] = {}

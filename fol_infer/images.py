@@ -40,6 +40,11 @@ _COL_COST = 3
 _BAND_SAMPLES = 1 << 17
 
 
+def source_name(source: ImageSource, index: int) -> str:
+    """How messages and results name an image: its path, or its position for in-memory ones."""
+    return str(source) if isinstance(source, (str, os.PathLike)) else f"<image {index}>"
+
+
 # ---------------------------------------------------------------- decoding
 
 

@@ -9,12 +9,11 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
 from fol_infer.errors import ImageError
-from fol_infer.images import ImageSource, preprocess
+from fol_infer.images import ImageSource, preprocess, source_name
 
 
 @dataclass
@@ -28,10 +27,6 @@ class Batch:
     indices: list[int]  # positions in the input sequence of the images that decoded
     images: np.ndarray  # (len(indices), 3, H, W) float32
     failures: list[Failure] = field(default_factory=list)
-
-
-def _label(source: ImageSource, index: int) -> str:
-    return str(source) if isinstance(source, (str, Path)) else f"<image {index}>"
 
 
 def _load(source: ImageSource, size: tuple[int, int]) -> np.ndarray | str:
@@ -73,7 +68,7 @@ def iter_batches(
                 if isinstance(result, str):
                     if strict:
                         raise ImageError(result)
-                    batch.failures.append(Failure(_label(sources[index], index), result))
+                    batch.failures.append(Failure(source_name(sources[index], index), result))
                 else:
                     batch.indices.append(index)
                     arrays.append(result)

@@ -21,7 +21,8 @@ import numpy as np
 
 from fol_infer.backends import open_encoder
 from fol_infer.bundle import Bundle
-from fol_infer.images import ImageSource, preprocess
+from fol_infer.errors import UsageError
+from fol_infer.images import ImageSource, preprocess, source_name
 from fol_infer.index.database import Database
 from fol_infer.rerank import count_mutual_matches_many, rerank_order
 
@@ -83,10 +84,6 @@ class Timer:
             self.ms[name] += (time.perf_counter() - start) * 1e3
 
 
-def _label(source: ImageSource, i: int) -> str:
-    return str(source) if isinstance(source, (str, Path)) else f"<image {i}>"
-
-
 class Retriever:
     """Bundle + index + re-ranker, opened once; `close()` (or `with`) releases them."""
 
@@ -137,6 +134,7 @@ class Retriever:
         with timer.stage("search"):
             scores, ids = self.database.global_index.search(global_out.descriptors, depth)
         matches: list[np.ndarray] = []
+        candidates: list[np.ndarray] = []
         if rerank:
             with timer.stage("local"):
                 query_tokens = self.encoder.encode_local(global_out)
@@ -158,8 +156,7 @@ class Retriever:
             ]
             reranked = None
             if rerank:
-                cand = ids[q][:rerank_k]
-                cand = cand[cand >= 0]
+                cand = candidates[q]
                 order = rerank_order(matches[q])[:top_k]
                 reranked = [
                     RerankHit(
@@ -168,14 +165,12 @@ class Retriever:
                     for r, j in enumerate(order)
                 ]
             descriptor = global_out.descriptors[q]
-            results.append(QueryResult(_label(source, q), hits, reranked, share, descriptor))
+            results.append(QueryResult(source_name(source, q), hits, reranked, share, descriptor))
         return results
 
     @staticmethod
     def _clamp(k: int, name: str, n: int) -> int:
         if k < 1:
-            from fol_infer.errors import UsageError
-
             raise UsageError(f"{name} must be at least 1, got {k}")
         if k > n:
             log.warning("%s = %d is larger than the database (%d images): using %d", name, k, n, n)

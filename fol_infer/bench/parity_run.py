@@ -20,7 +20,8 @@ from fol_infer.pipeline import QueryResult
 from fol_infer.rerank import count_mutual_matches_many, rerank_order
 
 
-def _encode_all(encoder, paths, resolution, batch: int = 4):  # type: ignore[no-untyped-def]
+def encode_files(encoder, paths, resolution, batch: int = 4):  # type: ignore[no-untyped-def]
+    """(descriptors (N, 8448), token list) of image files that must all decode."""
     descriptors, tokens = [], []
     for start in range(0, len(paths), batch):
         out = encoder.encode(preprocess_batch(paths[start : start + batch], resolution))
@@ -38,8 +39,8 @@ def torch_parity(
 ) -> dict[str, Any]:
     reference = open_encoder(bundle, "torch", checkpoint=options.checkpoint)
     try:
-        db_desc, db_tokens = _encode_all(reference, dataset.database, bundle.resolution)
-        q_desc, q_tokens = _encode_all(reference, dataset.queries, bundle.resolution)
+        db_desc, db_tokens = encode_files(reference, dataset.database, bundle.resolution)
+        q_desc, q_tokens = encode_files(reference, dataset.queries, bundle.resolution)
     finally:
         reference.close()
     order = np.argsort(-(q_desc @ db_desc.T), axis=1, kind="stable")

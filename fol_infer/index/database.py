@@ -142,19 +142,19 @@ def build_index(
         tokens = TokenStore.create(work / TOKENS, dtype=settings.tokens)
         meta.save(work / METADATA)
 
-    root = Path(meta.root)  # names stay relative to the first build's root
+    # Names stay relative to the first build's root; paths are resolved as that root was.
     known = set(meta.paths) | {p for p, _ in meta.failures}
-    todo = [f for f in files if _relative(f, root) not in known]
+    todo = [f.resolve() for f in files if meta.name_of(f.resolve()) not in known]
     report = BuildReport(folder=out, added=0, total=len(meta.paths), resumed_from=len(meta.paths))
     start = time.perf_counter()
     try:
         for batch in iter_batches(todo, bundle.resolution, settings.batch):
-            failures = [(_relative(Path(f.source), root), f.reason) for f in batch.failures]
+            failures = [(meta.name_of(f.source), f.reason) for f in batch.failures]
             if batch.indices:
                 result = encoder.encode(batch.images)
                 descriptors.append([d[None] for d in result.descriptors])
                 tokens.append(result.token_list())
-                meta.add_images([_relative(todo[i], root) for i in batch.indices])
+                meta.add_images([todo[i] for i in batch.indices])
             meta.failures.extend(failures)
             meta.save(work / METADATA)  # the commit point
             report.added += len(batch.indices)
@@ -178,12 +178,6 @@ def build_index(
     report.total = len(meta.paths)
     report.seconds = time.perf_counter() - start
     return report
-
-
-def _relative(path: Path, root: Path) -> str:
-    """How an image is named in the index: relative to the database root when under it."""
-    path = path.resolve()
-    return path.relative_to(root).as_posix() if path.is_relative_to(root) else path.as_posix()
 
 
 def _check_settings(meta: IndexMetadata, settings: BuildSettings, folder: Path) -> None:

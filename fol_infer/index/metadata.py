@@ -155,13 +155,15 @@ class IndexMetadata:
         nan = (float("nan"), float("nan"))
         return np.array([c if c is not None else nan for c in coords], dtype=np.float64)
 
+    def name_of(self, path: str | os.PathLike[str]) -> str:
+        """How the index names an image: relative to `root` when under it (so a moved
+        database still opens), as given otherwise (images appended from another folder)."""
+        q, root = Path(path), Path(self.root)
+        return (q.relative_to(root) if q.is_relative_to(root) else q).as_posix()
+
     def add_images(self, paths: Sequence[str | os.PathLike[str]]) -> None:
-        """Append images in id order: kept relative to `root` when under it (so a moved
-        database still opens), absolute otherwise (images appended from another folder)."""
-        root = Path(self.root)
-        for p in paths:
-            q = Path(p)
-            self.paths.append((q.relative_to(root) if q.is_relative_to(root) else q).as_posix())
+        """Append images in id order, named by `name_of`."""
+        self.paths.extend(self.name_of(p) for p in paths)
 
     def check_bundle(self, sha256: str, name: str = "") -> None:
         """Refuse to serve an index with a bundle other than the one that built it."""
