@@ -1,14 +1,18 @@
-"""Token store: bytes per image against the published layout, and what int8/fp16 do to rankings.
+"""Token store: bytes per image against the published layout, and what fp16, int8 and
+int8-exact do to rankings.
 
 Part 1 (size). Stores of images with FoL's true token counts (225 selected patches of the
 h x h grid, each covering 9, 12 or 16 positions of the upsampled grid, spec section 6) in fp32,
 fp16 and int8; bytes on disk per image as a ratio to the published 3600 x 128 float32
-(1.76 MiB).
+(1.76 MiB). int8-exact keeps both the int8 and the float32 store.
 
 Part 2 (re-ranking fidelity). Synthetic queries, each with K candidates; every candidate's
-tokens go through a real store (fp32, fp16, int8) and come back through `get`; each store's
+tokens go through real stores (fp32, fp16, int8) and come back through `get`; each store's
 tokens are scored against the fp32 query (spec section 7: mutual nearest neighbours with
 similarity > 0.7), candidates re-sorted by score (ties by global rank) and the orders compared.
+int8-exact is the certified re-ranker (`fol_infer.rerank.certified`) on the int8 store, reading
+the float32 store's rows only where its error bound leaves a decision open; the script counts
+those rows and the 4 KiB pages they touch.
 
 The generator, "model-like" tokens:
 - a visual vocabulary of 2,000 random unit "words"; an image picks `--patches` grid cells of a
@@ -23,7 +27,7 @@ The generator, "model-like" tokens:
   1.3) (cosine ~ 1/sqrt(1 + sigma^2), i.e. 0.96 ... 0.61 around the 0.7 threshold), so scores
   spread from a few to several hundred.
 The default `--patches 48` (~700 tokens per image, a fifth of the real ~3,400) keeps the run
-within minutes on 2 CPU cores: one fp32 score of two 3,400-token images costs ~0.14 s here.
+within minutes on 2 CPU cores; `--patches 225` gives the real counts.
 
 Scores come from `fol_infer.rerank.count_mutual_matches` when it is importable, else (or with
 `--scorer local`) from a float32 numpy reference of spec section 7 in this file.
@@ -34,6 +38,7 @@ Run: python benchmarks/token_store.py [--queries 200 --k 100 --patches 48]
 from __future__ import annotations
 
 import argparse
+import shutil
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -42,6 +47,7 @@ from pathlib import Path
 import numpy as np
 
 from fol_infer.index.token_store import TokenStore
+from fol_infer.rerank import count_mutual_matches_certified
 
 PUBLISHED_BYTES = 3600 * 128 * 4  # 1.76 MiB: the published zero-padded float32 layout
 DIM, GRID, VOCAB_SIZE = 128, 23, 2000
@@ -174,55 +180,95 @@ def sizes(rng: np.random.Generator, tmp: Path, n_images: int) -> None:
     for h, label in ((23, "322x322"), (36, "504x504")):
         counts = fol_counts(rng, h, n_images)
         tokens = [unit(rng.standard_normal((c, DIM))) for c in counts]
+        bpi: dict[str, float] = {}
         for dtype in DTYPES:
             with TokenStore.create(tmp / f"{label}-{dtype}", dtype=dtype) as store:  # type: ignore[arg-type]
                 store.append(tokens)
-                bpi = store.bytes_per_image
+                bpi[dtype] = store.bytes_per_image
+        # int8-exact: the int8 store is read whole per query, the float32 one row by row
+        bpi["int8-exact (int8 + fp32 on disk)"] = bpi["int8"] + bpi["fp32"]
+        for fmt, size in bpi.items():
             print(
-                f"| {label} | {dtype} | {np.mean(counts):.0f} | {bpi:,.0f} | "
-                f"{bpi / PUBLISHED_BYTES:.4f} |"
+                f"| {label} | {fmt} | {np.mean(counts):.0f} | {size:,.0f} | "
+                f"{size / PUBLISHED_BYTES:.4f} |"
             )
+
+
+def certified_scorer(
+    query: np.ndarray, int8: TokenStore, fp32: TokenStore, ids: range
+) -> tuple[np.ndarray, int, int]:
+    """Scores from the int8 store plus the float32 rows the certified re-ranker asks for;
+    also the 4 KiB pages of the float32 store those rows touch."""
+    pages: set[int] = set()
+    ends = np.concatenate([[0], np.cumsum(fp32.counts)])
+    row_bytes = fp32.dim * 4
+
+    def originals(_q: int, k: int, rows: np.ndarray) -> np.ndarray:
+        pages.update(((ends[ids[k]] + rows) * row_bytes // 4096).tolist())
+        return fp32.get_rows(ids[k], rows)
+
+    (out,) = count_mutual_matches_certified([query], [int8.get_quantized(ids)], originals)
+    return out.scores, out.exact_rows, len(pages)
+
+
+def fp32_pages(fp32: TokenStore, ids: range) -> int:
+    """4 KiB pages a plain float32 re-ranking of these candidates reads."""
+    ends = np.concatenate([[0], np.cumsum(fp32.counts)]) * fp32.dim * 4
+    return sum(
+        int((ends[i + 1] - 1) // 4096 - ends[i] // 4096 + 1) for i in ids if ends[i + 1] > ends[i]
+    )
 
 
 def fidelity(args: argparse.Namespace, rng: np.random.Generator, tmp: Path) -> None:
     scorer, scorer_name = pick_scorer(args.scorer)
     gen = Generator(rng, args.patches)
-    same = {d: 0 for d in DTYPES[1:]}
-    top1 = {d: 0 for d in DTYPES[1:]}
-    top10 = {d: 0 for d in DTYPES[1:]}
-    discordant = {d: 0.0 for d in DTYPES[1:]}
-    same_score = {d: 0 for d in DTYPES[1:]}
-    max_diff = {d: 0 for d in DTYPES[1:]}
+    formats = ("fp16", "int8", "int8-exact")
+    same = dict.fromkeys(formats, 0)
+    top1 = dict.fromkeys(formats, 0)
+    top10 = dict.fromkeys(formats, 0)
+    discordant = dict.fromkeys(formats, 0.0)
+    same_score = dict.fromkeys(formats, 0)
+    max_diff = dict.fromkeys(formats, 0)
     n_tokens, pos_scores, neg_scores = [], [], []
-    t_score = {d: 0.0 for d in DTYPES}
+    t_score = dict.fromkeys(("fp32", *formats), 0.0)
+    exact_rows = exact_pages = all_pages = 0
     t0 = time.perf_counter()
     for qi in range(args.queries):
         query = gen.image()
         cands, planted = gen.candidates(query, args.k, args.positive_share)
         n_tokens += [len(c) for c in cands]
         orders, scores = {}, {}
-        for dtype in DTYPES:
-            with TokenStore.create(tmp / f"q{qi}-{dtype}", dtype=dtype) as store:  # type: ignore[arg-type]
+        stores = {d: TokenStore.create(tmp / f"q{qi}-{d}", dtype=d) for d in DTYPES}  # type: ignore[arg-type]
+        try:
+            for dtype, store in stores.items():
                 ids = store.append(cands)
                 back = store.get(ids)
+                t = time.perf_counter()
+                scores[dtype] = scorer(query, back)
+                t_score[dtype] += time.perf_counter() - t
             t = time.perf_counter()
-            scores[dtype] = scorer(query, back)
-            t_score[dtype] += time.perf_counter() - t
-            orders[dtype] = rerank_order(scores[dtype])
-        for dtype in DTYPES[1:]:
-            same[dtype] += bool(np.array_equal(orders[dtype], orders["fp32"]))
-            top1[dtype] += bool(orders[dtype][0] == orders["fp32"][0])
-            top10[dtype] += bool(np.array_equal(orders[dtype][:10], orders["fp32"][:10]))
-            discordant[dtype] += discordant_share(orders[dtype], orders["fp32"]) / args.queries
-            same_score[dtype] += int(np.count_nonzero(scores[dtype] == scores["fp32"]))
-            diff = int(np.abs(scores[dtype] - scores["fp32"]).max())
-            max_diff[dtype] = max(max_diff[dtype], diff)
+            scores["int8-exact"], rows, pages = certified_scorer(
+                query, stores["int8"], stores["fp32"], ids
+            )
+            t_score["int8-exact"] += time.perf_counter() - t
+            exact_rows += rows
+            exact_pages += pages
+            all_pages += fp32_pages(stores["fp32"], ids)
+        finally:
+            for store in stores.values():
+                store.close()
+        orders = {fmt: rerank_order(sc) for fmt, sc in scores.items()}
+        for fmt in formats:
+            same[fmt] += bool(np.array_equal(orders[fmt], orders["fp32"]))
+            top1[fmt] += bool(orders[fmt][0] == orders["fp32"][0])
+            top10[fmt] += bool(np.array_equal(orders[fmt][:10], orders["fp32"][:10]))
+            discordant[fmt] += discordant_share(orders[fmt], orders["fp32"]) / args.queries
+            same_score[fmt] += int(np.count_nonzero(scores[fmt] == scores["fp32"]))
+            max_diff[fmt] = max(max_diff[fmt], int(np.abs(scores[fmt] - scores["fp32"]).max()))
         pos_scores += scores["fp32"][planted].tolist()
         neg_scores += scores["fp32"][~planted].tolist()
         for dtype in DTYPES:
-            for p in tmp.glob(f"q{qi}-{dtype}/*"):
-                p.unlink()
-            (tmp / f"q{qi}-{dtype}").rmdir()
+            shutil.rmtree(tmp / f"q{qi}-{dtype}")
     wall = time.perf_counter() - t0
     nq, pairs = args.queries, args.queries * args.k
     print(f"\n## re-ranking fidelity: {nq} queries x K={args.k} candidates, scorer: {scorer_name}")
@@ -239,13 +285,18 @@ def fidelity(args: argparse.Namespace, rng: np.random.Generator, tmp: Path) -> N
         "| scoring time vs fp32 |"
     )
     print("|---|---|---|---|---|---|---|---|")
-    for dtype in DTYPES[1:]:
+    for fmt in formats:
         print(
-            f"| {dtype} | {same[dtype] / nq:.2%} ({same[dtype]}/{nq}) | {top1[dtype] / nq:.2%} | "
-            f"{top10[dtype] / nq:.2%} | {discordant[dtype]:.4%} | "
-            f"{same_score[dtype] / pairs:.2%} | {max_diff[dtype]} | "
-            f"{t_score[dtype] / t_score['fp32']:.2f} |"
+            f"| {fmt} | {same[fmt] / nq:.2%} ({same[fmt]}/{nq}) | {top1[fmt] / nq:.2%} | "
+            f"{top10[fmt] / nq:.2%} | {discordant[fmt]:.4%} | "
+            f"{same_score[fmt] / pairs:.2%} | {max_diff[fmt]} | "
+            f"{t_score[fmt] / t_score['fp32']:.2f} |"
         )
+    print(
+        f"\nint8-exact read the whole int8 copy of every candidate plus {exact_rows:,} float32 "
+        f"rows, {exact_rows / sum(n_tokens):.2%} of all candidate rows, on {exact_pages:,} "
+        f"4 KiB pages: {exact_pages / all_pages:.2%} of the pages a float32 re-ranking reads."
+    )
 
 
 def main() -> None:

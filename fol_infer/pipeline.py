@@ -24,7 +24,11 @@ from fol_infer.bundle import Bundle
 from fol_infer.errors import UsageError
 from fol_infer.images import ImageSource, preprocess, source_name
 from fol_infer.index.database import Database
-from fol_infer.rerank import count_mutual_matches_many, rerank_order
+from fol_infer.rerank import (
+    count_mutual_matches_certified,
+    count_mutual_matches_many,
+    rerank_order,
+)
 
 log = logging.getLogger(__name__)
 STAGES = ("preprocess", "global", "search", "local", "fetch", "rerank")
@@ -105,6 +109,12 @@ class Retriever:
         except BaseException:
             self.database.close()
             raise
+        if self.database.exact_tokens is not None and reranker not in ("auto", "cpu"):
+            self.close()
+            raise UsageError(
+                f"{index} keeps int8-exact tokens, which the certified CPU re-ranker scores; "
+                f"reranker={reranker!r} cannot: use 'auto' or 'cpu', or an fp16 index"
+            )
         self.reranker = reranker
 
     def query(
@@ -139,13 +149,8 @@ class Retriever:
             with timer.stage("local"):
                 query_tokens = self.encoder.encode_local(global_out)
             candidates = [row[:rerank_k][row[:rerank_k] >= 0] for row in ids]
-            with timer.stage("fetch"):
-                wanted = np.unique(np.concatenate(candidates))
-                fetched = dict(zip(wanted.tolist(), self.database.tokens.get(wanted)))
-            with timer.stage("rerank"):
-                queries = [t[:c] for t, c in zip(query_tokens.tokens, query_tokens.counts)]
-                lists = [[fetched[int(i)] for i in cand] for cand in candidates]
-                matches = count_mutual_matches_many(queries, lists, backend=self.reranker)
+            queries = [t[:c] for t, c in zip(query_tokens.tokens, query_tokens.counts)]
+            matches = self._rerank(queries, candidates, timer)
         share = {k: v / len(images) for k, v in timer.ms.items()}
         results = []
         for q, source in enumerate(images):
@@ -167,6 +172,28 @@ class Retriever:
             descriptor = global_out.descriptors[q]
             results.append(QueryResult(source_name(source, q), hits, reranked, share, descriptor))
         return results
+
+    def _rerank(
+        self, queries: list[np.ndarray], candidates: list[np.ndarray], timer: Timer
+    ) -> list[np.ndarray]:
+        """Match counts of each query's candidates. An int8-exact index is scored from its int8
+        tokens, reading float32 rows only where the int8 error bound leaves a decision open
+        (those reads count as re-ranking time)."""
+        store, exact = self.database.tokens, self.database.exact_tokens
+        wanted = np.unique(np.concatenate(candidates))
+        with timer.stage("fetch"):
+            tokens = store.get_quantized(wanted) if exact is not None else store.get(wanted)
+            fetched: dict[int, Any] = dict(zip(wanted.tolist(), tokens))
+        with timer.stage("rerank"):
+            lists = [[fetched[int(i)] for i in cand] for cand in candidates]
+            if exact is None:
+                return count_mutual_matches_many(queries, lists, backend=self.reranker)
+
+            def originals(q: int, k: int, rows: np.ndarray) -> np.ndarray:
+                return exact.get_rows(int(candidates[q][k]), rows)
+
+            certified = count_mutual_matches_certified(queries, lists, originals)
+            return [c.scores for c in certified]
 
     @staticmethod
     def _clamp(k: int, name: str, n: int) -> int:

@@ -17,7 +17,15 @@ from sample_images import make_images
 from fol_infer.backends import open_encoder
 from fol_infer.bundle import Bundle
 from fol_infer.errors import IndexStoreError, UsageError
-from fol_infer.index.database import METADATA, BuildSettings, Database, build_index
+from fol_infer.images import preprocess
+from fol_infer.index.database import (
+    EXACT_TOKENS,
+    METADATA,
+    BuildSettings,
+    Database,
+    build_index,
+)
+from fol_infer.index.token_store import TokenStore
 
 
 @pytest.fixture()
@@ -25,6 +33,12 @@ def encoder(tiny_bundle: Path):  # type: ignore[no-untyped-def]
     enc = open_encoder(Bundle.open(tiny_bundle), "onnx")
     yield enc
     enc.close()
+
+
+def append_int8(bundle: Bundle, encoder, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Append tmp_path/db to tmp_path/idx asking for int8 tokens."""
+    settings = BuildSettings(tokens="int8")
+    build_index(bundle, encoder, tmp_path / "db", tmp_path / "idx", settings, mode="append")
 
 
 def test_build_records_everything_and_opens(tiny_bundle: Path, encoder, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -64,14 +78,7 @@ def test_refusals(tiny_bundle: Path, tiny_bundle_322: Path, encoder, tmp_path: P
     with pytest.raises(IndexStoreError, match="built by .*tiny.* but the engine is .*tiny-322"):
         Database(tmp_path / "idx", bundle=other)
     with pytest.raises(UsageError, match="tokens='fp16', not 'int8'"):
-        build_index(
-            bundle,
-            encoder,
-            tmp_path / "db",
-            tmp_path / "idx",
-            BuildSettings(tokens="int8"),
-            mode="append",
-        )
+        append_int8(bundle, encoder, tmp_path)
 
 
 def test_append_adds_only_new_images_and_force_rebuilds(
@@ -139,3 +146,28 @@ def test_kill_9_mid_build_then_rerun_resumes(tiny_bundle: Path, tmp_path: Path) 
     with Database(out) as database:
         assert sorted(database.paths) == sorted(p.name for p in images)
         assert len(database.tokens) == 24 and len(database.global_index) == 24
+
+
+def test_int8_exact_keeps_float32_originals_in_step(
+    tiny_bundle: Path, encoder, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    bundle = Bundle.open(tiny_bundle)
+    images = make_images(tmp_path / "db", 4)
+    settings = BuildSettings(batch=2, tokens="int8-exact")
+    build_index(bundle, encoder, tmp_path / "db", tmp_path / "idx", settings)
+    exact = TokenStore.open(tmp_path / "idx" / EXACT_TOKENS)
+    try:  # a crash after the float32 store committed a batch the metadata never did
+        exact.append([np.zeros((3, 128), np.float32)])
+    finally:
+        exact.close()
+    with Database(tmp_path / "idx", bundle=bundle) as database:
+        assert database.token_format == "int8-exact" and database.tokens.dtype == "int8"
+        assert database.exact_tokens is not None and len(database.exact_tokens) == 4
+        first = database.paths.index(images[0].name)
+        got = database.exact_tokens.get([first])[0]
+        want = encoder.encode(preprocess(images[0], bundle.resolution)[None]).token_list()[0]
+        np.testing.assert_array_equal(got, want)
+        codes, scales = database.tokens.get_quantized([first])[0]
+        np.testing.assert_allclose(codes * scales[:, None], want, atol=float(scales.max()))
+    with pytest.raises(UsageError, match="tokens='int8-exact', not 'int8'"):
+        append_int8(bundle, encoder, tmp_path)

@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 from fol_infer.backends import open_encoder
 from fol_infer.bundle import Bundle
 from fol_infer.cli import app
+from fol_infer.errors import UsageError
 from fol_infer.images import preprocess
 from fol_infer.index.database import BuildSettings, build_index
 from fol_infer.pipeline import Retriever
@@ -143,3 +144,50 @@ def test_query_cli_json_and_unreadable_query(
     assert len(doc) == 1 and doc[0]["query"] == str(queries[0])
     assert len(doc[0]["global"]) == 2 and len(doc[0]["reranked"]) == 2
     assert "broken.jpg" in result.output
+
+
+def test_int8_exact_index_reranks_like_float32_tokens(
+    tiny_bundle: Path, queries: list[Path], tmp_path: Path
+) -> None:
+    """The certified re-ranker on an int8-exact index: the counts of the float32 tokens."""
+    make_images(tmp_path / "db", 6)
+    bundle = Bundle.open(tiny_bundle)
+    settings = BuildSettings(batch=3, tokens="int8-exact")
+    with open_encoder(bundle) as encoder:  # type: ignore[attr-defined]
+        build_index(bundle, encoder, tmp_path / "db", tmp_path / "idx", settings)
+    with Retriever(bundle, tmp_path / "idx") as retriever:
+        results = retriever.query(queries, top_k=6, rerank_k=6)
+        images = np.stack([preprocess(q, bundle.resolution) for q in queries])
+        query_tokens = retriever.encoder.encode(images).token_list()
+        assert retriever.database.exact_tokens is not None
+        originals = retriever.database.exact_tokens
+        for result, tokens in zip(results, query_tokens, strict=True):
+            candidates = [h.db_index for h in result.global_hits]
+            expected = count_mutual_matches(tokens, originals.get(candidates), backend="cpu")
+            best = sorted(range(6), key=lambda j: (-expected[j], j))
+            assert result.reranked is not None
+            assert [h.db_index for h in result.reranked] == [candidates[j] for j in best]
+            assert [h.matches for h in result.reranked] == [int(expected[j]) for j in best]
+    with pytest.raises(UsageError, match="certified CPU re-ranker"):
+        Retriever(bundle, tmp_path / "idx", reranker="torch")
+
+
+def test_index_cli_takes_int8_exact_and_names_the_formats(
+    tiny_bundle: Path, queries: list[Path], tmp_path: Path
+) -> None:
+    make_images(tmp_path / "db", 3)
+    base = ["index", str(tiny_bundle), str(tmp_path / "db"), "--out"]
+    bad = CliRunner().invoke(app, [*base, str(tmp_path / "bad"), "--tokens", "int4"])
+    assert bad.exit_code == 2 and "fp16, int8, int8-exact" in bad.output
+    assert not (tmp_path / "bad").exists()
+    built = CliRunner().invoke(app, [*base, str(tmp_path / "idx"), "--tokens", "int8-exact"])
+    assert built.exit_code == 0, built.output
+    assert sorted(p.name for p in (tmp_path / "idx").iterdir() if p.is_dir()) == [
+        "descriptors",
+        "tokens",
+        "tokens_fp32",
+    ]
+    answer = CliRunner().invoke(app, ["query", str(tmp_path / "idx"), str(queries[0]), "--json"])
+    assert answer.exit_code == 0, answer.output
+    doc = json.loads(answer.output[answer.output.index("[") :])
+    assert len(doc[0]["reranked"]) == 3

@@ -4,13 +4,15 @@ Layout of INDEX_DIR:
 - ``index.json``    IndexMetadata: image paths, failures, bundle fingerprint, build settings
 - ``descriptors/``  TokenStore (dim 8448, fp32, one row per image): the durable global side
 - ``tokens/``       TokenStore (fp16 or int8): the re-ranking tokens, true counts only
+- ``tokens_fp32/``  ``--tokens int8-exact`` only: the float32 originals, from which the
+                    certified re-ranker reads the few rows its int8 bound cannot decide
 - ``global.faiss``  GlobalIndex, derived from ``descriptors/`` (rebuilt when behind)
 
-Commit order per batch: descriptors, tokens, then ``index.json``, whose image count is the
-commit point. After a crash the stores may hold a batch more than the metadata; opening or
-resuming cuts them back to it. A new build is marked incomplete until its last batch, so an
-interrupted build is never served; re-running the same command resumes it. Appending keeps
-the index servable after every batch.
+Commit order per batch: descriptors, tokens (int8 then float32), then ``index.json``, whose
+image count is the commit point. After a crash the stores may hold a batch more than the
+metadata; opening or resuming cuts them back to it. A new build is marked incomplete until its
+last batch, so an interrupted build is never served; re-running the same command resumes it.
+Appending keeps the index servable after every batch.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, cast
 
 import numpy as np
 
@@ -35,6 +37,9 @@ from fol_infer.index.token_store import Dtype, TokenStore
 from fol_infer.loader import iter_batches
 
 METADATA, DESCRIPTORS, TOKENS, FAISS_FILE = "index.json", "descriptors", "tokens", "global.faiss"
+EXACT_TOKENS = "tokens_fp32"
+TokenFormat = Literal["fp16", "int8", "int8-exact"]
+TOKEN_FORMATS: tuple[TokenFormat, ...] = ("fp16", "int8", "int8-exact")
 REBUILD_SUFFIX = ".rebuild"
 Mode = Literal["new", "append", "force"]
 Progress = Callable[[int, int], None]  # (images just processed, images to process in all)
@@ -43,7 +48,7 @@ Progress = Callable[[int, int], None]  # (images just processed, images to proce
 @dataclass
 class BuildSettings:
     factory: str = "Flat"
-    tokens: Dtype = "fp16"
+    tokens: TokenFormat = "fp16"
     batch: int = 8
 
     def to_dict(self) -> dict[str, object]:
@@ -68,10 +73,10 @@ def _is_index(folder: Path) -> bool:
     return (folder / METADATA).is_file()
 
 
-def _stores_match(meta: IndexMetadata, descriptors: TokenStore, tokens: TokenStore) -> None:
+def _stores_match(meta: IndexMetadata, *stores: TokenStore) -> None:
     """Cut stores back to the metadata's commit point (a crash between commits)."""
     n = len(meta.paths)
-    for store in (descriptors, tokens):
+    for store in stores:
         if len(store) < n:
             raise IndexStoreError(
                 f"{store.path} holds {len(store)} images but {METADATA} lists {n}: the index "
@@ -79,6 +84,29 @@ def _stores_match(meta: IndexMetadata, descriptors: TokenStore, tokens: TokenSto
             )
         if len(store) > n:
             store.truncate(n)
+
+
+def _token_layout(fmt: TokenFormat) -> list[tuple[str, Dtype]]:
+    """(folder, dtype) of each token store of a format: the scored one first."""
+    if fmt not in TOKEN_FORMATS:
+        raise UsageError(f"token format {fmt!r} is not one of {', '.join(TOKEN_FORMATS)}")
+    if fmt == "int8-exact":
+        return [(TOKENS, "int8"), (EXACT_TOKENS, "fp32")]
+    return [(TOKENS, fmt)]
+
+
+def _open_token_stores(
+    folder: Path, fmt: TokenFormat, verify: Literal["sizes", "full"] = "sizes"
+) -> list[TokenStore]:
+    stores: list[TokenStore] = []
+    try:
+        for name, _ in _token_layout(fmt):
+            stores.append(TokenStore.open(folder / name, verify=verify))
+    except BaseException:
+        for store in stores:
+            store.close()
+        raise
+    return stores
 
 
 def _faiss_from_descriptors(descriptors: TokenStore, factory: str, device: Device) -> GlobalIndex:
@@ -127,8 +155,9 @@ def build_index(
         meta = IndexMetadata.load(work / METADATA)
         meta.check_bundle(bundle.manifest.fingerprint, str(bundle.folder))
         _check_settings(meta, settings, work)
-        descriptors, tokens = TokenStore.open(work / DESCRIPTORS), TokenStore.open(work / TOKENS)
-        _stores_match(meta, descriptors, tokens)
+        descriptors = TokenStore.open(work / DESCRIPTORS)
+        token_stores = _open_token_stores(work, settings.tokens)
+        _stores_match(meta, descriptors, *token_stores)
     else:
         work.mkdir(parents=True, exist_ok=True)
         meta = IndexMetadata(
@@ -139,7 +168,10 @@ def build_index(
             | {"resolution": list(bundle.resolution), "complete": False},
         )
         descriptors = TokenStore.create(work / DESCRIPTORS, dtype="fp32", dim=GLOBAL_DIM)
-        tokens = TokenStore.create(work / TOKENS, dtype=settings.tokens)
+        token_stores = [
+            TokenStore.create(work / name, dtype=dtype)
+            for name, dtype in _token_layout(settings.tokens)
+        ]
         meta.save(work / METADATA)
 
     # Names stay relative to the first build's root; paths are resolved as that root was.
@@ -153,7 +185,9 @@ def build_index(
             if batch.indices:
                 result = encoder.encode(batch.images)
                 descriptors.append([d[None] for d in result.descriptors])
-                tokens.append(result.token_list())
+                token_lists = result.token_list()
+                for store in token_stores:
+                    store.append(token_lists)
                 meta.add_images([todo[i] for i in batch.indices])
             meta.failures.extend(failures)
             meta.save(work / METADATA)  # the commit point
@@ -168,8 +202,8 @@ def build_index(
         meta.settings["complete"] = True
         meta.save(work / METADATA)
     finally:
-        descriptors.close()
-        tokens.close()
+        for store in (descriptors, *token_stores):
+            store.close()
     if work != out:
         trash = out.with_name(f".{out.name}.old-{os.getpid()}")
         os.replace(out, trash)
@@ -216,10 +250,13 @@ class Database:
             )
         if bundle is not None:
             self.meta.check_bundle(bundle.manifest.fingerprint, str(bundle.folder))
-        self.tokens = TokenStore.open(self.folder / TOKENS, verify=verify)
+        self.token_format = cast(TokenFormat, self.meta.settings.get("tokens", "fp16"))
+        stores = _open_token_stores(self.folder, self.token_format, verify)
+        self.tokens = stores[0]
+        self.exact_tokens = stores[1] if len(stores) > 1 else None  # int8-exact only
         descriptors = TokenStore.open(self.folder / DESCRIPTORS, verify=verify)
         try:
-            _stores_match(self.meta, descriptors, self.tokens)
+            _stores_match(self.meta, descriptors, *stores)
             self.global_index = self._open_faiss(descriptors, device, verify)
         finally:
             descriptors.close()
@@ -249,6 +286,8 @@ class Database:
 
     def close(self) -> None:
         self.tokens.close()
+        if self.exact_tokens is not None:
+            self.exact_tokens.close()
         self.global_index.close()
 
     def __enter__(self) -> Database:

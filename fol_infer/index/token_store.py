@@ -321,13 +321,8 @@ class TokenStore:
     def get(self, ids: Sequence[int] | np.ndarray) -> list[np.ndarray]:
         """Each id's tokens as a (n_i, dim) array of `read_dtype`, reading only those rows."""
         view = self._live()
-        n, out_dtype = len(view.ends), self.read_dtype
-        out = []
-        for i in ids:
-            i = int(i)
-            if not 0 <= i < n:
-                raise IndexError(f"token store id {i} out of range: the store holds {n} images")
-            s, e = (int(view.ends[i - 1]) if i else 0), int(view.ends[i])
+        out_dtype, out = self.read_dtype, []
+        for s, e in self._spans(view, ids):
             if e == s or view.tokens is None:
                 out.append(np.zeros((0, self.dim), out_dtype))
             elif view.scales is not None:
@@ -335,6 +330,44 @@ class TokenStore:
                 out.append(np.multiply(view.tokens[s:e], scale, dtype=np.float32))
             else:
                 out.append(np.array(view.tokens[s:e]))
+        return out
+
+    def get_quantized(self, ids: Sequence[int] | np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Each id's stored (int8 codes (n_i, dim), float32 scales (n_i,)), as the certified
+        re-ranker reads them (it bounds the de-quantisation error from the scales)."""
+        view = self._live()
+        if self.dtype != "int8":
+            raise UsageError(f"{self.path} stores {self.dtype} tokens, not int8")
+        out = []
+        for s, e in self._spans(view, ids):
+            if e == s or view.tokens is None or view.scales is None:
+                out.append((np.zeros((0, self.dim), np.int8), np.zeros(0, np.float32)))
+            else:
+                out.append((np.array(view.tokens[s:e]), np.array(view.scales[s:e])))
+        return out
+
+    def get_rows(self, image_id: int, rows: np.ndarray) -> np.ndarray:
+        """Rows ``rows`` (indices within the image) of one image, reading only their pages."""
+        view = self._live()
+        ((s, e),) = self._spans(view, [image_id])
+        rows = np.asarray(rows, np.intp)
+        if rows.size and (rows.min() < 0 or rows.max() >= e - s):
+            raise IndexError(f"rows {rows.min()}..{rows.max()} of image {image_id}: it has {e - s}")
+        if view.tokens is None or rows.size == 0:
+            return np.zeros((0, self.dim), self.read_dtype)
+        picked = view.tokens[s + rows]
+        if view.scales is not None:
+            return np.multiply(picked, view.scales[s + rows][:, None], dtype=np.float32)
+        return np.asarray(picked, self.read_dtype)
+
+    def _spans(self, view: _View, ids: Sequence[int] | np.ndarray) -> list[tuple[int, int]]:
+        """(first row, end row) of each image id; IndexError names an id out of range."""
+        n, out = len(view.ends), []
+        for i in ids:
+            i = int(i)
+            if not 0 <= i < n:
+                raise IndexError(f"token store id {i} out of range: the store holds {n} images")
+            out.append(((int(view.ends[i - 1]) if i else 0), int(view.ends[i])))
         return out
 
     @property

@@ -5,6 +5,8 @@ them to a backend: ``cpu`` (numpy, bounded memory), ``triton`` (CUDA GPU), ``tor
 published formulation, kept as the baseline), or ``auto`` (triton when a working CUDA GPU is
 there, else cpu). Backends are imported lazily, so importing this package never pulls in torch
 or triton.
+``count_mutual_matches_certified`` gives the same scores from int8 database tokens plus the
+few float32 rows that their error bound cannot decide (``certified.py``).
 """
 
 from __future__ import annotations
@@ -19,9 +21,17 @@ from functools import cache
 import numpy as np
 
 from fol_infer.errors import BackendUnavailableError, UsageError
+from fol_infer.rerank.certified import CertifiedScores, count_mutual_matches_certified
 from fol_infer.rerank.cpu import count_mutual_matches_many_cpu
 
-__all__ = ["BACKENDS", "count_mutual_matches", "count_mutual_matches_many", "rerank_order"]
+__all__ = [
+    "BACKENDS",
+    "CertifiedScores",
+    "count_mutual_matches",
+    "count_mutual_matches_certified",
+    "count_mutual_matches_many",
+    "rerank_order",
+]
 
 BACKENDS = ("auto", "cpu", "triton", "torch")
 _GPU_INSTALL_HINT = (
