@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from fol_infer.backends import open_encoder
+from fol_infer.backends.base import Encoder
 from fol_infer.bundle import Bundle
 from fol_infer.errors import UsageError
 from fol_infer.images import ImageSource, preprocess, source_name
@@ -99,11 +100,15 @@ class Retriever:
         reranker: str = "auto",
         checkpoint: str | Path | None = None,
         threads: int | None = None,
+        encoder: Encoder | None = None,
     ) -> None:
+        """``encoder``: an encoder of this bundle already open (e.g. the one that built the
+        index), used instead of opening another; the caller keeps it and closes it."""
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
         self.database = Database(index, bundle=self.bundle)
+        self._owns_encoder = encoder is None
         try:
-            self.encoder = open_encoder(
+            self.encoder = encoder or open_encoder(
                 self.bundle, backend, checkpoint=checkpoint, threads=threads
             )
         except BaseException:
@@ -204,7 +209,8 @@ class Retriever:
         return min(k, n)
 
     def close(self) -> None:
-        self.encoder.close()
+        if self._owns_encoder:
+            self.encoder.close()
         self.database.close()
 
     def __enter__(self) -> Retriever:

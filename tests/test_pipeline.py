@@ -191,3 +191,16 @@ def test_index_cli_takes_int8_exact_and_names_the_formats(
     assert answer.exit_code == 0, answer.output
     doc = json.loads(answer.output[answer.output.index("[") :])
     assert len(doc[0]["reranked"]) == 3
+
+
+def test_a_given_encoder_is_used_and_left_open(
+    tiny_bundle: Path, index_dir: Path, queries: list[Path]
+) -> None:
+    bundle = Bundle.open(tiny_bundle)
+    with open_encoder(bundle) as encoder:  # type: ignore[attr-defined]
+        with Retriever(bundle, index_dir, encoder=encoder) as retriever:
+            assert retriever.encoder is encoder
+            (first,) = retriever.query([queries[0]], top_k=3, rerank_k=3)
+        image = preprocess(queries[0], bundle.resolution)[None]
+        descriptor = encoder.encode(image).descriptors[0]  # still open after the retriever
+    np.testing.assert_allclose(descriptor, first.descriptor, rtol=1e-5, atol=1e-6)

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from fol_infer.backends.base import Encoder
 from fol_infer.bench import environment
 from fol_infer.bench.dataset import Dataset, open_dataset
 from fol_infer.bench.recall import RECALL_NS, recall_at
@@ -133,10 +134,16 @@ class Bench:
     def run(self) -> dict[str, Any]:
         self.report["environment"] = environment.describe(self.options.engine)
         bundle, dataset = self._inputs()
-        with tempfile.TemporaryDirectory(prefix="fol-bench-") as tmp:
-            index_dir = Path(tmp) / "index"
-            self._build(bundle, dataset, index_dir)
-            results = self._queries(bundle, dataset, index_dir)
+        from fol_infer.backends import open_encoder
+
+        encoder = open_encoder(bundle, self.options.engine, checkpoint=self.options.checkpoint)
+        try:  # one encoder for the database and the queries
+            with tempfile.TemporaryDirectory(prefix="fol-bench-") as tmp:
+                index_dir = Path(tmp) / "index"
+                self._build(bundle, encoder, dataset, index_dir)
+                results = self._queries(bundle, encoder, dataset, index_dir)
+        finally:
+            encoder.close()
         self._recall(dataset, results)
         if self.options.engine != "torch":
             self._parity(bundle, dataset, results)
@@ -144,23 +151,17 @@ class Bench:
         self.report["partial"] = False
         return self.report
 
-    def _build(self, bundle: Bundle, dataset: Dataset, index_dir: Path) -> None:
-        from fol_infer.backends import open_encoder
+    def _build(self, bundle: Bundle, encoder: Encoder, dataset: Dataset, index_dir: Path) -> None:
         from fol_infer.index.database import BuildSettings, Database, build_index
 
         self.say(f"indexing {len(dataset.database)} database images with {self.options.engine}")
-        encoder = open_encoder(bundle, self.options.engine, checkpoint=self.options.checkpoint)
-        try:
-            # The database folder must hold only database images: index the list itself.
-            report = build_index(
-                bundle,
-                encoder,
-                dataset.layout.database_dir,
-                index_dir,
-                BuildSettings(batch=self.options.batch),
-            )
-        finally:
-            encoder.close()
+        report = build_index(
+            bundle,
+            encoder,
+            dataset.layout.database_dir,
+            index_dir,
+            BuildSettings(batch=self.options.batch),
+        )
         with Database(index_dir) as database:
             store_bytes = database.tokens.bytes_per_image
         self.report["throughput"] = {
@@ -173,20 +174,16 @@ class Bench:
             "published_bytes_per_image": PUBLISHED_BYTES_PER_IMAGE,
         }
 
-    def _queries(self, bundle: Bundle, dataset: Dataset, index_dir: Path) -> list[QueryResult]:
+    def _queries(
+        self, bundle: Bundle, encoder: Encoder, dataset: Dataset, index_dir: Path
+    ) -> list[QueryResult]:
         opts = self.options
         n_db = len(dataset.database)
         depth = min(max(max(RECALL_NS), opts.rerank_k), n_db)
         stages: dict[str, list[float]] = {name: [] for name in (*STAGES, "total", "unattributed")}
         results: list[QueryResult] = []
         self.report["latency_ms"] = {}
-        with Retriever(
-            bundle,
-            index_dir,
-            backend=opts.engine,
-            reranker=opts.reranker,
-            checkpoint=opts.checkpoint,
-        ) as retriever:
+        with Retriever(bundle, index_dir, reranker=opts.reranker, encoder=encoder) as retriever:
             for query in dataset.queries[: opts.warmup]:
                 retriever.query([query], top_k=depth, rerank_k=min(opts.rerank_k, n_db))
             self.say(f"querying {len(dataset.queries)} images at batch 1 ({opts.warmup} warm-up)")
