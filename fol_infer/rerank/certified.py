@@ -18,6 +18,10 @@ S^ = Q R^^T, per candidate:
 - i(j(i)) and the threshold are settled by the same rule on column j(i); otherwise that
   column is scored in float32 (one original row, Nq dot products).
 
+When the undecided rows would need more than half of a candidate's rows (tokens too alike for
+int8 to tell apart, as an untrained model's are), the candidate is read whole and scored by
+the float32 CPU re-ranker instead; a small first block of query rows detects this early.
+
 Memory per worker stays bounded: S^ exists one block of query rows at a time, as in the CPU
 re-ranker; columns are scored in blocks of the same size.
 """
@@ -32,7 +36,7 @@ from functools import partial
 
 import numpy as np
 
-from fol_infer.rerank.cpu import (
+from fol_infer.rerank.cpu import (  # the CPU re-ranker's workers, BLAS control and kernel
     DEFAULT_BLOCK_BYTES,
     _one_blas_thread,
     default_workers,
@@ -43,7 +47,7 @@ from fol_infer.rerank.cpu import (
 Quantized = tuple[np.ndarray, np.ndarray]  # int8 codes (n, D), float32 scale per row (n,)
 ExactRows = Callable[[int, int, np.ndarray], np.ndarray]  # (query, candidate, rows) -> (m, D)
 
-_HALF_STEP = 0.5 * (1 + 2.0**-20)  # |x - scale * round(x / scale)| <= this * scale, rounding in
+_HALF_STEP = 0.5 * (1 + 2.0**-20)  # |x - scale * round(x / scale)| <= this * scale, float32 incl.
 _GAMMA = 2.0**-22  # float32 rounding of a D-term dot product: <= D * _GAMMA * sum |q_d r_d|
 _MOST_ROWS = 0.5  # share of a candidate's rows read one by one before reading them all
 _BOUND_ROUNDING = 2.0**-20  # float32 arithmetic on the bounds, relative to |S| and t
@@ -76,7 +80,6 @@ def count_mutual_matches_certified(
     """
     thr = threshold_f32(threshold)
     qs = [np.ascontiguousarray(q, np.float32) for q in queries]
-    l1s = [np.abs(q).sum(axis=1, dtype=np.float32) for q in qs]
     for qi, (q, cands) in enumerate(zip(qs, candidate_lists, strict=True)):
         if q.ndim != 2 or not np.isfinite(q).all():
             raise ValueError(f"query {qi} must be a finite (N, D) token array, got {q.shape}")
@@ -92,6 +95,7 @@ def count_mutual_matches_certified(
                     f"candidate {ki} of query {qi}: {codes.shape[0]} rows need as many finite, "
                     f"non-negative scales, got {scales.shape}"
                 )
+    l1s = [np.abs(q).sum(axis=1, dtype=np.float32) for q in qs]
     pairs = [(qi, ki) for qi, c in enumerate(candidate_lists) for ki in range(len(c))]
     scores = [np.zeros(len(c), np.int64) for c in candidate_lists]
     exact = [np.zeros(len(c), np.int64) for c in candidate_lists]
@@ -144,13 +148,22 @@ def _certified_pair(
     slack = ((2 * q.shape[1] * _GAMMA + _BOUND_ROUNDING) * magnitude).astype(np.float32)
     b = _Bounds(q_l1, half, slack)
     originals = _Originals(exact, nr)
-    i_hot, j_of, contenders = _rows(q, r_hat, b, thr, block_bytes)
+
+    def whole() -> tuple[int, int]:
+        """Read the candidate whole and score it as the float32 CPU re-ranker does."""
+        buf = np.empty(max(1, block_bytes // 4), np.float32)
+        return score_pair(np.ascontiguousarray(q.T), originals.all(), thr, buf, block_bytes), nr
+
+    found = _rows(q, r_hat, b, thr, block_bytes)
+    if found is None:
+        return whole()
+    i_hot, j_of, contenders = found
     if i_hot.size == 0:
         return 0, 0
     if contenders:  # j(i) among the contenders, in float32 (lowest index on ties)
         cols = np.unique(np.concatenate([c for _, c in contenders]))
         if originals.too_many(cols):
-            return _float32_pair(q, originals.all(), thr, block_bytes), nr
+            return whole()
         s_ex = q[[i_hot[h] for h, _ in contenders]] @ originals.rows(cols).T
         for n, (h, c) in enumerate(contenders):
             j_of[h] = c[int(np.argmax(s_ex[n, np.searchsorted(cols, c)]))]
@@ -158,7 +171,7 @@ def _certified_pair(
     if pending.size:  # column j(i) in float32: its best query token and the similarity
         cols = np.unique(j_of[pending])
         if originals.too_many(cols):
-            return _float32_pair(q, originals.all(), thr, block_bytes), nr
+            return whole()
         s_ex = originals.rows(cols) @ q.T  # (len(cols), nq), float32 like the reference
         n = np.searchsorted(cols, j_of[pending])
         i = i_hot[pending]
@@ -189,13 +202,9 @@ class _Originals:
         return np.stack([self.cache[j] for j in cols.tolist()]).astype(np.float32, copy=False)
 
     def all(self) -> np.ndarray:
+        if not self.cache:
+            self.cache.update(enumerate(self.exact(np.arange(self.n))))
         return np.ascontiguousarray(self.rows(np.arange(self.n)))
-
-
-def _float32_pair(q: np.ndarray, r: np.ndarray, thr: np.float32, block_bytes: int) -> int:
-    """The CPU re-ranker's score of float32 tokens."""
-    buf = np.empty(max(1, block_bytes // 4), np.float32)
-    return score_pair(np.ascontiguousarray(q.T), r, thr, buf, block_bytes)
 
 
 @dataclass(frozen=True)
@@ -225,12 +234,15 @@ def _rows(
     b: _Bounds,
     thr: np.float32,
     block_bytes: int,
-) -> tuple[np.ndarray, np.ndarray, list[tuple[int, np.ndarray]]]:
+) -> tuple[np.ndarray, np.ndarray, list[tuple[int, np.ndarray]]] | None:
     """Hot query rows (those that may pass the threshold); j(i) for each, where the bound
     settles it; and for the others, the columns that may hold the row's true maximum.
 
     S^ is formed one block of query rows at a time. A row whose two best values are further
     apart than twice its largest bound is settled at once; the others get the per-column test.
+    None as soon as the candidate rows that undecided rows contend for, projected over the
+    whole query, pass ``_MOST_ROWS`` of them: the candidate is then cheaper to score in float32
+    than to finish here (tokens too alike for int8 to tell apart).
     """
     nr = r_hat.shape[0]
     rows_per_block = max(1, block_bytes // (4 * nr))
@@ -239,9 +251,12 @@ def _rows(
     j_all: list[np.ndarray] = []
     contenders: list[tuple[int, np.ndarray]] = []
     n_hot = 0  # hot rows found in earlier blocks
-    for i0 in range(0, q.shape[0], rows_per_block):
-        s = q[i0 : i0 + rows_per_block] @ r_hat.T
-        rows = np.arange(i0, i0 + len(s))
+    wanted = np.zeros(nr, bool)  # candidate rows some undecided row contends for
+    first = max(1, rows_per_block // 8)  # a small first block probes the candidate
+    edges = [0, *range(first, q.shape[0], rows_per_block), q.shape[0]]
+    for start, end in zip(edges[:-1], edges[1:], strict=True):
+        s = q[start:end] @ r_hat.T
+        rows = np.arange(start, end)
         reach = b.l1[rows] * h_max + b.slack[rows]
         hot = np.flatnonzero(s.max(axis=1) + reach > thr)
         if hot.size == 0:
@@ -253,7 +268,7 @@ def _rows(
         if unsettled.size:  # the per-column bound, for these rows only
             sub = sh[unsettled]
             sub[np.arange(len(unsettled)), arg[unsettled]] = top[unsettled]
-            i = i0 + hot[unsettled]
+            i = start + hot[unsettled]
             bound = b.l1[i, None] * b.half[None, :] + b.slack[i, None]
             floor = (sub - bound).max(axis=1)
             cont = sub + bound >= floor[:, None]
@@ -263,9 +278,12 @@ def _rows(
                 (n_hot + int(h), np.flatnonzero(c))
                 for h, c in zip(unsettled[~one], cont[~one], strict=True)
             ]
-        hot_all.append(hot + i0)
+            wanted |= cont[~one].any(axis=0)
+        hot_all.append(hot + start)
         j_all.append(j)
         n_hot += len(hot)
+        if np.count_nonzero(wanted) * q.shape[0] > _MOST_ROWS * nr * end:
+            return None
     if not hot_all:
         return np.zeros(0, np.intp), np.zeros(0, np.intp), []
     return np.concatenate(hot_all), np.concatenate(j_all).astype(np.intp), contenders
