@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -171,3 +172,6 @@ def test_int8_exact_keeps_float32_originals_in_step(
         np.testing.assert_allclose(codes * scales[:, None], want, atol=float(scales.max()))
     with pytest.raises(UsageError, match="tokens='int8-exact', not 'int8'"):
         append_int8(bundle, encoder, tmp_path)
+    shutil.rmtree(tmp_path / "idx" / EXACT_TOKENS)
+    with pytest.raises(IndexStoreError, match=f"{EXACT_TOKENS}.*rebuild"):
+        Database(tmp_path / "idx")
