@@ -106,6 +106,12 @@ class Retriever:
         index), used instead of opening another; the caller keeps it and closes it."""
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
         self.database = Database(index, bundle=self.bundle)
+        if self.database.exact_tokens is not None and reranker not in ("auto", "cpu"):
+            self.database.close()
+            raise UsageError(
+                f"{index} keeps int8-exact tokens, which the certified CPU re-ranker scores; "
+                f"reranker={reranker!r} cannot: use 'auto' or 'cpu', or an fp16 index"
+            )
         self._owns_encoder = encoder is None
         try:
             self.encoder = encoder or open_encoder(
@@ -114,12 +120,6 @@ class Retriever:
         except BaseException:
             self.database.close()
             raise
-        if self.database.exact_tokens is not None and reranker not in ("auto", "cpu"):
-            self.close()
-            raise UsageError(
-                f"{index} keeps int8-exact tokens, which the certified CPU re-ranker scores; "
-                f"reranker={reranker!r} cannot: use 'auto' or 'cpu', or an fp16 index"
-            )
         self.reranker = reranker
 
     def query(
@@ -185,8 +185,8 @@ class Retriever:
         tokens, reading float32 rows only where the int8 error bound leaves a decision open
         (those reads count as re-ranking time)."""
         store, exact = self.database.tokens, self.database.exact_tokens
-        wanted = np.unique(np.concatenate(candidates))
         with timer.stage("fetch"):
+            wanted = np.unique(np.concatenate(candidates))
             tokens = store.get_quantized(wanted) if exact is not None else store.get(wanted)
             fetched: dict[int, Any] = dict(zip(wanted.tolist(), tokens))
         with timer.stage("rerank"):

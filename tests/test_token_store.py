@@ -66,6 +66,38 @@ def test_int8_round_trip_error_bound(tmp_path: Path, rng: np.random.Generator) -
     np.testing.assert_array_equal(got[0][3], 0)
 
 
+@pytest.mark.parametrize("dtype", ["fp32", "fp16", "int8"])
+def test_get_rows_picks_rows_as_get_returns_them(
+    tmp_path: Path, rng: np.random.Generator, dtype: Dtype
+) -> None:
+    tokens = lists(rng, [6, 0, 40])
+    with TokenStore.create(tmp_path / "s", dtype=dtype) as store:
+        store.append(tokens)
+        whole = store.get([2])[0]
+        rows = np.array([0, 7, 8, 39])
+        np.testing.assert_array_equal(store.get_rows(2, rows), whole[rows])
+        assert store.get_rows(1, np.zeros(0, int)).shape == (0, 128)
+        with pytest.raises(IndexError, match="rows 0..6 of image 0: it has 6"):
+            store.get_rows(0, np.array([0, 6]))
+        with pytest.raises(IndexError, match="id 3 out of range"):
+            store.get_rows(3, rows)
+
+
+def test_get_quantized_returns_the_stored_codes(tmp_path: Path, rng: np.random.Generator) -> None:
+    tokens = lists(rng, [5, 0])
+    with TokenStore.create(tmp_path / "s", dtype="int8") as store:
+        store.append(tokens)
+        (codes, scales), (none, no_scales) = store.get_quantized([0, 1])
+    want_codes, want_scales = quantize_int8(tokens[0])
+    np.testing.assert_array_equal(codes, want_codes)
+    np.testing.assert_array_equal(scales, want_scales)
+    assert none.shape == (0, 128) and none.dtype == np.int8 and no_scales.shape == (0,)
+    with TokenStore.create(tmp_path / "f", dtype="fp16") as store:
+        store.append(tokens)
+        with pytest.raises(UsageError, match="stores fp16 tokens, not int8"):
+            store.get_quantized([0])
+
+
 def test_quantize_int8_uses_full_range(rng: np.random.Generator) -> None:
     q, scale = quantize_int8(unit_rows(rng, 50))
     np.testing.assert_array_equal(np.abs(q.astype(np.int32)).max(axis=1), 127)
