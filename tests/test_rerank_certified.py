@@ -9,6 +9,8 @@ int8 scores are wrong and the certified ones must not be.
 
 from __future__ import annotations
 
+import tracemalloc
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -163,3 +165,38 @@ def test_non_finite_query_raises() -> None:
     query[1, 3] = np.nan
     with pytest.raises(ValueError, match="query 0 must be a finite"):
         count_mutual_matches_certified([query], [[]], lambda q, k, r: r)
+
+
+@pytest.mark.parametrize("kind", ["planted matches", "look-alike tokens"])
+def test_memory_stays_bounded_by_the_block(kind: str) -> None:
+    """2,000 x 2,000 tokens: S alone would take 15 MiB; with 1 MiB blocks the whole call
+    (de-quantised rows, bounds, float32 reads, the read-whole fallback) stays under 8 MiB."""
+    rng = np.random.default_rng(4)
+    query = unit(rng.standard_normal((2000, 128)))
+    if kind == "planted matches":  # a few percent of rows read in float32
+        cands = [unit(rng.standard_normal((2000, 128))) for _ in range(2)]
+        for c in cands:
+            c[:600] = unit(query[:600] + rng.uniform(0.3, 1.3, (600, 1)) * unit(c[:600]))
+    else:  # too alike for int8: every candidate read whole
+        centres = unit(rng.standard_normal((300, 128)))
+        query = unit(centres[rng.integers(0, 300, 2000)] + 0.3 * query)
+        cands = [
+            unit(centres[rng.integers(0, 300, 2000)] + 0.3 * unit(rng.standard_normal((2000, 128))))
+            for _ in range(2)
+        ]
+    want = count_mutual_matches(query, cands, backend="cpu")
+    quantized = [quantize_int8(c) for c in cands]
+    tracemalloc.start()
+    try:
+        (out,) = count_mutual_matches_certified(
+            [query], [quantized], lambda q, k, rows: cands[k][rows], block_bytes=1 << 20, workers=1
+        )
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    np.testing.assert_array_equal(out.scores, want)
+    if kind == "planted matches":
+        assert 0 < out.exact_rows < out.rows // 10
+    else:
+        assert out.exact_rows == out.rows
+    assert peak < 8 << 20, f"peak {peak / 2**20:.1f} MiB"

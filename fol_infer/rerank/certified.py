@@ -164,18 +164,26 @@ def _certified_pair(
         cols = np.unique(np.concatenate([c for _, c in contenders]))
         if originals.too_many(cols):
             return whole()
-        s_ex = q[[i_hot[h] for h, _ in contenders]] @ originals.rows(cols).T
-        for n, (h, c) in enumerate(contenders):
-            j_of[h] = c[int(np.argmax(s_ex[n, np.searchsorted(cols, c)]))]
+        r_ex = originals.rows(cols)
+        per_block = max(1, block_bytes // (4 * len(cols)))
+        for c0 in range(0, len(contenders), per_block):
+            chunk = contenders[c0 : c0 + per_block]
+            s_ex = q[[i_hot[h] for h, _ in chunk]] @ r_ex.T
+            for n, (h, c) in enumerate(chunk):
+                j_of[h] = c[int(np.argmax(s_ex[n, np.searchsorted(cols, c)]))]
     counted, pending = _columns(q, r_hat, b, thr, i_hot, j_of, block_bytes)
     if pending.size:  # column j(i) in float32: its best query token and the similarity
         cols = np.unique(j_of[pending])
         if originals.too_many(cols):
             return whole()
-        s_ex = originals.rows(cols) @ q.T  # (len(cols), nq), float32 like the reference
-        n = np.searchsorted(cols, j_of[pending])
-        i = i_hot[pending]
-        counted += int(np.count_nonzero((s_ex.argmax(axis=1)[n] == i) & (s_ex[n, i] > thr)))
+        r_ex = originals.rows(cols)
+        col_of, row_of = np.searchsorted(cols, j_of[pending]), i_hot[pending]
+        per_block = max(1, block_bytes // (4 * nq))
+        for c0 in range(0, len(cols), per_block):
+            s_ex = r_ex[c0 : c0 + per_block] @ q.T  # columns of S, float32 like the reference
+            mine = (col_of >= c0) & (col_of < c0 + per_block)
+            n, i = col_of[mine] - c0, row_of[mine]
+            counted += int(np.count_nonzero((s_ex.argmax(axis=1)[n] == i) & (s_ex[n, i] > thr)))
     return counted, originals.read
 
 
