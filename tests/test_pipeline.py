@@ -168,6 +168,9 @@ def test_int8_exact_index_reranks_like_float32_tokens(
             assert result.reranked is not None
             assert [h.db_index for h in result.reranked] == [candidates[j] for j in best]
             assert [h.matches for h in result.reranked] == [int(expected[j]) for j in best]
+        with ThreadPoolExecutor(3) as pool:  # the same answers from concurrent callers
+            threaded = list(pool.map(lambda q: retriever.query([q], 6, 6)[0], queries))
+        assert [r.reranked for r in threaded] == [r.reranked for r in results]
     with pytest.raises(UsageError, match="certified CPU re-ranker"):
         Retriever(bundle, tmp_path / "idx", reranker="torch")
 
