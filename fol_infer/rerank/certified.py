@@ -14,7 +14,9 @@ S^ = Q R^^T, per candidate:
 
 - query token i can count only if max_j S^_ij + max_j b_ij > t: the "hot" rows;
 - j(i) is settled when one j beats every other even after both bounds; otherwise the
-  contenders {j : S^_ij + b_ij >= max_j' (S^_ij' - b_ij')} are scored in float32;
+  contenders {j : S^_ij + b_ij >= max_j' (S^_ij' - b_ij')} are scored in float32, unless no
+  contender could pair with i (for each, S_ij is bounded below another query row's S_i'j, or
+  not above t): such a row cannot count and is dropped unread;
 - i(j(i)) and the threshold are settled by the same rule on column j(i); otherwise that
   column is scored in float32 (one original row, Nq dot products).
 
@@ -158,6 +160,15 @@ def _certified_pair(
     if found is None:
         return whole()
     i_hot, j_of, contenders = found
+    if contenders:  # rows none of whose contenders could count are dropped unread
+        alive = _could_count(q, r_hat, b, thr, i_hot, contenders, block_bytes)
+        keep = np.ones(len(i_hot), bool)
+        keep[[h for (h, _), a in zip(contenders, alive, strict=True) if not a]] = False
+        position = np.cumsum(keep) - 1  # of each kept hot row, once the others are gone
+        contenders = [
+            (int(position[h]), c) for (h, c), a in zip(contenders, alive, strict=True) if a
+        ]
+        i_hot, j_of = i_hot[keep], j_of[keep]
     if i_hot.size == 0:
         return 0, 0
     if contenders:  # j(i) among the contenders, in float32 (lowest index on ties)
@@ -295,6 +306,35 @@ def _rows(
     if not hot_all:
         return np.zeros(0, np.intp), np.zeros(0, np.intp), []
     return np.concatenate(hot_all), np.concatenate(j_all).astype(np.intp), contenders
+
+
+def _could_count(
+    q: np.ndarray,
+    r_hat: np.ndarray,
+    b: _Bounds,
+    thr: np.float32,
+    i_hot: np.ndarray,
+    contenders: list[tuple[int, np.ndarray]],
+    block_bytes: int,
+) -> np.ndarray:
+    """Per undecided row: may one of its contenders j still pair with it? Not if, for every
+    j, S_ij is bounded below another query row's S_i'j (i is not j's best) or not above t."""
+    rows = np.concatenate([np.full(len(c), i_hot[h]) for h, c in contenders])
+    cols = np.concatenate([c for _, c in contenders])
+    owner = np.repeat(np.arange(len(contenders)), [len(c) for _, c in contenders])
+    viable = np.zeros(len(cols), bool)
+    unique = np.unique(cols)
+    per_block = max(1, block_bytes // (4 * q.shape[0]))
+    for c0 in range(0, len(unique), per_block):
+        js = unique[c0 : c0 + per_block]
+        sc = r_hat[js] @ q.T  # (len(js), nq): columns j of S^
+        bound = b.half[js, None] * b.l1[None, :] + b.slack[None, :]
+        floor = (sc - bound).max(axis=1)  # column j's best similarity is at least this
+        mine = np.flatnonzero((cols >= js[0]) & (cols <= js[-1]))
+        n = np.searchsorted(js, cols[mine])
+        reach = sc[n, rows[mine]] + bound[n, rows[mine]]
+        viable[mine] = (reach >= floor[n]) & (reach > thr)
+    return np.bincount(owner[viable], minlength=len(contenders)) > 0
 
 
 def _columns(
