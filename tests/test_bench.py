@@ -94,3 +94,24 @@ def test_interrupt_prints_what_was_measured(
     code, log = bench(tiny_bundle, dataset, "--warmup", "0", "--reranker", "cpu")
     assert code == 130
     assert "interrupted" in log and "PARTIAL" in log and "| total |" in log
+
+
+def test_bench_takes_a_token_format(tiny_bundle: Path, dataset: Path, tmp_path: Path) -> None:
+    reports = {}
+    for tokens in ("fp16", "int8-exact"):
+        out = tmp_path / f"{tokens}.json"
+        code, log = bench(tiny_bundle, dataset, "--json", out, "--tokens", tokens, "--warmup", "0")
+        assert code == 0, log
+        reports[tokens] = json.loads(out.read_text())
+    exact = reports["int8-exact"]
+    assert exact["inputs"]["tokens"] == "int8-exact"
+    # int8 (1 byte + a scale per token) and float32 (4 bytes) against fp16's 2 bytes: ~2.5x
+    assert (
+        exact["memory"]["token_store_bytes_per_image"]
+        > 2 * (reports["fp16"]["memory"]["token_store_bytes_per_image"])
+    )
+    assert "token store (int8-exact)" in log
+    code, log = bench(tiny_bundle, dataset, "--tokens", "int8-exact", "--reranker", "torch")
+    assert code == 2 and "re-ranked on the CPU" in log
+    code, log = bench(tiny_bundle, dataset, "--tokens", "int4")
+    assert code == 2 and "fp16, int8, int8-exact" in log

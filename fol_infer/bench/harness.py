@@ -24,6 +24,7 @@ from fol_infer.bench.dataset import Dataset, open_dataset
 from fol_infer.bench.recall import RECALL_NS, recall_at
 from fol_infer.bundle import Bundle
 from fol_infer.errors import UsageError
+from fol_infer.index.database import TokenFormat
 from fol_infer.pipeline import STAGES, QueryResult, Retriever
 
 SCHEMA_VERSION = 1
@@ -44,6 +45,7 @@ class BenchOptions:
     batch: int = 8
     warmup: int = 2
     reranker: str = "auto"
+    tokens: TokenFormat = "fp16"
 
 
 def percentiles(values: list[float]) -> dict[str, float]:
@@ -127,6 +129,7 @@ class Bench:
             "batch": opts.batch,
             "warmup": opts.warmup,
             "reranker": opts.reranker,
+            "tokens": opts.tokens,
         }
         return bundle, dataset
 
@@ -160,10 +163,12 @@ class Bench:
             encoder,
             dataset.layout.database_dir,
             index_dir,
-            BuildSettings(batch=self.options.batch),
+            BuildSettings(batch=self.options.batch, tokens=self.options.tokens),
         )
         with Database(index_dir) as database:
             store_bytes = database.tokens.bytes_per_image
+            if database.exact_tokens is not None:  # int8-exact keeps float32 on disk too
+                store_bytes += database.exact_tokens.bytes_per_image
         self.report["throughput"] = {
             "database_images_per_s": report.images_per_second,
             "batch": self.options.batch,

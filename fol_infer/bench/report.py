@@ -108,7 +108,8 @@ def markdown(report: dict[str, Any]) -> str:
         lines += [
             f"Memory: peak RSS {_fmt(memory.get('peak_rss_mib'), 0)} MiB, "
             f"GPU peak {gpu}; "
-            f"token store {per_image / 2**20:.3f} MiB per image "
+            f"token store ({report.get('inputs', {}).get('tokens', 'fp16')}) "
+            f"{per_image / 2**20:.3f} MiB per image "
             f"({per_image / memory.get('published_bytes_per_image', 1):.2f}x "
             "the published 1.76 MiB).",
         ]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, cast
 
 import typer
 
@@ -33,6 +33,9 @@ def bench(
     batch: Annotated[int, typer.Option(help="Batch size for database encoding.")] = 8,
     warmup: Annotated[int, typer.Option(help="Warm-up queries before timing.")] = 2,
     reranker: Annotated[str, typer.Option(help="Re-ranker: auto, cpu, triton or torch.")] = "auto",
+    tokens: Annotated[
+        str, typer.Option(help="Token format of the index: fp16, int8 or int8-exact.")
+    ] = "fp16",
     json_out: Annotated[
         Path | None, typer.Option("--json", help="Write the JSON report here.")
     ] = None,
@@ -44,6 +47,7 @@ def bench(
     """Benchmark an engine end to end; with no arguments, on an embedded UNTRAINED default."""
     from fol_infer.bench.harness import Bench, BenchOptions
     from fol_infer.bench.report import markdown, png, write_json
+    from fol_infer.index.database import TOKEN_FORMATS, TokenFormat
 
     if engine not in ENGINES:
         raise UsageError(f"--engine must be one of {', '.join(ENGINES)}")
@@ -51,6 +55,10 @@ def bench(
         console.print("note: --bundle given; --checkpoint is used only for the PyTorch reference")
     if rerank_k < 1 or batch < 1 or warmup < 0:
         raise UsageError("--rerank-k and --batch must be >= 1, --warmup >= 0")
+    if tokens not in TOKEN_FORMATS:
+        raise UsageError(f"--tokens must be one of {', '.join(TOKEN_FORMATS)}, not {tokens!r}")
+    if tokens == "int8-exact" and reranker not in ("auto", "cpu"):
+        raise UsageError("--tokens int8-exact is re-ranked on the CPU: use --reranker auto or cpu")
     if bundle is None and checkpoint is None:
         console.print(
             "[bold yellow]embedded default:[/bold yellow] UNTRAINED seeded ViT-B/14 at 322 and a "
@@ -58,7 +66,16 @@ def bench(
             soft_wrap=True,
         )
     options = BenchOptions(
-        engine, bundle, checkpoint, dataset, resolution, rerank_k, batch, warmup, reranker
+        engine,
+        bundle,
+        checkpoint,
+        dataset,
+        resolution,
+        rerank_k,
+        batch,
+        warmup,
+        reranker,
+        cast(TokenFormat, tokens),
     )
     runner = Bench(options, say=lambda msg: console.print(f"[dim]{msg}[/dim]", soft_wrap=True))
     interrupted = False
