@@ -175,3 +175,31 @@ def test_int8_exact_keeps_float32_originals_in_step(
     shutil.rmtree(tmp_path / "idx" / EXACT_TOKENS)
     with pytest.raises(IndexStoreError, match=f"{EXACT_TOKENS}.*rebuild"):
         Database(tmp_path / "idx")
+
+
+def test_a_refused_index_leaves_no_store_open(
+    tiny_bundle: Path, encoder, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    bundle = Bundle.open(tiny_bundle)
+    make_images(tmp_path / "db", 2)
+    settings = BuildSettings(tokens="int8-exact")
+    build_index(bundle, encoder, tmp_path / "db", tmp_path / "idx", settings)
+    opened: list[TokenStore] = []
+    real_open = TokenStore.open.__func__  # type: ignore[attr-defined]
+
+    def spy(cls: type[TokenStore], *args: object, **kwargs: object) -> TokenStore:
+        store = real_open(cls, *args, **kwargs)
+        opened.append(store)
+        return store
+
+    def broken_faiss(*args: object) -> None:
+        raise IndexStoreError("global.faiss is damaged")
+
+    monkeypatch.setattr(TokenStore, "open", classmethod(spy))
+    monkeypatch.setattr(Database, "_open_faiss", broken_faiss)
+    with pytest.raises(IndexStoreError, match="damaged"):
+        Database(tmp_path / "idx")
+    assert len(opened) == 3  # descriptors, int8 tokens, float32 tokens
+    for store in opened:
+        with pytest.raises(IndexStoreError, match="is closed"):
+            len(store)

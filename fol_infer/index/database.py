@@ -95,13 +95,19 @@ def _token_layout(fmt: TokenFormat) -> list[tuple[str, Dtype]]:
     return [(TOKENS, fmt)]
 
 
-def _open_token_stores(
-    folder: Path, fmt: TokenFormat, verify: Literal["sizes", "full"] = "sizes"
+def _open_stores(
+    folder: Path,
+    fmt: TokenFormat,
+    meta: IndexMetadata,
+    verify: Literal["sizes", "full"] = "sizes",
 ) -> list[TokenStore]:
+    """The descriptor store, then the token stores, cut back to the metadata's commit point;
+    when one is refused, none is left open."""
     stores: list[TokenStore] = []
     try:
-        for name, _ in _token_layout(fmt):
+        for name in [DESCRIPTORS, *(name for name, _ in _token_layout(fmt))]:
             stores.append(TokenStore.open(folder / name, verify=verify))
+        _stores_match(meta, *stores)
     except BaseException:
         for store in stores:
             store.close()
@@ -155,9 +161,7 @@ def build_index(
         meta = IndexMetadata.load(work / METADATA)
         meta.check_bundle(bundle.manifest.fingerprint, str(bundle.folder))
         _check_settings(meta, settings, work)
-        descriptors = TokenStore.open(work / DESCRIPTORS)
-        token_stores = _open_token_stores(work, settings.tokens)
-        _stores_match(meta, descriptors, *token_stores)
+        descriptors, *token_stores = _open_stores(work, settings.tokens, meta)
     else:
         work.mkdir(parents=True, exist_ok=True)
         meta = IndexMetadata(
@@ -251,13 +255,15 @@ class Database:
         if bundle is not None:
             self.meta.check_bundle(bundle.manifest.fingerprint, str(bundle.folder))
         self.token_format = cast(TokenFormat, self.meta.settings.get("tokens", "fp16"))
-        stores = _open_token_stores(self.folder, self.token_format, verify)
+        descriptors, *stores = _open_stores(self.folder, self.token_format, self.meta, verify)
         self.tokens = stores[0]
         self.exact_tokens = stores[1] if len(stores) > 1 else None  # int8-exact only
-        descriptors = TokenStore.open(self.folder / DESCRIPTORS, verify=verify)
         try:
-            _stores_match(self.meta, descriptors, *stores)
             self.global_index = self._open_faiss(descriptors, device, verify)
+        except BaseException:  # a refused index leaves no memory map open
+            for store in stores:
+                store.close()
+            raise
         finally:
             descriptors.close()
 
