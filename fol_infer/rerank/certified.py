@@ -30,18 +30,15 @@ re-ranker; columns are scored in blocks of the same size.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 
 import numpy as np
 
-from fol_infer.rerank.cpu import (  # the CPU re-ranker's workers, BLAS control and kernel
+from fol_infer.rerank.cpu import (  # the CPU re-ranker's thread pool and kernel
     DEFAULT_BLOCK_BYTES,
-    _one_blas_thread,
-    default_workers,
+    run_pairs,
     score_pair,
     threshold_f32,
 )
@@ -101,27 +98,15 @@ def count_mutual_matches_certified(
     pairs = [(qi, ki) for qi, c in enumerate(candidate_lists) for ki in range(len(c))]
     scores = [np.zeros(len(c), np.int64) for c in candidate_lists]
     exact = [np.zeros(len(c), np.int64) for c in candidate_lists]
-    todo, lock = iter(pairs), threading.Lock()
 
-    def work() -> None:
-        while True:
-            with lock:
-                item = next(todo, None)
-            if item is None:
-                return
-            qi, ki = item
-            codes, scales = candidate_lists[qi][ki]
-            scores[qi][ki], exact[qi][ki] = _certified_pair(
-                qs[qi], l1s[qi], codes, scales, partial(exact_rows, qi, ki), thr, block_bytes
-            )
+    def score(item: tuple[int, int]) -> None:
+        qi, ki = item
+        codes, scales = candidate_lists[qi][ki]
+        scores[qi][ki], exact[qi][ki] = _certified_pair(
+            qs[qi], l1s[qi], codes, scales, partial(exact_rows, qi, ki), thr, block_bytes
+        )
 
-    n_workers = min(workers or default_workers(), max(1, len(pairs)))
-    if n_workers == 1:
-        work()
-    else:
-        with _one_blas_thread(), ThreadPoolExecutor(n_workers) as pool:
-            for f in [pool.submit(work) for _ in range(n_workers)]:
-                f.result()
+    run_pairs(pairs, lambda: score, workers)
     return [
         CertifiedScores(s, int(e.sum()), sum(len(c[0]) for c in cands))
         for s, e, cands in zip(scores, exact, candidate_lists, strict=True)

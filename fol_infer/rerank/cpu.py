@@ -40,12 +40,14 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
 DEFAULT_BLOCK_BYTES = 8 << 20  # per worker: ~600 x 3,400; big tiles amortise packing Q in sgemm
 MIN_TILE_ROWS = 8  # below this many candidate rows per tile, split the query side instead
 _F32 = np.dtype(np.float32)
+T = TypeVar("T")
 
 
 def threshold_f32(threshold: float) -> np.float32:
@@ -255,24 +257,42 @@ def count_mutual_matches_many_cpu(
         if q_ts[qi].shape[1] and c.shape[0]
     ]
     scores = [np.zeros(len(c), np.int64) for c in candidate_lists]
-    n_workers = min(workers or default_workers(), max(1, len(pairs)))
-    todo = iter(pairs)
-    lock = threading.Lock()
+
+    def worker() -> Callable[[tuple[int, int, np.ndarray]], None]:
+        buf = np.empty(max(1, block_bytes // _F32.itemsize), np.float32)
+
+        def score(item: tuple[int, int, np.ndarray]) -> None:
+            qi, ki, r = item
+            scores[qi][ki] = score_pair(q_ts[qi], _as_f32(r), thr, buf, block_bytes)
+
+        return score
+
+    run_pairs(pairs, worker, workers)
+    return scores
+
+
+def run_pairs(
+    items: Sequence[T], worker: Callable[[], Callable[[T], None]], workers: int | None
+) -> None:
+    """Hand ``items`` to ``workers`` threads (default: ``default_workers()``), each pulling the
+    next item until none is left. ``worker()`` is called once per thread and returns that
+    thread's handler, so per-thread scratch lives in its closure. With several threads numpy's
+    BLAS is held to one thread meanwhile; with one, BLAS keeps its own threads."""
+    n_workers = min(workers or default_workers(), max(1, len(items)))
+    todo, lock = iter(items), threading.Lock()
 
     def work() -> None:
-        buf = np.empty(max(1, block_bytes // _F32.itemsize), np.float32)
+        handle = worker()
         while True:
             with lock:
                 item = next(todo, None)
             if item is None:
                 return
-            qi, ki, r = item
-            scores[qi][ki] = score_pair(q_ts[qi], _as_f32(r), thr, buf, block_bytes)
+            handle(item)
 
     if n_workers == 1:
-        work()  # BLAS keeps its own threads
+        work()
     else:
         with _one_blas_thread(), ThreadPoolExecutor(n_workers) as pool:
             for f in [pool.submit(work) for _ in range(n_workers)]:
                 f.result()
-    return scores
