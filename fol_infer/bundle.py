@@ -1,9 +1,9 @@
 """The bundle: what `fol-infer export` writes and every runtime backend reads.
 
-A bundle is a folder with ``manifest.json``, ``global.onnx``, ``local.onnx`` and
-``reference.npz`` (and TensorRT engines once built). The manifest is the whole contract between
-export time and run time: graph names, shapes, dtypes, pre-processing and checksums come from
-here, never from the model code. Torch-free.
+A bundle is a folder with ``manifest.json``, ``global.onnx``, ``local.onnx``, ``rerank.onnx``
+(the re-ranker as a graph) and ``reference.npz`` (and TensorRT engines once built). The
+manifest is the whole contract between export time and run time: graph names, shapes, dtypes,
+pre-processing and checksums come from here, never from the model code. Torch-free.
 """
 
 from __future__ import annotations
@@ -85,6 +85,9 @@ class Manifest:
     reference: dict[str, Any]  # {"file", "sha256", "bytes", "images"}
     preprocessing: dict[str, Any] = field(default_factory=preprocessing_spec)
     engines: dict[str, Any] = field(default_factory=dict)  # TensorRT builds, filled later
+    # rerank.onnx; None in bundles exported before the re-rank graph existed. Kept apart from
+    # ``graphs`` (the encoder) so that it is not part of the fingerprint an index records.
+    rerank: GraphSpec | None = None
     schema_version: int = SCHEMA_VERSION
     toolkit_version: str = __version__
     created: str = ""
@@ -107,9 +110,26 @@ class Manifest:
     def arch_name(self) -> str:
         return str(self.arch["name"])
 
+    def source(self, graph: str) -> GraphSpec:
+        """The ONNX graph an engine of ``graph`` is built from ("global", "local", "rerank")."""
+        if graph == "rerank":
+            if self.rerank is None:
+                raise KeyError(graph)
+            return self.rerank
+        return self.graphs[graph]
+
     def to_dict(self) -> dict[str, Any]:
         def tensors(ts: list[TensorSpec]) -> list[dict[str, Any]]:
             return [{"name": t.name, "shape": t.shape, "dtype": t.dtype} for t in ts]
+
+        def graph(g: GraphSpec) -> dict[str, Any]:
+            return {
+                "file": g.file,
+                "sha256": g.sha256,
+                "bytes": g.bytes,
+                "inputs": tensors(g.inputs),
+                "outputs": tensors(g.outputs),
+            }
 
         return {
             "schema_version": self.schema_version,
@@ -122,16 +142,8 @@ class Manifest:
             "opset": self.opset,
             "preprocessing": self.preprocessing,
             "checkpoint": self.checkpoint,
-            "graphs": {
-                name: {
-                    "file": g.file,
-                    "sha256": g.sha256,
-                    "bytes": g.bytes,
-                    "inputs": tensors(g.inputs),
-                    "outputs": tensors(g.outputs),
-                }
-                for name, g in self.graphs.items()
-            },
+            "graphs": {name: graph(g) for name, g in self.graphs.items()},
+            **({"rerank": graph(self.rerank)} if self.rerank is not None else {}),
             "reference": self.reference,
             "engines": self.engines,
         }
@@ -151,6 +163,7 @@ class Manifest:
             graphs={k: GraphSpec.from_dict(v) for k, v in d["graphs"].items()},
             reference=dict(d["reference"]),
             engines=dict(d.get("engines", {})),
+            rerank=GraphSpec.from_dict(d["rerank"]) if "rerank" in d else None,
         )
 
     def write(self, folder: Path) -> Path:
@@ -172,10 +185,20 @@ class Bundle:
         return self.manifest.resolution
 
     def path(self, name: str) -> Path:
-        """Path of a graph ("global", "local") or of the reference file ("reference")."""
+        """Path of a graph ("global", "local", "rerank") or of the reference file ("reference")."""
         if name == "reference":
             return self.folder / self.manifest.reference["file"]
-        return self.folder / self.manifest.graphs[name].file
+        return self.folder / self.manifest.source(name).file
+
+    def rerank_graph(self) -> GraphSpec:
+        """rerank.onnx's record; a bundle exported before the graph existed is refused."""
+        if self.manifest.rerank is None:
+            raise BundleError(
+                f"bundle {self.folder} has no rerank.onnx: it was exported before the re-rank "
+                f"graph existed; re-export it (fol-infer export CHECKPOINT --out {self.folder} "
+                "--force) to re-rank with onnx or trt, or use the cpu re-ranker"
+            )
+        return self.manifest.rerank
 
     @classmethod
     def open(cls, folder: str | Path, verify: str = "sizes") -> Bundle:
@@ -210,7 +233,8 @@ class Bundle:
         return bundle
 
     def check_files(self, full: bool) -> None:
-        entries = [(g.file, g.bytes, g.sha256) for g in self.manifest.graphs.values()]
+        graphs = [*self.manifest.graphs.values(), *filter(None, [self.manifest.rerank])]
+        entries = [(g.file, g.bytes, g.sha256) for g in graphs]
         ref = self.manifest.reference
         entries.append((ref["file"], int(ref["bytes"]), ref["sha256"]))
         for name, size, digest in entries:

@@ -112,6 +112,12 @@ class Retriever:
                 f"{index} keeps int8-exact tokens, which the certified CPU re-ranker scores; "
                 f"reranker={reranker!r} cannot: use 'auto' or 'cpu', or an fp16 index"
             )
+        if reranker in ("onnx", "trt"):  # they run the bundle's rerank.onnx: refuse it now
+            try:
+                self.bundle.rerank_graph()
+            except BaseException:
+                self.database.close()
+                raise
         self._owns_encoder = encoder is None
         try:
             self.encoder = encoder or open_encoder(
@@ -192,7 +198,9 @@ class Retriever:
         with timer.stage("rerank"):
             lists = [[fetched[int(i)] for i in cand] for cand in candidates]
             if exact is None:
-                return count_mutual_matches_many(queries, lists, backend=self.reranker)
+                return count_mutual_matches_many(
+                    queries, lists, backend=self.reranker, bundle=self.bundle
+                )
 
             def originals(q: int, k: int, rows: np.ndarray) -> np.ndarray:
                 return exact.get_rows(int(candidates[q][k]), rows)

@@ -24,6 +24,7 @@ def test_bundle_contents_and_manifest(tiny_bundle: Path, tiny_checkpoint: Path) 
         "local.onnx",
         "manifest.json",
         "reference.npz",
+        "rerank.onnx",
     ]
     m = json.loads((tiny_bundle / "manifest.json").read_text())
     assert m["schema_version"] == 1 and m["arch"]["name"] == "tiny" and m["trained"] is False
@@ -43,13 +44,25 @@ def test_bundle_contents_and_manifest(tiny_bundle: Path, tiny_checkpoint: Path) 
     from fol_infer.bundle import sha256_file
 
     assert m["checkpoint"]["sha256"] == sha256_file(tiny_checkpoint)
+    rerank = m["rerank"]
+    assert rerank["file"] == "rerank.onnx"
+    assert {i["name"]: (i["shape"], i["dtype"]) for i in rerank["inputs"]} == {
+        "query": ([3600, 128], "float32"),
+        "query_count": ([1], "int32"),
+        "candidates": (["chunk", 3600, 128], "float32"),
+        "candidate_counts": (["chunk"], "int32"),
+        "threshold": ([1], "float32"),
+    }
+    assert rerank["outputs"] == [{"name": "matches", "shape": ["chunk"], "dtype": "int32"}]
+    assert rerank["sha256"] == sha256_file(tiny_bundle / "rerank.onnx")
     Bundle.open(tiny_bundle, verify="full")
 
 
 @pytest.mark.parametrize("bundle_fixture", ["tiny_bundle", "tiny_bundle_322"])
 def test_graphs_are_tensorrt_ready(bundle_fixture: str, request: pytest.FixtureRequest) -> None:
     reports = check_bundle(request.getfixturevalue(bundle_fixture))
-    assert [r.problems for r in reports] == [[], []]
+    assert [r.path.name for r in reports] == ["global.onnx", "local.onnx", "rerank.onnx"]
+    assert [r.problems for r in reports] == [[], [], []]
     ops = reports[0].op_counts + reports[1].op_counts
     assert ops["LayerNormalization"] == 2 * 2 + 1  # two per block + the final norm, fused
     assert "Resize" not in ops and "NonZero" not in ops and "ReduceLogSumExp" not in ops

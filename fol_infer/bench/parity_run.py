@@ -46,7 +46,10 @@ def torch_parity(
     order = np.argsort(-(q_desc @ db_desc.T), axis=1, kind="stable")
     candidates = order[:, :rerank_k]
     matches = count_mutual_matches_many(
-        q_tokens, [[db_tokens[j] for j in row] for row in candidates], backend=options.reranker
+        q_tokens,
+        [[db_tokens[j] for j in row] for row in candidates],
+        backend=options.reranker,
+        bundle=bundle,
     )
     reranked = np.array(
         [

@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from fol_infer.bundle import Bundle
 from fol_infer.cli.app import app, console, friendly_errors, stdout, untrained_banner
 from fol_infer.errors import UsageError
 
@@ -103,9 +104,9 @@ def verify(
         str | None, typer.Option(help="Tolerances: fp32 or fp16 [the engine's precision].")
     ] = None,
 ) -> None:
-    """Re-run reference.npz through a backend; compare with PyTorch (exit 1 on failure)."""
+    """Re-run reference.npz through a backend; compare with PyTorch, and the re-rank graph (the
+    trt backend: the rerank engine) with the CPU re-ranker's counts (exit 1 on failure)."""
     from fol_infer.backends import open_encoder
-    from fol_infer.bundle import Bundle
     from fol_infer.parity import TOLERANCES
     from fol_infer.parity import verify as run_verify
 
@@ -137,11 +138,30 @@ def verify(
         f"{report.untied_position_agreement:.0%} ({report.boundary_ties} tied)",
         f">= {tol['positions']:.0%}",
     )
+    failures = list(report.failures)
+    rerank = _rerank_row(bundle, backend, table)
+    if rerank:
+        failures.append(rerank)
     stdout.print(table)
-    if not report.passed:
-        console.print("[red]FAILED[/red]: " + "; ".join(report.failures))
+    if failures:
+        console.print("[red]FAILED[/red]: " + "; ".join(failures))
         raise typer.Exit(1)
     console.print("[green]passed[/green]")
+
+
+def _rerank_row(bundle: Bundle, backend: str, table: Table) -> str:
+    """Check the bundle's re-ranker graph (or engine) and add its row; the failure, or ""."""
+    from fol_infer.rerank.graph_check import check_rerank
+
+    if bundle.manifest.rerank is None:
+        console.print(
+            "[yellow]note:[/yellow] no rerank.onnx (exported before the re-rank graph existed): "
+            "re-export to re-rank with the onnx or trt re-rankers"
+        )
+        return ""
+    check = check_rerank(bundle, "trt" if backend == "trt" else "onnx")
+    table.add_row(f"{check.runner}: equal counts", f"{check.equal}/{check.pairs}", "all")
+    return "" if check.passed else f"re-rank counts differ ({check.first_difference})"
 
 
 @app.command()
@@ -152,8 +172,6 @@ def info(
 ) -> None:
     """Say what a bundle or checkpoint is: architecture, resolution, sizes, checksums."""
     if path.is_dir():
-        from fol_infer.bundle import Bundle
-
         bundle = Bundle.open(path, verify="sizes")
         data = bundle.manifest.to_dict()
     else:

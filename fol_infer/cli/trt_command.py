@@ -1,4 +1,4 @@
-"""`fol-infer build-trt`: TensorRT engines for a bundle's two graphs, recorded in its manifest.
+"""`fol-infer build-trt`: TensorRT engines for a bundle's graphs, recorded in its manifest.
 
 `build_bundle_engines` is the whole step, callable from `fol-infer export --trt` too. Arguments
 are checked before TensorRT is imported, so a typo fails fast on any machine.
@@ -21,6 +21,7 @@ from rich.table import Table
 from fol_infer.cli.app import app, console, friendly_errors, stdout
 from fol_infer.errors import UsageError
 from fol_infer.export.engines import PRECISIONS, EngineRecord, Profile
+from fol_infer.export.rerank_engine import DEFAULT_RERANK_CHUNK, chunk_profile
 
 Progress = Callable[[str], None]
 
@@ -34,27 +35,26 @@ def build_bundle_engines(
     progress: Progress | None = None,
     opt_batch: int | None = None,
     strongly_typed: bool = False,
+    rerank_chunk: int = DEFAULT_RERANK_CHUNK,
 ) -> dict[str, EngineRecord]:
     """Build, write and record one engine per graph; returns the new records by graph name.
 
     fp16 keeps the precision plan's nodes fp32: per-layer constraints on TensorRT 10, a
     mixed-precision graph built strongly typed on TensorRT 11 (or on 10 with `strongly_typed`).
+    The rerank engine (float16 candidates, float32 arithmetic) takes up to `rerank_chunk`
+    candidates a run; a bundle exported before rerank.onnx existed gets none, with a note.
     """
     from fol_infer.bundle import Bundle
-    from fol_infer.export.engines import current_gpu, engine_file, rebuild_command, set_records
+    from fol_infer.export.engines import current_gpu, engine_file, set_records
     from fol_infer.export.precision import plan_file, write_mixed
-    from fol_infer.export.trt_build import (
-        BuildOptions,
-        EngineSession,
-        build_engine,
-        major,
-        require_tensorrt,
-    )
+    from fol_infer.export.rerank_engine import build_rerank_engine
+    from fol_infer.export.trt_build import BuildOptions, build_engine, major, require_tensorrt
 
     say = progress or (lambda _msg: None)
     if precision not in PRECISIONS:
         raise UsageError(f"--precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
     profile = Profile.for_batch(max_batch, opt_batch)
+    chunks = chunk_profile(rerank_chunk)
     if workspace_gib is not None and not workspace_gib > 0:
         raise UsageError(f"--workspace must be a positive number of GiB, not {workspace_gib}")
     cache = Path(timing_cache) if timing_cache is not None else None
@@ -114,16 +114,17 @@ def build_bundle_engines(
                 fp32_nodes=len(plan.fp32) if plan else 0,
                 built=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             )
-            built = Path(tmp) / records[graph].file
-            built.write_bytes(result.engine)
-            rebuild = rebuild_command(bundle.folder, records[graph])
-            session = EngineSession(result.engine, built, rebuild)
-            try:  # it loads back here; the built layers' precisions are kept for inspection
-                built.with_suffix(".layers.json").write_text(session.layer_info())
-            finally:
-                session.close()
-            took = time.perf_counter() - start
-            say(f"{built.name}: {len(result.engine) / 2**20:.1f} MiB in {took:.0f} s")
+            _write_engine(Path(tmp), bundle.folder, records[graph], result.engine, start, say)
+        if bundle.manifest.rerank is None:
+            say("no rerank.onnx (exported before the re-rank graph): re-export for a rerank engine")
+        else:
+            start = time.perf_counter()
+            say(f"building the rerank engine (chunks of up to {rerank_chunk} candidates)")
+            record, engine = build_rerank_engine(
+                bundle, Path(tmp), chunks, version, gpu, workspace_gib, cache, say
+            )
+            records[record.graph] = record
+            _write_engine(Path(tmp), bundle.folder, record, engine, start, say)
         for record in records.values():  # all built: only now replace the old engines
             for name in (record.file, Path(record.file).with_suffix(".layers.json").name):
                 os.replace(Path(tmp) / name, bundle.folder / name)
@@ -139,6 +140,25 @@ def build_bundle_engines(
         ):
             stale.unlink(missing_ok=True)
     return records
+
+
+def _write_engine(
+    tmp: Path, folder: Path, record: EngineRecord, engine: bytes, start: float, say: Progress
+) -> None:
+    """Write one built engine into ``tmp`` and load it back; its layers' precisions are kept
+    beside it for inspection."""
+    from fol_infer.export.engines import rebuild_command
+    from fol_infer.export.trt_build import EngineSession
+
+    built = tmp / record.file
+    built.write_bytes(engine)
+    session = EngineSession(engine, built, rebuild_command(folder, record))
+    try:
+        built.with_suffix(".layers.json").write_text(session.layer_info())
+    finally:
+        session.close()
+    took = time.perf_counter() - start
+    say(f"{built.name}: {len(engine) / 2**20:.1f} MiB in {took:.0f} s")
 
 
 @app.command("build-trt")
@@ -164,10 +184,20 @@ def build_trt(
     strongly_typed: Annotated[
         bool, typer.Option(help="TensorRT 10: fp16 from a mixed-precision graph, as on 11.")
     ] = False,
+    rerank_chunk: Annotated[
+        int, typer.Option(help="Candidates per run of the rerank engine (GPU memory per run).")
+    ] = DEFAULT_RERANK_CHUNK,
 ) -> None:
     """Build TensorRT engines for a bundle on this GPU (engines only run where they were built)."""
     build_and_report(
-        bundle_dir, precision, max_batch, workspace, timing_cache, opt_batch, strongly_typed
+        bundle_dir,
+        precision,
+        max_batch,
+        workspace,
+        timing_cache,
+        opt_batch,
+        strongly_typed,
+        rerank_chunk,
     )
 
 
@@ -179,6 +209,7 @@ def build_and_report(
     timing_cache: Path | None = None,
     opt_batch: int | None = None,
     strongly_typed: bool = False,
+    rerank_chunk: int = DEFAULT_RERANK_CHUNK,
 ) -> None:
     """Build with a spinner, then print one table row per engine (build-trt, export --trt)."""
     start = time.perf_counter()
@@ -192,6 +223,7 @@ def build_and_report(
             progress=lambda msg: spinner.update(msg),
             opt_batch=opt_batch,
             strongly_typed=strongly_typed,
+            rerank_chunk=rerank_chunk,
         )
     table = Table(title=f"{bundle_dir}: TensorRT engines ({time.perf_counter() - start:.0f} s)")
     for column in ("graph", "file", "MiB", "precision", "batch", "fp32 nodes", "TensorRT", "GPU"):

@@ -87,6 +87,8 @@ def engine_file(graph: str, precision: str) -> str:
 
 
 def rebuild_command(folder: str | Path, record: EngineRecord) -> str:
+    if record.graph == "rerank":  # its profile is over the chunk of candidates
+        return f"fol-infer build-trt {shlex.quote(str(folder))} --rerank-chunk {record.profile.max}"
     cmd = f"fol-infer build-trt {shlex.quote(str(folder))} --precision {record.precision}"
     cmd += f" --max-batch {record.profile.max}"
     if record.profile.opt != record.profile.max:
@@ -129,7 +131,7 @@ def check_record(bundle: Bundle, record: EngineRecord, tensorrt: str, gpu: GpuIn
         raise BundleError(f"engine {path} is missing: rebuild with {rebuild}")
     if path.stat().st_size != record.bytes:
         raise BundleError(f"engine {path} was changed or truncated: rebuild with {rebuild}")
-    if record.onnx_sha256 != bundle.manifest.graphs[record.graph].sha256:
+    if record.onnx_sha256 != bundle.manifest.source(record.graph).sha256:
         raise BundleError(
             f"engine {path} was built from an older {record.graph} graph (the bundle was "
             f"re-exported since): rebuild with {rebuild}"

@@ -1,4 +1,5 @@
-"""Checkpoint -> bundle: ONNX graphs for both branches, reference outputs, manifest.
+"""Checkpoint -> bundle: ONNX graphs for both branches and the re-ranker, reference outputs,
+manifest.
 
 Everything is written into a temporary sibling folder that is renamed into place at the end,
 so an interrupted or failed export never leaves a half-written bundle behind.
@@ -28,7 +29,8 @@ from fol_infer.export.graphs import (
     GlobalGraph,
     LocalGraph,
 )
-from fol_infer.export.reference import reference_images
+from fol_infer.export.reference import reference_images, reference_rerank_counts
+from fol_infer.export.rerank_graph import GRAPH_FILE, write_rerank_graph
 from fol_infer.images import check_resolution
 from fol_infer.model.checkpoint import LoadedCheckpoint, load_checkpoint
 
@@ -167,6 +169,12 @@ def export_bundle(
             torch.from_numpy(reference["confidence"]),
         )
         _export(local_graph, local_args, tmp / "local.onnx", LOCAL_INPUTS, LOCAL_OUTPUTS, opset)
+        local_spec = _graph_spec(tmp / "local.onnx")
+        tokens_spec = next(t for t in local_spec.outputs if t.name == "tokens")
+        capacity, dim = (int(d) for d in tokens_spec.shape[1:])  # (batch, C, D)
+        say("writing rerank.onnx")
+        write_rerank_graph(tmp / GRAPH_FILE, capacity, dim, opset=max(opset, 18))
+        reference |= reference_rerank_counts(reference["tokens"], reference["count"])
         np.savez(tmp / "reference.npz", **reference)  # type: ignore[arg-type]  # numpy stub quirk
         say("writing manifest")
         manifest = Manifest(
@@ -179,7 +187,8 @@ def export_bundle(
                 "sha256": sha256_file(loaded.path),
                 "bytes": loaded.path.stat().st_size,
             },
-            graphs={name: _graph_spec(tmp / f"{name}.onnx") for name in ("global", "local")},
+            graphs={"global": _graph_spec(tmp / "global.onnx"), "local": local_spec},
+            rerank=_graph_spec(tmp / GRAPH_FILE),
             reference={
                 "file": "reference.npz",
                 "sha256": sha256_file(tmp / "reference.npz"),

@@ -2,10 +2,10 @@
 
 TensorRT cannot run on machines without an NVIDIA GPU, so every graph property it needs is
 checked here instead: ops inside the allowlist below, opset >= 17 (LayerNormalization as one
-op), static shapes apart from the batch axis, TopK with a constant k below TensorRT's limit,
-no NonZero or other data-dependent shapes, no Resize (the position embedding is baked), no
-ReduceLogSumExp (TensorRT computes it without the max shift and overflows in fp16), and
-Conv weights as initializers.
+op), static shapes apart from the batch axis (rerank.onnx: the chunk axis), TopK with a
+constant k below TensorRT's limit, no NonZero or other data-dependent shapes, no Resize (the
+position embedding is baked), no ReduceLogSumExp (TensorRT computes it without the max shift
+and overflows in fp16), and Conv weights as initializers.
 """
 
 from __future__ import annotations
@@ -105,14 +105,18 @@ def check_graph(path: str | Path, batch_axis_name: str = "batch") -> GraphReport
             if dynamic and not (axis == 0 and dim.dim_param == batch_axis_name):
                 report.problems.append(
                     f"{value.name}: axis {axis} is dynamic ({dim.dim_param or '?'}); only the "
-                    "batch axis may be"
+                    f"{batch_axis_name} axis may be"
                 )
     return report
 
 
 def check_bundle(folder: str | Path) -> list[GraphReport]:
-    """Check every graph a bundle's manifest lists."""
+    """Check every graph a bundle's manifest lists, rerank.onnx (chunk axis) included."""
     from fol_infer.bundle import Bundle
+    from fol_infer.export.rerank_graph import CHUNK_AXIS, GRAPH_NAME
 
     bundle = Bundle.open(folder)
-    return [check_graph(bundle.path(name)) for name in bundle.manifest.graphs]
+    reports = [check_graph(bundle.path(name)) for name in bundle.manifest.graphs]
+    if bundle.manifest.rerank is not None:
+        reports.append(check_graph(bundle.path(GRAPH_NAME), batch_axis_name=CHUNK_AXIS))
+    return reports

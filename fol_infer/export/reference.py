@@ -13,6 +13,7 @@ from fol_infer.bundle import IMAGENET_MEAN, IMAGENET_STD
 
 REFERENCE_IMAGES = 2
 REFERENCE_SEED = 20250101
+RERANK_THRESHOLD = 0.7  # spec section 7
 
 
 def reference_images(resolution: tuple[int, int], count: int = REFERENCE_IMAGES) -> np.ndarray:
@@ -30,3 +31,26 @@ def reference_images(resolution: tuple[int, int], count: int = REFERENCE_IMAGES)
             rgb = 0.5 + 0.08 * wave + 0.05 * rng.standard_normal((h, w))
             images[i, c] = (np.clip(rgb, 0.0, 1.0) - IMAGENET_MEAN[c]) / IMAGENET_STD[c]
     return images
+
+
+def reference_rerank_counts(
+    tokens: np.ndarray, counts: np.ndarray, threshold: float = RERANK_THRESHOLD
+) -> dict[str, np.ndarray]:
+    """The CPU re-ranker's counts on the reference tokens, which `verify` holds rerank.onnx and
+    the rerank engine to: (images, sets) int64 for the sets of ``rerank_graph.reference_sets``,
+    with float32 candidates and with candidates rounded to float16 (as an index stores them).
+    """
+    from fol_infer.export.rerank_graph import reference_sets
+    from fol_infer.rerank.cpu import count_mutual_matches_many_cpu
+
+    queries, candidates = reference_sets(tokens, counts)
+    halves = [c.astype(np.float16) for c in candidates]
+    return {
+        "rerank_counts": np.stack(
+            count_mutual_matches_many_cpu(queries, [candidates] * len(queries), threshold)
+        ),
+        "rerank_counts_fp16": np.stack(
+            count_mutual_matches_many_cpu(queries, [halves] * len(queries), threshold)
+        ),
+        "rerank_threshold": np.array(threshold, np.float64),
+    }

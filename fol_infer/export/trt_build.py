@@ -129,6 +129,7 @@ class BuildOptions:
     batch: tuple[int, int, int]  # optimisation profile over the batch axis: min, opt, max
     workspace_gib: float | None = None  # None: TensorRT's default (the GPU's memory)
     timing_cache: Path | None = None
+    static_inputs: tuple[str, ...] = ()  # inputs without the batch axis (rerank's query)
 
 
 @dataclass
@@ -246,6 +247,9 @@ def build_engine(
     for i in range(network.num_inputs):
         name = network.get_input(i).name
         rest = list(input_shapes[name])
+        if name in options.static_inputs:
+            profile.set_shape(name, trt.Dims(rest), trt.Dims(rest), trt.Dims(rest))
+            continue
         profile.set_shape(
             name, trt.Dims([low, *rest]), trt.Dims([opt, *rest]), trt.Dims([high, *rest])
         )
@@ -333,6 +337,12 @@ class EngineSession:
         for t in self.tensors:
             if t.is_input and not context.set_input_shape(t.name, (batch, *t.shape[1:])):
                 raise EngineError(f"{self.path.name} rejects batch {batch} for input {t.name!r}")
+
+    def set_shape(self, name: str, shape: tuple[int, ...]) -> None:
+        """One input's shape, for engines whose inputs do not all share the batch axis."""
+        _, context = self._live()
+        if not context.set_input_shape(name, shape):
+            raise EngineError(f"{self.path.name} rejects shape {shape} for input {name!r}")
 
     def bind(self, name: str, address: int) -> None:
         _, context = self._live()

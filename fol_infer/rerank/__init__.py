@@ -1,10 +1,12 @@
 """Re-ranking: count mutual nearest-neighbour token matches (spec section 7), one entry point.
 
 ``count_mutual_matches`` / ``count_mutual_matches_many`` validate their inputs once, then hand
-them to a backend: ``cpu`` (numpy, bounded memory), ``triton`` (CUDA GPU), ``torch`` (the
-published formulation, kept as the baseline), or ``auto`` (triton when a working CUDA GPU is
-there, else cpu). Backends are imported lazily, so importing this package never pulls in torch
-or triton.
+them to a backend: ``cpu`` (numpy, bounded memory), ``triton`` (CUDA GPU), ``onnx`` (the
+bundle's rerank.onnx in ONNX Runtime, CUDA or CPU), ``trt`` (the bundle's rerank engine),
+``torch`` (the published formulation, kept as the baseline), or ``auto``: triton when a working
+CUDA GPU is there, else the bundle's rerank engine when TensorRT loads it (Jetson), else cpu.
+Backends are imported lazily, so importing this package never pulls in torch, triton or
+tensorrt.
 ``count_mutual_matches_certified`` gives the same scores from int8 database tokens plus the
 few float32 rows that their error bound cannot decide (``certified.py``).
 """
@@ -17,12 +19,16 @@ import math
 import os
 from collections.abc import Callable, Sequence
 from functools import cache
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from fol_infer.errors import BackendUnavailableError, UsageError
 from fol_infer.rerank.certified import CertifiedScores, count_mutual_matches_certified
 from fol_infer.rerank.cpu import count_mutual_matches_many_cpu
+
+if TYPE_CHECKING:
+    from fol_infer.bundle import Bundle
 
 __all__ = [
     "BACKENDS",
@@ -33,7 +39,7 @@ __all__ = [
     "rerank_order",
 ]
 
-BACKENDS = ("auto", "cpu", "triton", "torch")
+BACKENDS = ("auto", "cpu", "triton", "torch", "onnx", "trt")
 _GPU_INSTALL_HINT = (
     "install triton and a CUDA build of torch (pip install 'fol-infer[gpu]') on a machine with "
     "an NVIDIA GPU, or use backend='cpu'"
@@ -49,17 +55,20 @@ def count_mutual_matches(
     candidates: Sequence[np.ndarray],
     threshold: float = 0.7,
     backend: str = "auto",
+    bundle: Bundle | None = None,
 ) -> np.ndarray:
     """Score of each candidate against one query: int64 (K,).
 
     ``query`` is (Nq, D) and each candidate (Nr_k, D), float32 or float16 (up-cast to float32
     before any product); lengths may differ and may be 0. A score is the number of pairs
     (i, j(i)) with i(j(i)) == i and S[i, j(i)] > threshold, where S = Q R^T and argmax ties go
-    to the lowest index. Raises ValueError on NaN/Inf or mis-shaped tokens, UsageError on an
-    unknown backend or a non-finite threshold, BackendUnavailableError when an explicitly
-    chosen backend cannot run here.
+    to the lowest index. ``bundle`` supplies rerank.onnx (``onnx``; without one the graph is
+    built in memory) and the rerank engine (``trt``, and ``auto`` where TensorRT is the GPU
+    path). Raises ValueError on NaN/Inf or mis-shaped tokens, UsageError on an unknown backend
+    or a non-finite threshold, BackendUnavailableError when an explicitly chosen backend cannot
+    run here, BundleError when the bundle lacks what the backend runs.
     """
-    return count_mutual_matches_many([query], [candidates], threshold, backend)[0]
+    return count_mutual_matches_many([query], [candidates], threshold, backend, bundle)[0]
 
 
 def count_mutual_matches_many(
@@ -67,6 +76,7 @@ def count_mutual_matches_many(
     candidate_lists: Sequence[Sequence[np.ndarray]],
     threshold: float = 0.7,
     backend: str = "auto",
+    bundle: Bundle | None = None,
 ) -> list[np.ndarray]:
     """``count_mutual_matches`` for several queries at once, each with its own candidates.
 
@@ -83,7 +93,7 @@ def count_mutual_matches_many(
             f"re-ranking threshold must be a finite number (e.g. 0.7), got {threshold!r}"
         )
     qs, cls = _validated(queries, candidate_lists)
-    scores = _backend(backend)(qs, cls, float(threshold))
+    scores = _backend(backend, bundle)(qs, cls, float(threshold))
     return [np.asarray(s, np.int64).reshape(len(c)) for s, c in zip(scores, cls, strict=True)]
 
 
@@ -143,12 +153,16 @@ def _all_finite(arr: np.ndarray) -> bool:
     return int(magnitude.max()) < inf_bits
 
 
-def _backend(name: str) -> Many:
+def _backend(name: str, bundle: Bundle | None) -> Many:
     """The scoring function for a backend name; 'auto' resolves (and may notice) here."""
     if name == "cpu":
         return count_mutual_matches_many_cpu
     if name == "torch":
         return _torch_backend()
+    if name == "onnx":
+        return _onnx_backend(bundle)
+    if name == "trt":
+        return _trt_backend(bundle)
     reason = _triton_unavailable_reason()
     if reason is None:
         from fol_infer.rerank.triton_kernel import count_mutual_matches_many_triton
@@ -158,11 +172,54 @@ def _backend(name: str) -> Many:
         raise BackendUnavailableError(
             f"re-ranking backend 'triton' is unavailable ({reason}): {_GPU_INSTALL_HINT}"
         )
+    trt_reason = "no bundle given" if bundle is None else _trt_unavailable_reason(bundle)
+    if trt_reason is None:
+        return _trt_backend(bundle)
     global _fallback_noted
     if not _fallback_noted:
         _fallback_noted = True
-        _log.warning("re-ranking on the CPU: the triton backend is unavailable (%s)", reason)
+        _log.warning(
+            "re-ranking on the CPU: the triton backend is unavailable (%s), and so is the "
+            "bundle's TensorRT rerank engine (%s)",
+            reason,
+            trt_reason,
+        )
     return count_mutual_matches_many_cpu
+
+
+def _onnx_backend(bundle: Bundle | None) -> Many:
+    """rerank.onnx of the bundle, or the same graph built in memory for the inputs' sizes."""
+    from fol_infer.rerank.onnx_runner import adhoc_reranker, bundle_reranker
+
+    if bundle is not None:
+        return bundle_reranker(bundle).count_many
+
+    def run(qs: list[np.ndarray], cls: list[list[np.ndarray]], thr: float) -> list[np.ndarray]:
+        sets = [*qs, *(c for cands in cls for c in cands)]
+        if not any(len(c) for c in cls):  # nothing to score: no graph needed
+            return [np.zeros(len(c), np.int64) for c in cls]
+        runner = adhoc_reranker(max(len(s) for s in sets), sets[0].shape[1])
+        return runner.count_many(qs, cls, thr)
+
+    return run
+
+
+def _trt_backend(bundle: Bundle | None) -> Many:
+    """The bundle's TensorRT rerank engine (built by ``fol-infer build-trt``)."""
+    if bundle is None:
+        raise UsageError(
+            "re-ranking backend 'trt' runs the bundle's TensorRT rerank engine: pass the bundle"
+        )
+    from fol_infer.rerank.trt_runner import bundle_trt_reranker
+
+    return bundle_trt_reranker(bundle).count_many
+
+
+def _trt_unavailable_reason(bundle: Bundle) -> str | None:
+    """Why the bundle's rerank engine cannot run here, or None; cheap without TensorRT."""
+    from fol_infer.rerank.trt_runner import trt_unavailable_reason
+
+    return trt_unavailable_reason(bundle)
 
 
 def _torch_backend() -> Many:
