@@ -14,15 +14,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 from rerank_reference import reference_scores
-from typer.testing import CliRunner
 
 from fol_infer.bundle import Bundle, sha256_file
-from fol_infer.cli import app
 from fol_infer.errors import BackendUnavailableError, BundleError, FolInferError, UsageError
 from fol_infer.rerank import count_mutual_matches, count_mutual_matches_many
 from fol_infer.rerank.cpu import count_mutual_matches_many_cpu
 
 onnx = pytest.importorskip("onnx", reason="the re-rank graph is built with onnx")
+from typer.testing import CliRunner  # noqa: E402
+
+from fol_infer.cli import app  # noqa: E402
 from fol_infer.export.rerank_graph import build_rerank_model  # noqa: E402
 from fol_infer.rerank.onnx_runner import CPU, CUDA, OnnxReranker  # noqa: E402
 
