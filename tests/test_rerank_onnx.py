@@ -17,7 +17,7 @@ from rerank_reference import reference_scores
 
 from fol_infer.bundle import Bundle, sha256_file
 from fol_infer.errors import BackendUnavailableError, BundleError, FolInferError, UsageError
-from fol_infer.rerank import count_mutual_matches, count_mutual_matches_many
+from fol_infer.rerank import RerankSettings, count_mutual_matches, count_mutual_matches_many
 from fol_infer.rerank.cpu import count_mutual_matches_many_cpu
 
 onnx = pytest.importorskip("onnx", reason="the re-rank graph is built with onnx")
@@ -256,15 +256,16 @@ def test_pipeline_re_ranks_with_the_bundle_graph(tiny_bundle: Path, tmp_path: Pa
     bundle = Bundle.open(tiny_bundle)
     with open_encoder(bundle) as encoder:  # type: ignore[attr-defined]
         build_index(bundle, encoder, tmp_path / "db", tmp_path / "idx", BuildSettings(batch=5))
-        with Retriever(bundle, tmp_path / "idx", reranker="cpu", encoder=encoder) as cpu:
+        cpu_settings, onnx_settings = RerankSettings(backend="cpu"), RerankSettings(backend="onnx")
+        with Retriever(bundle, tmp_path / "idx", rerank=cpu_settings, encoder=encoder) as cpu:
             want = cpu.query(queries, top_k=5, rerank_k=5)
-        with Retriever(bundle, tmp_path / "idx", reranker="onnx", encoder=encoder) as graph:
+        with Retriever(bundle, tmp_path / "idx", rerank=onnx_settings, encoder=encoder) as graph:
             got = graph.query(queries, top_k=5, rerank_k=5)
     assert [r.reranked for r in got] == [r.reranked for r in want]
     assert any(h.matches > 0 for r in got for h in r.reranked or [])
     old = without_rerank_graph(tiny_bundle, tmp_path)
     with pytest.raises(BundleError, match="re-export"):
-        Retriever(old, tmp_path / "idx", reranker="onnx")
+        Retriever(old, tmp_path / "idx", rerank=onnx_settings)
 
 
 # --- on a GPU with onnxruntime-gpu only -------------------------------------------------------

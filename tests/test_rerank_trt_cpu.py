@@ -153,7 +153,7 @@ def test_trt_reranker_here_says_why_it_cannot_run(tiny_bundle: Path, tmp_path: P
 def test_build_refuses_a_bad_chunk_before_tensorrt_and_leaves_the_bundle(
     tiny_bundle: Path, tmp_path: Path
 ) -> None:
-    from fol_infer.cli.trt_command import build_bundle_engines
+    from fol_infer.export.bundle_engines import build_bundle_engines
 
     copy = tmp_path / "bundle"
     shutil.copytree(tiny_bundle, copy)
@@ -177,7 +177,7 @@ def test_rerank_engine_builds_and_counts_exactly_on_a_gpu(
         engines.current_gpu()
     except BackendUnavailableError as exc:
         pytest.skip(str(exc))
-    from fol_infer.cli.trt_command import build_bundle_engines
+    from fol_infer.export.bundle_engines import build_bundle_engines
     from fol_infer.rerank import count_mutual_matches
     from fol_infer.rerank.graph_check import check_rerank
 

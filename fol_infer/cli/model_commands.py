@@ -10,16 +10,11 @@ import typer
 from rich.table import Table
 
 from fol_infer.bundle import Bundle
-from fol_infer.cli.app import app, console, friendly_errors, stdout, untrained_banner
+from fol_infer.choices import EncoderBackend, Precision, RerankBackend
+from fol_infer.cli.app import app, console, friendly_errors, status, stdout, untrained_banner
+from fol_infer.cli.options import BackendOption, CheckpointOption, choice
 from fol_infer.errors import UsageError
-
-BackendOption = Annotated[
-    str, typer.Option("--backend", "-b", help="Encoder backend: onnx, torch or trt.")
-]
-CheckpointOption = Annotated[
-    Path | None,
-    typer.Option("--checkpoint", help="Checkpoint for the torch backend (default: the bundle's)."),
-]
+from fol_infer.images import DEFAULT_RESOLUTION
 
 
 @app.command("make-checkpoint")
@@ -47,11 +42,12 @@ def make_checkpoint(
 def export(
     checkpoint: Annotated[Path, typer.Argument(help="FoL checkpoint (.pth).")],
     out: Annotated[
-        Path | None, typer.Option("--out", "-o", help="Bundle folder [engines/<arch>-<res>].")
+        Path | None,
+        typer.Option("--out", "-o", help="Bundle folder (default: engines/<arch>-<res>)."),
     ] = None,
     resolution: Annotated[
-        str, typer.Option(help="Input size: 322 or HxW, multiples of 14, >= 210.")
-    ] = "322",
+        str, typer.Option(help="Input size: N or HxW, multiples of 14, >= 210.")
+    ] = str(DEFAULT_RESOLUTION),
     opset: Annotated[int, typer.Option(help="ONNX opset (>= 17).")] = 18,
     force: Annotated[bool, typer.Option(help="Replace an existing bundle folder.")] = False,
     trust_checkpoint: Annotated[
@@ -61,7 +57,9 @@ def export(
     trt: Annotated[
         bool, typer.Option("--trt", help="Also build TensorRT engines here (needs a GPU).")
     ] = False,
-    precision: Annotated[str, typer.Option(help="With --trt: fp16 or fp32 engines.")] = "fp16",
+    precision: Annotated[
+        Precision, choice(Precision, "With --trt: engine precision.", "--precision")
+    ] = Precision.FP16,
     max_batch: Annotated[int, typer.Option(help="With --trt: largest batch of the profile.")] = 32,
 ) -> None:
     """Export a checkpoint to a bundle: global.onnx, local.onnx, reference.npz, manifest."""
@@ -71,15 +69,9 @@ def export(
     from fol_infer.export.opcheck import check_bundle
 
     start = time.perf_counter()
-    with console.status("exporting") as spinner:
+    with status("exporting") as say:
         bundle = export_bundle(
-            checkpoint,
-            out,
-            resolution,
-            opset=opset,
-            force=force,
-            trust_checkpoint=trust_checkpoint,
-            progress=lambda msg: spinner.update(msg),
+            checkpoint, out, resolution, opset, force, trust_checkpoint, progress=say
         )
     reports = check_bundle(bundle)
     console.print(f"wrote {bundle} in {time.perf_counter() - start:.0f} s")
@@ -98,10 +90,11 @@ def export(
 @friendly_errors
 def verify(
     bundle_dir: Annotated[Path, typer.Argument(help="Bundle folder.")],
-    backend: BackendOption = "onnx",
+    backend: BackendOption = EncoderBackend.ONNX,
     checkpoint: CheckpointOption = None,
     precision: Annotated[
-        str | None, typer.Option(help="Tolerances: fp32 or fp16 [the engine's precision].")
+        Precision | None,
+        choice(Precision, "Tolerances (default: the engine's precision).", "--precision"),
     ] = None,
 ) -> None:
     """Re-run reference.npz through a backend; compare with PyTorch, and the re-rank graph (the
@@ -110,12 +103,10 @@ def verify(
     from fol_infer.parity import TOLERANCES
     from fol_infer.parity import verify as run_verify
 
-    if precision is not None and precision not in TOLERANCES:
-        raise UsageError(f"--precision must be one of {', '.join(TOLERANCES)}")
     bundle = Bundle.open(bundle_dir, verify="full")
     untrained_banner(bundle.manifest.trained)
     encoder = open_encoder(bundle, backend, checkpoint=checkpoint)
-    precision = precision or str(getattr(encoder, "precision", "fp32"))
+    precision = precision or encoder.precision
     try:
         report = run_verify(bundle, encoder, precision)
     finally:
@@ -149,7 +140,7 @@ def verify(
     console.print("[green]passed[/green]")
 
 
-def _rerank_row(bundle: Bundle, backend: str, table: Table) -> str:
+def _rerank_row(bundle: Bundle, backend: EncoderBackend, table: Table) -> str:
     """Check the bundle's re-ranker graph (or engine) and add its row; the failure, or ""."""
     from fol_infer.rerank.graph_check import check_rerank
 
@@ -159,7 +150,8 @@ def _rerank_row(bundle: Bundle, backend: str, table: Table) -> str:
             "re-export to re-rank with the onnx or trt re-rankers"
         )
         return ""
-    check = check_rerank(bundle, "trt" if backend == "trt" else "onnx")
+    graph = RerankBackend.TRT if backend == EncoderBackend.TRT else RerankBackend.ONNX
+    check = check_rerank(bundle, graph)
     table.add_row(f"{check.runner}: equal counts", f"{check.equal}/{check.pairs}", "all")
     return "" if check.passed else f"re-rank counts differ ({check.first_difference})"
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 import numpy as np
 
 from fol_infer.bundle import IMAGENET_MEAN, IMAGENET_STD
+from fol_infer.rerank.settings import DEFAULT_THRESHOLD
 
 REFERENCE_IMAGES = 2
 REFERENCE_SEED = 20250101
-RERANK_THRESHOLD = 0.7  # spec section 7
 
 
 def reference_images(resolution: tuple[int, int], count: int = REFERENCE_IMAGES) -> np.ndarray:
@@ -34,7 +34,7 @@ def reference_images(resolution: tuple[int, int], count: int = REFERENCE_IMAGES)
 
 
 def reference_rerank_counts(
-    tokens: np.ndarray, counts: np.ndarray, threshold: float = RERANK_THRESHOLD
+    tokens: np.ndarray, counts: np.ndarray, threshold: float = DEFAULT_THRESHOLD
 ) -> dict[str, np.ndarray]:
     """The CPU re-ranker's counts on the reference tokens, which `verify` holds rerank.onnx and
     the rerank engine to: (images, sets) int64 for the sets of ``rerank_graph.reference_sets``,

@@ -1,12 +1,12 @@
 """Re-ranking: count mutual nearest-neighbour token matches (spec section 7), one entry point.
 
-``count_mutual_matches`` / ``count_mutual_matches_many`` validate their inputs once, then hand
-them to a backend: ``cpu`` (numpy, bounded memory), ``triton`` (CUDA GPU), ``onnx`` (the
-bundle's rerank.onnx in ONNX Runtime, CUDA or CPU), ``trt`` (the bundle's rerank engine),
-``torch`` (the published formulation, kept as the baseline), or ``auto``: triton when a working
-CUDA GPU is there, else the bundle's rerank engine when TensorRT loads it (Jetson), else cpu.
-Backends are imported lazily, so importing this package never pulls in torch, triton or
-tensorrt.
+``score_many`` validates its inputs once, then hands them to the backend its `RerankSettings`
+names (``count_mutual_matches`` / ``count_mutual_matches_many`` build the settings for you):
+``cpu`` (numpy, bounded memory), ``triton`` (CUDA GPU), ``onnx`` (the bundle's rerank.onnx in
+ONNX Runtime, CUDA or CPU), ``trt`` (the bundle's rerank engine), ``torch`` (the published
+formulation, kept as the baseline), or ``auto``: triton when a working CUDA GPU is there, else
+the bundle's rerank engine when TensorRT loads it (Jetson), else cpu. Backends are imported
+lazily, so importing this package never pulls in torch, triton or tensorrt.
 ``count_mutual_matches_certified`` gives the same scores from int8 database tokens plus the
 few float32 rows that their error bound cannot decide (``certified.py``).
 """
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import math
 import os
 from collections.abc import Callable, Sequence
 from functools import cache
@@ -23,23 +22,26 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from fol_infer.choices import RerankBackend
 from fol_infer.errors import BackendUnavailableError, UsageError
 from fol_infer.rerank.certified import CertifiedScores, count_mutual_matches_certified
 from fol_infer.rerank.cpu import count_mutual_matches_many_cpu
+from fol_infer.rerank.settings import DEFAULT_THRESHOLD, RerankSettings
 
 if TYPE_CHECKING:
     from fol_infer.bundle import Bundle
 
 __all__ = [
-    "BACKENDS",
+    "DEFAULT_THRESHOLD",
     "CertifiedScores",
+    "RerankSettings",
     "count_mutual_matches",
     "count_mutual_matches_certified",
     "count_mutual_matches_many",
     "rerank_order",
+    "score_many",
 ]
 
-BACKENDS = ("auto", "cpu", "triton", "torch", "onnx", "trt")
 _GPU_INSTALL_HINT = (
     "install triton and a CUDA build of torch (pip install 'fol-infer[gpu]') on a machine with "
     "an NVIDIA GPU, or use backend='cpu'"
@@ -47,14 +49,14 @@ _GPU_INSTALL_HINT = (
 _log = logging.getLogger(__name__)
 _fallback_noted = False  # the auto -> cpu notice is logged once per process
 
-Many = Callable[[list[np.ndarray], list[list[np.ndarray]], float], list[np.ndarray]]
+Many = Callable[[list[np.ndarray], list[list[np.ndarray]], RerankSettings], list[np.ndarray]]
 
 
 def count_mutual_matches(
     query: np.ndarray,
     candidates: Sequence[np.ndarray],
-    threshold: float = 0.7,
-    backend: str = "auto",
+    threshold: float = DEFAULT_THRESHOLD,
+    backend: RerankBackend | str = RerankBackend.AUTO,
     bundle: Bundle | None = None,
 ) -> np.ndarray:
     """Score of each candidate against one query: int64 (K,).
@@ -74,26 +76,28 @@ def count_mutual_matches(
 def count_mutual_matches_many(
     queries: Sequence[np.ndarray],
     candidate_lists: Sequence[Sequence[np.ndarray]],
-    threshold: float = 0.7,
-    backend: str = "auto",
+    threshold: float = DEFAULT_THRESHOLD,
+    backend: RerankBackend | str = RerankBackend.AUTO,
     bundle: Bundle | None = None,
 ) -> list[np.ndarray]:
     """``count_mutual_matches`` for several queries at once, each with its own candidates.
 
     Batching lets a backend spread all (query, candidate) pairs over every core or the GPU.
     """
-    if backend not in BACKENDS:
-        raise UsageError(
-            f"unknown re-ranking backend {backend!r}: use one of {', '.join(BACKENDS)}"
-        )
-    if not isinstance(threshold, (int, float, np.integer, np.floating)) or not math.isfinite(
-        threshold
-    ):
-        raise UsageError(
-            f"re-ranking threshold must be a finite number (e.g. 0.7), got {threshold!r}"
-        )
+    settings = RerankSettings(threshold, RerankBackend.parse(backend, "re-ranking backend"))
+    return score_many(queries, candidate_lists, settings, bundle)
+
+
+def score_many(
+    queries: Sequence[np.ndarray],
+    candidate_lists: Sequence[Sequence[np.ndarray]],
+    settings: RerankSettings,
+    bundle: Bundle | None = None,
+) -> list[np.ndarray]:
+    """Match counts under ``settings``: inputs checked once, then handed to its backend
+    (``bundle``: where the onnx and trt backends find rerank.onnx and its engine)."""
     qs, cls = _validated(queries, candidate_lists)
-    scores = _backend(backend, bundle)(qs, cls, float(threshold))
+    scores = _backend(settings.backend, bundle)(qs, cls, settings)
     return [np.asarray(s, np.int64).reshape(len(c)) for s, c in zip(scores, cls, strict=True)]
 
 
@@ -153,22 +157,28 @@ def _all_finite(arr: np.ndarray) -> bool:
     return int(magnitude.max()) < inf_bits
 
 
-def _backend(name: str, bundle: Bundle | None) -> Many:
-    """The scoring function for a backend name; 'auto' resolves (and may notice) here."""
-    if name == "cpu":
-        return count_mutual_matches_many_cpu
-    if name == "torch":
+def _cpu(qs: list[np.ndarray], cls: list[list[np.ndarray]], s: RerankSettings) -> list[np.ndarray]:
+    return count_mutual_matches_many_cpu(
+        qs, cls, s.threshold, block_bytes=s.block_bytes, workers=s.workers
+    )
+
+
+def _backend(name: RerankBackend, bundle: Bundle | None) -> Many:
+    """The scoring function for a backend; 'auto' resolves (and may notice) here."""
+    if name == RerankBackend.CPU:
+        return _cpu
+    if name == RerankBackend.TORCH:
         return _torch_backend()
-    if name == "onnx":
+    if name == RerankBackend.ONNX:
         return _onnx_backend(bundle)
-    if name == "trt":
+    if name == RerankBackend.TRT:
         return _trt_backend(bundle)
     reason = _triton_unavailable_reason()
     if reason is None:
         from fol_infer.rerank.triton_kernel import count_mutual_matches_many_triton
 
-        return count_mutual_matches_many_triton
-    if name == "triton":
+        return lambda qs, cls, s: count_mutual_matches_many_triton(qs, cls, s.threshold)
+    if name == RerankBackend.TRITON:
         raise BackendUnavailableError(
             f"re-ranking backend 'triton' is unavailable ({reason}): {_GPU_INSTALL_HINT}"
         )
@@ -184,22 +194,23 @@ def _backend(name: str, bundle: Bundle | None) -> Many:
             reason,
             trt_reason,
         )
-    return count_mutual_matches_many_cpu
+    return _cpu
 
 
 def _onnx_backend(bundle: Bundle | None) -> Many:
     """rerank.onnx of the bundle, or the same graph built in memory for the inputs' sizes."""
     from fol_infer.rerank.onnx_runner import adhoc_reranker, bundle_reranker
 
-    if bundle is not None:
-        return bundle_reranker(bundle).count_many
-
-    def run(qs: list[np.ndarray], cls: list[list[np.ndarray]], thr: float) -> list[np.ndarray]:
+    def run(
+        qs: list[np.ndarray], cls: list[list[np.ndarray]], s: RerankSettings
+    ) -> list[np.ndarray]:
+        if bundle is not None:
+            return bundle_reranker(bundle).count_many(qs, cls, s.threshold)
         sets = [*qs, *(c for cands in cls for c in cands)]
         if not any(len(c) for c in cls):  # nothing to score: no graph needed
             return [np.zeros(len(c), np.int64) for c in cls]
-        runner = adhoc_reranker(max(len(s) for s in sets), sets[0].shape[1])
-        return runner.count_many(qs, cls, thr)
+        runner = adhoc_reranker(max(len(x) for x in sets), sets[0].shape[1])
+        return runner.count_many(qs, cls, s.threshold)
 
     return run
 
@@ -212,7 +223,8 @@ def _trt_backend(bundle: Bundle | None) -> Many:
         )
     from fol_infer.rerank.trt_runner import bundle_trt_reranker
 
-    return bundle_trt_reranker(bundle).count_many
+    runner = bundle_trt_reranker(bundle)
+    return lambda qs, cls, s: runner.count_many(qs, cls, s.threshold)
 
 
 def _trt_unavailable_reason(bundle: Bundle) -> str | None:
@@ -234,7 +246,7 @@ def _torch_backend() -> Many:
     from fol_infer.rerank.torch_published import count_mutual_matches_many_torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    return lambda qs, cls, thr: count_mutual_matches_many_torch(qs, cls, thr, device=device)
+    return lambda qs, cls, s: count_mutual_matches_many_torch(qs, cls, s.threshold, device=device)
 
 
 @cache
@@ -257,7 +269,7 @@ def _triton_unavailable_reason() -> str | None:
         if not usable:
             return why
         probe = np.eye(2, 4, dtype=np.float32)
-        got = count_mutual_matches_many_triton([probe], [[probe, probe[:1]]], 0.7)
+        got = count_mutual_matches_many_triton([probe], [[probe, probe[:1]]], DEFAULT_THRESHOLD)
         if [int(x) for x in got[0]] != [2, 1]:
             return f"its smoke test scored {list(got[0])} instead of [2, 1]"
     except Exception as exc:  # any failure means the optional engine is unusable here

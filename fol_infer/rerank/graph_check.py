@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fol_infer.bundle import Bundle
+from fol_infer.choices import RerankBackend
 from fol_infer.errors import BundleError
 from fol_infer.export.rerank_graph import reference_sets
 from fol_infer.rerank.chunks import ChunkedReranker
@@ -32,7 +33,7 @@ class RerankCheck:
         return self.pairs > 0 and self.equal == self.pairs
 
 
-def check_rerank(bundle: Bundle, backend: str = "onnx") -> RerankCheck:
+def check_rerank(bundle: Bundle, backend: RerankBackend = RerankBackend.ONNX) -> RerankCheck:
     """Run the bundle's re-rank graph ("onnx") or engine ("trt") on the reference sets."""
     from fol_infer.parity import load_reference
 
@@ -44,7 +45,7 @@ def check_rerank(bundle: Bundle, backend: str = "onnx") -> RerankCheck:
         )
     runner: ChunkedReranker
     formats: tuple[str, ...]
-    if backend == "trt":
+    if backend == RerankBackend.TRT:
         from fol_infer.rerank.trt_runner import bundle_trt_reranker
 
         runner, name, formats = bundle_trt_reranker(bundle), "rerank engine", ("fp16",)
