@@ -194,3 +194,29 @@ def test_rerank_engine_builds_and_counts_exactly_on_a_gpu(
     want = count_mutual_matches(q, cands, 0.5, backend="cpu")
     np.testing.assert_array_equal(count_mutual_matches(q, cands, 0.5, "trt", bundle), want)
     np.testing.assert_array_equal(count_mutual_matches(q, cands, 0.5, "auto", bundle), want)
+
+
+def test_auto_picks_the_rerank_engine_where_tensorrt_loads_it_and_triton_does_not(
+    tiny_bundle: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The Jetson case, with the engine replaced by a stand-in that scores on the CPU."""
+    import fol_infer.rerank as rerank
+    from fol_infer.rerank import count_mutual_matches, trt_runner
+
+    calls: list[int] = []
+
+    class StandIn:
+        def count_many(self, qs, cls, threshold):  # type: ignore[no-untyped-def]
+            calls.append(len(cls[0]))
+            return count_mutual_matches_many_cpu(qs, cls, threshold)
+
+    bundle = Bundle.open(tiny_bundle)
+    q = np.eye(4, 128, dtype=np.float32)
+    monkeypatch.setattr(rerank, "_triton_unavailable_reason", lambda: "no NVIDIA GPU found")
+    monkeypatch.setattr(trt_runner, "trt_unavailable_reason", lambda b: None)
+    monkeypatch.setattr(trt_runner, "bundle_trt_reranker", lambda b: StandIn())
+    assert count_mutual_matches(q, [q, q[:1]], backend="auto", bundle=bundle).tolist() == [4, 1]
+    assert calls == [2]
+    monkeypatch.setattr(trt_runner, "trt_unavailable_reason", lambda b: "no rerank engine")
+    assert count_mutual_matches(q, [q], backend="auto", bundle=bundle).tolist() == [4]
+    assert calls == [2]  # the CPU re-ranker scored it

@@ -3,9 +3,9 @@
 For users with onnxruntime-gpu and no triton (Windows, servers), and a CPU fallback that needs
 nothing beyond the runtime's own dependencies. Through an IOBinding the query's tokens go to the
 provider's device once per query; candidates follow a chunk at a time, so memory is bounded by
-the chunk. The next chunk is packed on a helper thread while the current one runs; the copy to
-the GPU itself happens inside ONNX Runtime's run and is not overlapped with compute (its Python
-API offers no asynchronous copy).
+the chunk; TF32 is switched off, so S is float32 on the GPU too. The next chunk is packed on a
+helper thread while the current one runs; the copy to the GPU itself happens inside ONNX
+Runtime's run and is not overlapped with compute (its Python API offers no asynchronous copy).
 """
 
 from __future__ import annotations
@@ -57,9 +57,11 @@ class OnnxReranker(ChunkedReranker):
         if threads:
             options.intra_op_num_threads = threads
         source = str(model) if isinstance(model, Path) else model
-        self._session = ort.InferenceSession(
-            source, options, providers=list(providers or default_providers())
-        )
+        # The CUDA provider's float32 MatMul uses TF32 unless told not to: S must be float32.
+        chosen = [
+            (p, {"use_tf32": "0"}) if p == CUDA else p for p in providers or default_providers()
+        ]
+        self._session = ort.InferenceSession(source, options, providers=chosen)
         self.provider = self._session.get_providers()[0]
         self._device = "cuda" if self.provider == CUDA else "cpu"
         inputs = {i.name: i for i in self._session.get_inputs()}
