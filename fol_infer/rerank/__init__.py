@@ -182,18 +182,16 @@ def _backend(name: RerankBackend, bundle: Bundle | None) -> Many:
         raise BackendUnavailableError(
             f"re-ranking backend 'triton' is unavailable ({reason}): {_GPU_INSTALL_HINT}"
         )
-    trt_reason = "no bundle given" if bundle is None else _trt_unavailable_reason(bundle)
-    if trt_reason is None:
-        return _trt_backend(bundle)
+    why = f"the triton backend is unavailable ({reason})"
+    if bundle is not None:
+        trt_reason = _trt_unavailable_reason(bundle)
+        if trt_reason is None:
+            return _trt_backend(bundle)
+        why += f", and so is the bundle's TensorRT rerank engine ({trt_reason})"
     global _fallback_noted
     if not _fallback_noted:
         _fallback_noted = True
-        _log.warning(
-            "re-ranking on the CPU: the triton backend is unavailable (%s), and so is the "
-            "bundle's TensorRT rerank engine (%s)",
-            reason,
-            trt_reason,
-        )
+        _log.warning("re-ranking on the CPU: %s", why)
     return _cpu
 
 
