@@ -326,3 +326,58 @@ def test_pin_fp32_sets_precision_and_float_output_types_only(
         assert set(layer.output_types) == floats and set(layer.output_types.values()) <= {"FLOAT"}
     squares = [layer for layer in network.layers if layer.name.startswith(layer_pins.UNNAMED)]
     assert len(squares) == 3 and all(s.output_types == {0: "FLOAT"} for s in squares)
+
+
+def test_build_trt_prints_the_report_and_keeps_the_pins_beside_the_engine(
+    tiny_bundle_322: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """build-trt end to end with the TensorRT calls replaced: the importer layout, no GPU."""
+    import json
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from fol_infer.cli import app, trt_command  # noqa: F401  (registers build-trt)
+    from fol_infer.export import engines
+
+    def build(source: Path, shapes: Any, options: Any, fp32: Any, say: Any) -> Any:
+        result = trt_build.BuildResult(engine=b"engine for " + source.name.encode())
+        if fp32 is not None:
+            result.pins = layer_pins.plan_pins(ImporterLayout(onnx.load(str(source))).layers, fp32)
+            result.notes = result.pins.lines(source.stem)
+        return result
+
+    class Session:
+        def __init__(self, data: bytes, path: Path, rebuild: str) -> None:
+            pass
+
+        def layer_info(self) -> str:
+            return '{"Layers": []}'
+
+        def close(self) -> None:
+            pass
+
+    monkeypatch.setattr(trt_build, "require_tensorrt", lambda: "10.13.0.35")
+    monkeypatch.setattr(trt_build, "build_engine", build)
+    monkeypatch.setattr(trt_build, "EngineSession", Session)
+    monkeypatch.setattr(engines, "current_gpu", lambda: engines.GpuInfo("GPU", "9.0", "12.8"))
+    copy = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle_322, copy)
+    result = CliRunner().invoke(app, ["build-trt", str(copy), "--max-batch", "2"])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())  # rich wraps long lines
+    assert "global: 3 of them added by the parser without an ONNX node" in text
+    assert "local: 1 of them added by the parser" in text
+    assert "(1 comparison: fp32 inputs, bool outputs; 2 rankings: fp32 values" in text
+    pins = json.loads((copy / "local.fp16.engine").with_suffix(".pins.json").read_text())
+    assert set(pins["nodes"].values()) == {"pinned", "comparison", "float outputs only"}
+    result = CliRunner().invoke(app, ["build-trt", str(copy), "--precision", "fp32"])
+    assert result.exit_code == 0, result.output
+    left = sorted(p.name for p in copy.iterdir() if "engine" in p.name or p.suffix == ".json")
+    assert left == [
+        "global.fp32.engine",
+        "global.fp32.layers.json",
+        "local.fp32.engine",
+        "local.fp32.layers.json",
+        "manifest.json",
+    ]
