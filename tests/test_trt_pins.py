@@ -155,9 +155,16 @@ def test_an_unregistered_chain_pins_backwards_but_not_past_registered_layers() -
         LayerView(2, "(Unnamed Layer* 2) [ElementWise]", "", "ELEMENTWISE", (f("b"),), (f("c"),)),
         LayerView(3, "node_sum", "[ONNX Layer: node_sum]", "REDUCE", (f("c"),), (f("y"),)),
         LayerView(4, "(Unnamed Layer* 4) [ElementWise]", "", "ELEMENTWISE", (f("x"),), (f("z"),)),
+        LayerView(
+            5, "(Unnamed Layer* 5) [Cast]", "", "CAST", (TensorView("i", "INT32"),), (f("v"),)
+        ),
+        LayerView(
+            6, "node_mul", "[ONNX Layer: node_mul]", "ELEMENTWISE", (f("v"), f("y")), (f("w"),)
+        ),
     ]
-    report = layer_pins.plan_pins(layers, {"node_sum": ("y",)})
-    assert [p.layer for p in report.pins] == [1, 2, 3]  # not the matmul, not the unrelated one
+    report = layer_pins.plan_pins(layers, {"node_sum": ("y",), "node_mul": ("w",)})
+    # not the matmul, not the unrelated layer, not the exact cast from integers
+    assert [p.layer for p in report.pins] == [1, 2, 3, 6]
     assert report.via_consumer == [
         "(Unnamed Layer* 1) [Shuffle]",
         "(Unnamed Layer* 2) [ElementWise]",

@@ -6,7 +6,7 @@ element-wise layer that the parser never registers (no `[ONNX Layer: ...]` metad
 default "(Unnamed Layer* N)" name) feeding the registered reduction, so a plan matched by name
 alone would leave every square in fp16, where it overflows for |x| > 255. Layers are therefore
 matched to nodes by the parser's metadata (or names, or output tensors), and an unregistered
-layer is pinned when it feeds a pinned layer.
+layer computing on floats is pinned when it feeds a pinned layer.
 
 With `OBEY_PRECISION_CONSTRAINTS` a constraint no implementation meets fails the build, so
 layers that cannot honour one are skipped, as Polygraphy's `debug precision` skips them:
@@ -199,6 +199,8 @@ def plan_pins(layers: Sequence[LayerView], fp32: Mapping[str, Sequence[str]]) ->
     via: list[str] = []
     for layer in reversed(layers):  # layers come in topological order: chains pin backwards
         if layer.index in pins or registered(layer) or skip_reason(layer) is not None:
+            continue
+        if not any(t.dtype in FLOATS for t in layer.inputs):  # a cast from integers: exact
             continue
         if any(pins.keys() & consumers.get(t.name, set()) for t in layer.outputs):
             pins[layer.index] = _pin(layer)
