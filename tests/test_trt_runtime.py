@@ -253,15 +253,23 @@ class FakeConfig:
         return True
 
 
-@pytest.mark.parametrize("old", [b"unreadable", b"other gpu"])
-def test_a_timing_cache_from_another_version_or_gpu_is_rebuilt(tmp_path: Path, old: bytes) -> None:
+@pytest.mark.parametrize(
+    ("old", "why"),
+    [
+        (b"unreadable", "cannot be read by this TensorRT"),
+        (b"other gpu", "was made for another GPU"),
+    ],
+)
+def test_a_timing_cache_from_another_version_or_gpu_is_rebuilt(
+    tmp_path: Path, old: bytes, why: str
+) -> None:
     path = tmp_path / "timing.cache"
     path.write_bytes(old)
     config = FakeConfig()
-    why = trt_build.attach_timing_cache(config, path)  # type: ignore[arg-type]
-    assert why == (
-        f"timing cache {path} was written by another TensorRT version or GPU: starting a new "
-        "one (it replaces the file after the build)"
+    said = trt_build.attach_timing_cache(config, path)  # type: ignore[arg-type]
+    assert said == (
+        f"timing cache {path} {why} (another TensorRT version, or damaged): starting a new one, "
+        "which replaces the file after the build"
     )
     assert config.cache == b"" and path.read_bytes() == old  # replaced only after a build
 

@@ -129,7 +129,10 @@ _LOGGER: Any = None
 
 
 def _logger() -> Any:
-    """The process's one TensorRT logger (one per Builder/Runtime crashed JetPack 6's 10.3).
+    """The process's one TensorRT logger, shared by every Builder, parser and Runtime.
+
+    A new logger per object is reported to crash TensorRT 10.3 on JetPack 6 (NVIDIA/TensorRT
+    #4134), and TensorRT keeps using the first one it was given anyway.
 
     It keeps warnings and errors for the messages raised here; `take` hands over those seen
     since the last call.
@@ -211,12 +214,13 @@ def attach_timing_cache(config: trt.IBuilderConfig, path: Path | None) -> str | 
     cache = config.create_timing_cache(data)
     if cache is not None and config.set_timing_cache(cache, False):
         return None
+    why = "cannot be read by this TensorRT" if cache is None else "was made for another GPU"
     empty = config.create_timing_cache(b"") if data else None
     if empty is None or not config.set_timing_cache(empty, False):
         raise EngineError("TensorRT could not create an empty timing cache (see the log with -v)")
     return (
-        f"timing cache {path} was written by another TensorRT version or GPU: "
-        "starting a new one (it replaces the file after the build)"
+        f"timing cache {path} {why} (another TensorRT version, or damaged): starting a new one, "
+        "which replaces the file after the build"
     )
 
 
