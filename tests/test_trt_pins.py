@@ -388,3 +388,14 @@ def test_build_trt_prints_the_report_and_keeps_the_pins_beside_the_engine(
         "local.fp32.layers.json",
         "manifest.json",
     ]
+
+
+def test_network_views_skip_absent_optional_inputs() -> None:
+    f = TensorView("x", "FLOAT")
+    network = FakeNetwork(
+        [LayerView(0, "node_slice", "[ONNX Layer: node_slice]", "SLICE", (f,), (f,))]
+    )
+    network.layers[0]._inputs.append(None)  # type: ignore[arg-type]  (get_input's None)
+    network.layers[0].num_inputs = 2
+    (view,) = trt_build.network_layers(network)  # type: ignore[arg-type]
+    assert view.inputs == (f,) and view.kind == "SLICE" and view.metadata.endswith("node_slice]")
