@@ -377,7 +377,7 @@ def test_trt_backend_here_says_what_is_missing(tiny_bundle: Path) -> None:
 def test_build_checks_arguments_first_and_leaves_the_bundle_alone(
     tiny_bundle: Path, tmp_path: Path
 ) -> None:
-    from fol_infer.cli.trt_command import build_bundle_engines
+    from fol_infer.export.bundle_engines import build_bundle_engines
 
     copy = tmp_path / "bundle"
     shutil.copytree(tiny_bundle, copy)

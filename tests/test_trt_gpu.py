@@ -35,7 +35,7 @@ MAX_BATCH = 2
 @pytest.fixture(scope="module")
 def built(tiny_bundle_322: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """The tiny bundle built twice: fp16 (constraints on TensorRT 10) and fp32."""
-    from fol_infer.cli.trt_command import build_bundle_engines
+    from fol_infer.export.bundle_engines import build_bundle_engines
 
     out = tmp_path_factory.mktemp("trt")
     folders = {}

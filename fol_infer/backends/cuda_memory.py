@@ -10,13 +10,13 @@ from __future__ import annotations
 import ctypes
 import logging
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, Protocol, get_args
 
 import numpy as np
 
+from fol_infer.choices import TrtMemory
 from fol_infer.errors import BackendUnavailableError, EngineError, UsageError
 
-MEMORY = ("auto", "cuda-python", "torch")
 log = logging.getLogger(__name__)
 
 
@@ -215,8 +215,8 @@ class _TorchCuda:
 
 def open_memory(kind: str, device: int) -> DeviceMemory:
     """cuda-python first (no torch on Jetson), torch's CUDA otherwise."""
-    if kind not in MEMORY:
-        raise UsageError(f"memory must be one of {', '.join(MEMORY)}, not {kind!r}")
+    if kind not in get_args(TrtMemory):
+        raise UsageError(f"memory must be one of {', '.join(get_args(TrtMemory))}, not {kind!r}")
     if kind in ("auto", "cuda-python"):
         try:
             return _CudaPython(device)

@@ -13,7 +13,7 @@ major version are read with getattr.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,11 +22,12 @@ import numpy as np
 
 from fol_infer.errors import BackendUnavailableError, BundleError, EngineError, FolInferError
 from fol_infer.export.layer_pins import LayerView, PinReport, TensorView, plan_pins
+from fol_infer.fileio import atomic_write_bytes
+from fol_infer.progress import Progress, silent
 
 if TYPE_CHECKING:
     import tensorrt as trt
 
-Progress = Callable[[str], None]
 _MEMORY_WORDS = ("workspace", "insufficient", "out of memory", "memoryallocation")
 JETSON_RELEASE = Path("/etc/nv_tegra_release")  # present on L4T (JetPack) systems only
 
@@ -239,7 +240,7 @@ def build_engine(
     version = require_tensorrt()
     import tensorrt as trt
 
-    say = progress or (lambda _msg: None)
+    say = progress or silent
     trt11 = major(version) >= 11
     constraints = options.precision == "fp16" and not options.strongly_typed
     if constraints and trt11:
@@ -294,7 +295,7 @@ def build_engine(
     if plan is None:
         raise EngineError(build_failure_message(onnx_path, logger.take(), options.workspace_gib))
     if cache_path is not None:
-        cache_path.write_bytes(bytes(config.get_timing_cache().serialize()))
+        atomic_write_bytes(cache_path, bytes(config.get_timing_cache().serialize()))
     result.engine = bytes(plan)
     return result
 
