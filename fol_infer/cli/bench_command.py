@@ -11,6 +11,7 @@ from fol_infer.choices import EncoderBackend, RerankBackend, TokenFormat
 from fol_infer.cli.app import app, console, friendly_errors, stdout
 from fol_infer.cli.options import RerankerOption, ThresholdOption, choice, tokens_option
 from fol_infer.errors import UsageError
+from fol_infer.fileio import atomic_write_bytes
 from fol_infer.images import DEFAULT_RESOLUTION
 from fol_infer.rerank.settings import DEFAULT_THRESHOLD, RerankSettings
 
@@ -90,7 +91,7 @@ def bench(
     if json_out:
         write_json(report, json_out)
     if markdown_out:
-        markdown_out.write_text(markdown(report))
+        atomic_write_bytes(markdown_out, markdown(report).encode())
     if plot:
         png(report, plot)
     if interrupted:
