@@ -25,13 +25,14 @@ from fol_infer.bundle import Bundle
 from fol_infer.choices import EncoderBackend, TokenFormat
 from fol_infer.errors import UsageError
 from fol_infer.images import DEFAULT_RESOLUTION
+from fol_infer.model.arch import MAX_TOKENS, TOKEN_DIM
 from fol_infer.pipeline import STAGES, QueryResult, Retriever
 from fol_infer.progress import Progress
 from fol_infer.rerank.settings import RerankSettings
 
 SCHEMA_VERSION = 1
 RERANK_DEPTHS = (1, 5, 10, 25, 50, 100)
-PUBLISHED_BYTES_PER_IMAGE = 3600 * 128 * 4
+PUBLISHED_BYTES_PER_IMAGE = MAX_TOKENS * TOKEN_DIM * 4  # zero-padded float32
 
 
 @dataclass
