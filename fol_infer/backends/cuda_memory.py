@@ -14,9 +14,10 @@ from typing import Any, Protocol, get_args
 
 import numpy as np
 
-from fol_infer.choices import TrtMemory
+from fol_infer.choices import DeviceMemory
 from fol_infer.errors import BackendUnavailableError, EngineError, UsageError
 
+MEMORY: tuple[DeviceMemory, ...] = get_args(DeviceMemory)
 log = logging.getLogger(__name__)
 
 
@@ -33,7 +34,7 @@ def native_handle(obj: Any) -> int:
     return int(get_cuda_native_handle(obj))
 
 
-class DeviceMemory(Protocol):
+class GpuMemory(Protocol):
     stream: int
 
     def device(self, nbytes: int) -> int: ...
@@ -213,10 +214,10 @@ class _TorchCuda:
         self._tensors.clear()
 
 
-def open_memory(kind: str, device: int) -> DeviceMemory:
+def open_memory(kind: DeviceMemory | str, device: int) -> GpuMemory:
     """cuda-python first (no torch on Jetson), torch's CUDA otherwise."""
-    if kind not in get_args(TrtMemory):
-        raise UsageError(f"memory must be one of {', '.join(get_args(TrtMemory))}, not {kind!r}")
+    if kind not in MEMORY:
+        raise UsageError(f"memory must be one of {', '.join(MEMORY)}, not {kind!r}")
     if kind in ("auto", "cuda-python"):
         try:
             return _CudaPython(device)

@@ -21,7 +21,7 @@ import numpy as np
 from fol_infer.backends.base import Encoder, EncoderOutput, GlobalOutput, LocalOutput
 from fol_infer.backends.cuda_memory import GraphCaptureFailed, log, open_memory
 from fol_infer.bundle import Bundle
-from fol_infer.choices import Precision
+from fol_infer.choices import DeviceMemory, Precision
 from fol_infer.errors import BundleError
 from fol_infer.export.engines import (
     check_batch,
@@ -83,7 +83,11 @@ class TrtEncoder(Encoder):
     name = "trt"
 
     def __init__(
-        self, bundle: Bundle, device: int = 0, cuda_graph: bool = False, memory: str = "auto"
+        self,
+        bundle: Bundle,
+        device: int = 0,
+        cuda_graph: bool = False,
+        memory: DeviceMemory = "auto",
     ) -> None:
         version = require_tensorrt()
         gpu = current_gpu(device)

@@ -18,6 +18,7 @@ from pathlib import Path
 from fol_infer.choices import EngineBuildMode, Precision
 from fol_infer.errors import UsageError
 from fol_infer.export.engines import EngineRecord, Profile
+from fol_infer.fileio import fsync_dir
 from fol_infer.progress import Progress, silent
 
 
@@ -136,6 +137,7 @@ def build_bundle_engines(
                     os.replace(Path(tmp) / name, bundle.folder / name)
                 else:  # no pins for this build: an older build's must not describe it
                     (bundle.folder / name).unlink(missing_ok=True)
+        fsync_dir(bundle.folder)
     old = {r.get("file") for r in bundle.manifest.engines.values()} - {
         r.file for r in records.values()
     }

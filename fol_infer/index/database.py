@@ -34,7 +34,6 @@ from fol_infer.index.global_index import GlobalIndex
 from fol_infer.index.metadata import IndexMetadata
 from fol_infer.index.token_store import TokenStore
 from fol_infer.loader import iter_batches
-from fol_infer.model.arch import GLOBAL_DIM
 from fol_infer.progress import Advance
 
 METADATA, DESCRIPTORS, TOKENS, FAISS_FILE = "index.json", "descriptors", "tokens", "global.faiss"
@@ -117,7 +116,7 @@ def _open_stores(
 def _faiss_from_descriptors(
     descriptors: TokenStore, factory: str, device: FaissDevice
 ) -> GlobalIndex:
-    index = GlobalIndex.create(GLOBAL_DIM, factory, device=device)
+    index = GlobalIndex.create(descriptors.dim, factory, device=device)
     _extend(index, descriptors, 0)
     return index
 
@@ -172,9 +171,12 @@ def build_index(
             settings=settings.to_dict()
             | {"resolution": list(bundle.resolution), "complete": False},
         )
-        descriptors = TokenStore.create(work / DESCRIPTORS, dtype="fp32", dim=GLOBAL_DIM)
+        manifest = bundle.manifest  # store widths as the graphs were exported
+        descriptors = TokenStore.create(
+            work / DESCRIPTORS, dtype="fp32", dim=manifest.descriptor_dim
+        )
         token_stores = [
-            TokenStore.create(work / name, dtype=dtype)
+            TokenStore.create(work / name, dtype=dtype, dim=manifest.token_dim)
             for name, dtype in _token_layout(settings.tokens)
         ]
         meta.save(work / METADATA)
@@ -214,6 +216,14 @@ def build_index(
     report.total = len(meta.paths)
     report.seconds = time.perf_counter() - start
     return report
+
+
+def recorded_bundle(index_dir: str | Path) -> Path:
+    """The bundle folder an index was built with, as its metadata records it."""
+    path = Path(index_dir) / METADATA
+    if not path.is_file():
+        raise UsageError(f"{index_dir} is not an index (no {METADATA})")
+    return Path(IndexMetadata.load(path).bundle_name)
 
 
 def _check_settings(meta: IndexMetadata, settings: BuildSettings, folder: Path) -> None:
