@@ -14,7 +14,7 @@ import typer
 from rich.table import Table
 
 from fol_infer.choices import Precision
-from fol_infer.cli.app import app, friendly_errors, status, stdout
+from fol_infer.cli.app import app, console, friendly_errors, status, stdout
 from fol_infer.cli.options import choice
 from fol_infer.export.rerank_engine import DEFAULT_RERANK_CHUNK
 
@@ -87,7 +87,8 @@ def build_and_report(
             say,
             opt_batch,
             strongly_typed,
-            rerank_chunk,
+            notes=lambda line: console.print(line, markup=False, highlight=False),
+            rerank_chunk=rerank_chunk,
         )
     table = Table(title=f"{bundle_dir}: TensorRT engines ({time.perf_counter() - start:.0f} s)")
     for column in ("graph", "file", "MiB", "precision", "batch", "fp32 nodes", "TensorRT", "GPU"):

@@ -10,16 +10,22 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import json
 import os
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fol_infer.choices import EngineBuildMode, Precision
 from fol_infer.errors import UsageError
 from fol_infer.export.engines import EngineRecord, Profile
 from fol_infer.export.rerank_engine import DEFAULT_RERANK_CHUNK, chunk_profile
+from fol_infer.fileio import fsync_dir
 from fol_infer.progress import Progress, silent
+
+if TYPE_CHECKING:
+    from fol_infer.export.trt_build import BuildResult
 
 
 def build_bundle_engines(
@@ -31,22 +37,26 @@ def build_bundle_engines(
     progress: Progress | None = None,
     opt_batch: int | None = None,
     strongly_typed: bool = False,
+    notes: Progress | None = None,
     rerank_chunk: int = DEFAULT_RERANK_CHUNK,
 ) -> dict[str, EngineRecord]:
     """Build, write and record one engine per graph; returns the new records by graph name.
 
     fp16 keeps the precision plan's nodes fp32: per-layer constraints on TensorRT 10, a
     mixed-precision graph built strongly typed on TensorRT 11 (or on 10 with `strongly_typed`).
-    The rerank engine (float16 candidates, float32 arithmetic) takes up to `rerank_chunk`
-    candidates a run; a bundle exported before rerank.onnx existed gets none, with a note.
+    `notes` receives the lines worth keeping (what was pinned, a refused timing cache); on
+    TensorRT 10 the pins are also written beside each engine (`.pins.json`). The rerank engine
+    (float16 candidates, float32 arithmetic) takes up to `rerank_chunk` candidates a run; a
+    bundle exported before rerank.onnx existed gets none, with a note.
     """
     from fol_infer.bundle import Bundle
-    from fol_infer.export.engines import current_gpu, engine_file, set_records
+    from fol_infer.export.engines import current_gpu, engine_file, engine_files, set_records
     from fol_infer.export.precision import plan_file, write_mixed
     from fol_infer.export.rerank_engine import build_rerank_engine
     from fol_infer.export.trt_build import BuildOptions, build_engine, major, require_tensorrt
 
     say = progress or silent
+    note = notes or say
     precision = Precision.parse(precision, "--precision")
     profile = Profile.for_batch(max_batch, opt_batch)
     chunks = chunk_profile(rerank_chunk)
@@ -87,13 +97,8 @@ def build_bundle_engines(
             shapes = {t.name: [int(d) for d in t.shape[1:]] for t in spec.inputs}
             start = time.perf_counter()
             result = build_engine(source, shapes, options, fp32, say)
-            if mode == "constraints":
-                say(f"{graph}: {result.pinned_layers} layers constrained to fp32")
-            if result.unmatched:
-                say(
-                    f"note: {len(result.unmatched)} fp32 {graph} nodes have no layer of their own "
-                    f"(folded by the parser), e.g. {', '.join(result.unmatched[:3])}"
-                )
+            for line in result.notes:
+                note(line)
             records[graph] = EngineRecord(
                 graph=graph,
                 file=engine_file(graph, precision),
@@ -110,48 +115,55 @@ def build_bundle_engines(
                 fp32_nodes=len(plan.fp32) if plan else 0,
                 built=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             )
-            _write_engine(Path(tmp), bundle.folder, records[graph], result.engine, start, say)
+            _write_engine(Path(tmp), bundle.folder, records[graph], result, start, say)
         if bundle.manifest.rerank is None:
-            say("no rerank.onnx (exported before the re-rank graph): re-export for a rerank engine")
+            note(
+                "no rerank.onnx (exported before the re-rank graph): re-export for a rerank engine"
+            )
         else:
             start = time.perf_counter()
             say(f"building the rerank engine (chunks of up to {rerank_chunk} candidates)")
-            record, engine = build_rerank_engine(
+            record, result = build_rerank_engine(
                 bundle, Path(tmp), chunks, version, gpu, workspace_gib, cache, say
             )
+            for line in result.notes:
+                note(line)
             records[record.graph] = record
-            _write_engine(Path(tmp), bundle.folder, record, engine, start, say)
+            _write_engine(Path(tmp), bundle.folder, record, result, start, say)
         for record in records.values():  # all built: only now replace the old engines
-            for name in (record.file, Path(record.file).with_suffix(".layers.json").name):
-                os.replace(Path(tmp) / name, bundle.folder / name)
+            for name in engine_files(record.file):
+                if (Path(tmp) / name).exists():
+                    os.replace(Path(tmp) / name, bundle.folder / name)
+                else:  # no pins for this build: an older build's must not describe it
+                    (bundle.folder / name).unlink(missing_ok=True)
+        fsync_dir(bundle.folder)
     old = {r.get("file") for r in bundle.manifest.engines.values()} - {
         r.file for r in records.values()
     }
     set_records(bundle.manifest, records)
     bundle.manifest.write(bundle.folder)
     for name in old:
-        for stale in (
-            bundle.folder / str(name),
-            (bundle.folder / str(name)).with_suffix(".layers.json"),
-        ):
-            stale.unlink(missing_ok=True)
+        for stale in engine_files(str(name)):
+            (bundle.folder / stale).unlink(missing_ok=True)
     return records
 
 
 def _write_engine(
-    tmp: Path, folder: Path, record: EngineRecord, engine: bytes, start: float, say: Progress
+    tmp: Path, folder: Path, record: EngineRecord, result: BuildResult, start: float, say: Progress
 ) -> None:
-    """Write one built engine into ``tmp`` and load it back; its layers' precisions are kept
-    beside it for inspection."""
-    from fol_infer.export.engines import rebuild_command
+    """Write one built engine into ``tmp`` and load it back; the built layers' precisions (and
+    on TensorRT 10 the pins) are kept beside it for inspection."""
+    from fol_infer.export.engines import LAYERS_SUFFIX, PINS_SUFFIX, rebuild_command
     from fol_infer.export.trt_build import EngineSession
 
     built = tmp / record.file
-    built.write_bytes(engine)
-    session = EngineSession(engine, built, rebuild_command(folder, record))
+    built.write_bytes(result.engine)
+    session = EngineSession(result.engine, built, rebuild_command(folder, record))
     try:
-        built.with_suffix(".layers.json").write_text(session.layer_info())
+        built.with_suffix(LAYERS_SUFFIX).write_text(session.layer_info())
     finally:
         session.close()
+    if result.pins is not None:
+        built.with_suffix(PINS_SUFFIX).write_text(json.dumps(result.pins.to_dict(), indent=1))
     took = time.perf_counter() - start
-    say(f"{built.name}: {len(engine) / 2**20:.1f} MiB in {took:.0f} s")
+    say(f"{built.name}: {len(result.engine) / 2**20:.1f} MiB in {took:.0f} s")

@@ -82,6 +82,15 @@ def engine_file(graph: str, precision: str) -> str:
     return f"{graph}.{precision}.engine"
 
 
+LAYERS_SUFFIX, PINS_SUFFIX = ".layers.json", ".pins.json"
+
+
+def engine_files(engine: str) -> list[str]:
+    """An engine file and the records beside it: the inspector's layers, the fp32 pins."""
+    stem = Path(engine)
+    return [engine, stem.with_suffix(LAYERS_SUFFIX).name, stem.with_suffix(PINS_SUFFIX).name]
+
+
 def rebuild_command(folder: str | Path, record: EngineRecord) -> str:
     if record.graph == "rerank":  # its profile is over the chunk of candidates
         return f"fol-infer build-trt {shlex.quote(str(folder))} --rerank-chunk {record.profile.max}"

@@ -11,20 +11,19 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-from collections.abc import Callable
 from pathlib import Path
 
 from fol_infer.bundle import Bundle
 from fol_infer.errors import BundleError, UsageError
 from fol_infer.export.engines import EngineRecord, GpuInfo, Profile, engine_file
 from fol_infer.export.rerank_graph import GRAPH_NAME, INPUTS, write_rerank_graph
-from fol_infer.export.trt_build import BuildOptions
+from fol_infer.export.trt_build import BuildOptions, BuildResult
+from fol_infer.progress import Progress
 
 DEFAULT_RERANK_CHUNK = 8  # candidates per engine run; the README relates it to board memory
 MAX_RERANK_CHUNK = 256
 ENGINE_CANDIDATES = "float16"
 STATIC_INPUTS = ("query", "query_count", "threshold")
-Progress = Callable[[str], None]
 
 
 def chunk_profile(max_chunk: int, opt_chunk: int | None = None) -> Profile:
@@ -101,8 +100,8 @@ def build_rerank_engine(
     workspace_gib: float | None = None,
     timing_cache: Path | None = None,
     progress: Progress | None = None,
-) -> tuple[EngineRecord, bytes]:
-    """Build the rerank engine on this GPU; returns its manifest record and the engine."""
+) -> tuple[EngineRecord, BuildResult]:
+    """Build the rerank engine on this GPU; returns its manifest record and the build."""
     from fol_infer.export.trt_build import build_engine
 
     source = write_engine_graph(bundle, workdir)
@@ -124,7 +123,7 @@ def build_rerank_engine(
         fp32_nodes=_graph_nodes(source),
         built=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     )
-    return record, result.engine
+    return record, result
 
 
 def _graph_nodes(path: Path) -> int:
