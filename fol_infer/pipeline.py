@@ -22,7 +22,7 @@ import numpy as np
 from fol_infer.backends import open_encoder
 from fol_infer.backends.base import Encoder
 from fol_infer.bundle import Bundle
-from fol_infer.choices import EncoderBackend
+from fol_infer.choices import EncoderBackend, RerankBackend
 from fol_infer.errors import UsageError
 from fol_infer.images import ImageSource, preprocess, source_name
 from fol_infer.index.database import Database

@@ -11,6 +11,7 @@ import json
 import shutil
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -220,3 +221,34 @@ def test_auto_picks_the_rerank_engine_where_tensorrt_loads_it_and_triton_does_no
     monkeypatch.setattr(trt_runner, "trt_unavailable_reason", lambda b: "no rerank engine")
     assert count_mutual_matches(q, [q], backend="auto", bundle=bundle).tolist() == [4]
     assert calls == [2]  # the CPU re-ranker scored it
+
+
+def test_build_trt_builds_and_records_the_rerank_engine(
+    tiny_bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """build-trt with the TensorRT calls replaced: what the rerank build is given and records."""
+    from trt_fakes import fake_build_calls
+
+    from fol_infer.export import trt_build
+    from fol_infer.export.bundle_engines import build_bundle_engines
+
+    seen: dict[str, tuple[Any, ...]] = {}
+
+    def build(source: Path, shapes: Any, options: Any, fp32: Any, say: Any) -> Any:
+        seen[source.name] = (dict(shapes), options, onnx.load(str(source)))
+        return trt_build.BuildResult(engine=b"engine for " + source.name.encode())
+
+    fake_build_calls(monkeypatch, build, "10.3.0", HERE)
+    copy = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, copy)
+    records = build_bundle_engines(copy, "fp16", max_batch=2, rerank_chunk=4)
+    shapes, options, graph = seen["rerank.fp16-candidates.onnx"]
+    assert shapes["candidates"] == [3600, 128] and shapes["candidate_counts"] == []
+    assert options.batch == (1, 4, 4) and options.strongly_typed
+    assert graph.graph.input[2].type.tensor_type.elem_type == TensorProto.FLOAT16
+    bundle = Bundle.open(copy, verify="full")
+    record = rerank_engine.rerank_record(bundle)
+    assert record == records["rerank"] and record.profile == Profile(1, 4, 4)
+    assert record.onnx_sha256 == bundle.manifest.rerank.sha256  # type: ignore[union-attr]
+    assert (copy / "rerank.fp16.engine").read_bytes().endswith(b"fp16-candidates.onnx")
+    engines.check_record(bundle, record, "10.3.0", HERE)

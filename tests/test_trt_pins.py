@@ -342,10 +342,10 @@ def test_build_trt_prints_the_report_and_keeps_the_pins_beside_the_engine(
     import json
     import shutil
 
+    from trt_fakes import fake_build_calls
     from typer.testing import CliRunner
 
     from fol_infer.cli import app, trt_command  # noqa: F401  (registers build-trt)
-    from fol_infer.export import engines
 
     def build(source: Path, shapes: Any, options: Any, fp32: Any, say: Any) -> Any:
         result = trt_build.BuildResult(engine=b"engine for " + source.name.encode())
@@ -354,20 +354,7 @@ def test_build_trt_prints_the_report_and_keeps_the_pins_beside_the_engine(
             result.notes = result.pins.lines(source.stem)
         return result
 
-    class Session:
-        def __init__(self, data: bytes, path: Path, rebuild: str) -> None:
-            pass
-
-        def layer_info(self) -> str:
-            return '{"Layers": []}'
-
-        def close(self) -> None:
-            pass
-
-    monkeypatch.setattr(trt_build, "require_tensorrt", lambda: "10.13.0.35")
-    monkeypatch.setattr(trt_build, "build_engine", build)
-    monkeypatch.setattr(trt_build, "EngineSession", Session)
-    monkeypatch.setattr(engines, "current_gpu", lambda: engines.GpuInfo("GPU", "9.0", "12.8"))
+    fake_build_calls(monkeypatch, build)
     copy = tmp_path / "bundle"
     shutil.copytree(tiny_bundle_322, copy)
     result = CliRunner().invoke(app, ["build-trt", str(copy), "--max-batch", "2"])
@@ -387,6 +374,8 @@ def test_build_trt_prints_the_report_and_keeps_the_pins_beside_the_engine(
         "local.fp32.engine",
         "local.fp32.layers.json",
         "manifest.json",
+        "rerank.fp16.engine",  # float16 candidates, float32 arithmetic, whatever --precision
+        "rerank.fp16.layers.json",
     ]
 
 

@@ -8,7 +8,7 @@ while the GPU computes, but its upload waits for the current chunk's compute: on
 serialises copy and compute (on a Jetson, whose GPU shares the board's memory, the copy is a
 memory-to-memory move). Float32 candidates are rounded to float16 on the way, as the index
 stores them; scores are then exact for those float16 tokens. Every TensorRT call goes through
-``fol_infer.export.trt_build``; device memory through the encoder backend's helpers.
+``fol_infer.export.trt_build``; device memory through ``fol_infer.backends.cuda_memory``.
 """
 
 from __future__ import annotations
@@ -20,8 +20,9 @@ from typing import Any
 
 import numpy as np
 
-from fol_infer.backends.trt import open_memory
+from fol_infer.backends.cuda_memory import open_memory
 from fol_infer.bundle import Bundle
+from fol_infer.choices import DeviceMemory
 from fol_infer.errors import FolInferError
 from fol_infer.export.engines import check_record, current_gpu, rebuild_command
 from fol_infer.export.rerank_engine import rerank_record
@@ -33,7 +34,7 @@ from fol_infer.rerank.chunks import ChunkedReranker, GraphShape, RunChunk
 class TrtReranker(ChunkedReranker):
     """One deserialized rerank engine, its buffers and stream; one query at a time."""
 
-    def __init__(self, bundle: Bundle, device: int = 0, memory: str = "auto") -> None:
+    def __init__(self, bundle: Bundle, device: int = 0, memory: DeviceMemory = "auto") -> None:
         version = require_tensorrt()
         gpu = current_gpu(device)
         record = rerank_record(bundle)
