@@ -7,11 +7,11 @@ into the same cache, keyed by its sha256 and the resolution.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from pathlib import Path
 
-from fol_infer.bundle import sha256_file
+from fol_infer.integrity import sha256_file
+from fol_infer.user_cache import cache_dir
 
 DEFAULT_ARCH = "vitb14"
 DEFAULT_SEED = 0
@@ -20,11 +20,6 @@ DEFAULT_RESOLUTION = 322
 DEFAULT_PLACES, DEFAULT_QUERIES_PER_PLACE, DEFAULT_DISTRACTORS, DEFAULT_DATA_SEED = 12, 1, 8, 0
 
 Say = Callable[[str], None]
-
-
-def cache_dir() -> Path:
-    root = os.environ.get("FOL_INFER_CACHE") or Path.home() / ".cache" / "fol-infer"
-    return Path(root)
 
 
 def default_checkpoint(say: Say) -> Path:

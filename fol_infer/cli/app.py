@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Callable
 from functools import wraps
 from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from fol_infer import __version__
 from fol_infer.errors import FolInferError
+from fol_infer.fsnames import printable
 
 app = typer.Typer(
     name="fol-infer",
@@ -33,7 +36,8 @@ def friendly_errors(func: F) -> F:
         try:
             return func(*args, **kwargs)
         except FolInferError as exc:
-            console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+            message = escape(printable(str(exc)))
+            console.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             console.print("[yellow]interrupted[/yellow]")
@@ -54,6 +58,10 @@ def untrained_banner(trained: bool) -> None:
 def _main(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
 ) -> None:
+    for stream in (sys.stdout, sys.stderr):  # a name no codec can print must not end a run
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            reconfigure(errors="backslashreplace")
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
