@@ -26,7 +26,7 @@ from typing import Literal
 
 import numpy as np
 
-from fol_infer.errors import DamagedFileError
+from fol_infer.errors import DamagedFileError, UsageError
 from fol_infer.user_cache import cache_dir
 
 log = logging.getLogger(__name__)
@@ -55,8 +55,6 @@ def file_identity(path: Path) -> list[int]:
 
 def check_level(verify: str) -> Verify:
     if verify not in VERIFY_LEVELS:
-        from fol_infer.errors import UsageError
-
         raise UsageError(f"verify must be one of {', '.join(VERIFY_LEVELS)}, not {verify!r}")
     return verify  # type: ignore[return-value]
 

@@ -131,7 +131,8 @@ def _parse(data: bytes) -> list[tuple[int, int | bytes]]:
 
 
 def _value_info(raw: bytes) -> GraphInput:
-    name, dtype, shape = "", "?", ()
+    name, dtype = "", "?"
+    shape: tuple[int | str, ...] = ()
     for number, value in _parse(raw):
         if number == 1 and isinstance(value, bytes):
             name = value.decode("utf-8", "replace")
