@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import os
+import threading
 from pathlib import Path
 from typing import Literal
 
@@ -93,7 +94,7 @@ class VerificationCache:
             while len(entries) > _MAX_ENTRIES:
                 entries.pop(next(iter(entries)))
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_name(f"{CACHE_FILE}.{os.getpid()}.tmp")
+            tmp = self.path.with_name(f"{CACHE_FILE}.{os.getpid()}-{threading.get_ident()}.tmp")
             tmp.write_text(json.dumps({"format": _FORMAT, "entries": entries}))
             os.replace(tmp, self.path)
         except OSError as exc:

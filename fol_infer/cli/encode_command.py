@@ -12,6 +12,7 @@ from fol_infer.cli.app import app, console, friendly_errors, untrained_banner
 from fol_infer.cli.model_commands import BackendOption, CheckpointOption
 from fol_infer.cli.progress import progress_bar
 from fol_infer.errors import UsageError
+from fol_infer.fsnames import printable
 
 
 @app.command()
@@ -66,7 +67,8 @@ def encode(
     finally:
         encoder.close()
     for failure in failures:
-        console.print(f"[yellow]skipped[/yellow] {failure.reason}", highlight=False, soft_wrap=True)
+        reason = printable(failure.reason)
+        console.print(f"[yellow]skipped[/yellow] {reason}", highlight=False, soft_wrap=True)
     if not names:
         raise UsageError("no image could be read; nothing written")
     tmp = out.with_name(out.name + ".partial.npz")
