@@ -10,20 +10,22 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from fol_infer import __version__
+from fol_infer.choices import VerifyLevel
 from fol_infer.errors import BundleError
-from fol_infer.integrity import Verify, check_level, check_sha256
+from fol_infer.fileio import atomic_write_json
+from fol_infer.integrity import check_level, check_sha256
 from fol_infer.onnx_inputs import GraphInput, MalformedGraph, read_inputs
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 FORMAT = "fol-infer-bundle"  # the manifest's marker: what `--force` may replace
+MAX_BATCH = 1024  # the dynamic batch range of an exported graph (and of engines built from it)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -153,9 +155,7 @@ class Manifest:
     def write(self, folder: Path) -> Path:
         """Atomic: a reader never sees a half-written manifest."""
         path = folder / MANIFEST
-        tmp = path.with_name(MANIFEST + ".partial")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        os.replace(tmp, path)
+        atomic_write_json(path, self.to_dict())
         return path
 
 
@@ -183,7 +183,7 @@ class Bundle:
         return f"fol-infer export {ckpt} --out {out} --resolution {h}x{w} --force"
 
     @classmethod
-    def open(cls, folder: str | Path, verify: Verify | str = "cached") -> Bundle:
+    def open(cls, folder: str | Path, verify: VerifyLevel | str = "cached") -> Bundle:
         """Read and check a bundle (`fol_infer.integrity` says what each level checks):
         sizes, graph inputs against the manifest, and the graphs' sha256 unless "sizes"."""
         level = check_level(verify)
@@ -217,11 +217,11 @@ class Bundle:
         bundle.check_graph_inputs()
         return bundle
 
-    def check_files(self, verify: Verify) -> None:
+    def check_files(self, verify: VerifyLevel) -> None:
         """Sizes of every file; sha256 of the graphs ("cached") or of every file ("full")."""
         entries = [(g.file, g.bytes, g.sha256, verify) for g in self.manifest.graphs.values()]
         ref = self.manifest.reference
-        ref_level: Verify = "full" if verify == "full" else "sizes"
+        ref_level: VerifyLevel = "full" if verify == "full" else "sizes"
         entries.append((ref["file"], int(ref["bytes"]), ref["sha256"], ref_level))
         for name, size, _, _ in entries:
             path = self.folder / name

@@ -23,17 +23,17 @@ import logging
 import os
 import threading
 from pathlib import Path
-from typing import Literal
+from typing import get_args
 
 import numpy as np
 
+from fol_infer.choices import VerifyLevel
 from fol_infer.errors import DamagedFileError, UsageError
 from fol_infer.user_cache import cache_dir
 
 log = logging.getLogger(__name__)
 
-Verify = Literal["sizes", "cached", "full"]
-VERIFY_LEVELS: tuple[Verify, ...] = ("sizes", "cached", "full")
+VERIFY_LEVELS: tuple[VerifyLevel, ...] = get_args(VerifyLevel)
 CACHE_FILE = "verified.json"
 _FORMAT = "fol-infer-verified-files"
 _MAX_ENTRIES = 1024  # oldest dropped first: a forgotten entry only costs one more hash
@@ -54,7 +54,7 @@ def file_identity(path: Path) -> list[int]:
     return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
 
 
-def check_level(verify: str) -> Verify:
+def check_level(verify: str) -> VerifyLevel:
     if verify not in VERIFY_LEVELS:
         raise UsageError(f"verify must be one of {', '.join(VERIFY_LEVELS)}, not {verify!r}")
     return verify  # type: ignore[return-value]
@@ -105,14 +105,14 @@ def _key(path: Path) -> str:
     return os.fsdecode(os.path.realpath(path))
 
 
-def needs_hash(path: Path, digest: str, verify: Verify) -> bool:
+def needs_hash(path: Path, digest: str, verify: VerifyLevel) -> bool:
     """Whether `path` must be hashed at this level (the cache answers for "cached")."""
     if verify == "sizes":
         return False
     return verify == "full" or not VerificationCache().vouches_for(path, digest)
 
 
-def check_sha256(path: Path, digest: str, verify: Verify, repair: str) -> None:
+def check_sha256(path: Path, digest: str, verify: VerifyLevel, repair: str) -> None:
     """Refuse a file whose sha256 differs from `digest`, naming it and its `repair`."""
     if not needs_hash(path, digest, verify):
         return

@@ -9,11 +9,19 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from fol_infer.choices import EncoderBackend, IndexMode, RerankBackend, TokenFormat
 from fol_infer.cli.app import app, console, friendly_errors, stdout, untrained_banner
-from fol_infer.cli.model_commands import BackendOption, CheckpointOption
+from fol_infer.cli.options import (
+    BackendOption,
+    CheckpointOption,
+    RerankerOption,
+    ThresholdOption,
+    tokens_option,
+)
 from fol_infer.cli.progress import progress_bar
 from fol_infer.errors import ImageError, UsageError
 from fol_infer.fsnames import printable
+from fol_infer.rerank.settings import DEFAULT_THRESHOLD
 
 
 @app.command()
@@ -22,17 +30,17 @@ def index(
     bundle_dir: Annotated[Path, typer.Argument(help="Bundle folder.")],
     db_folder: Annotated[Path, typer.Argument(help="Folder of database images (recursive).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Index folder.")],
-    backend: BackendOption = "onnx",
+    backend: BackendOption = EncoderBackend.ONNX,
     checkpoint: CheckpointOption = None,
-    batch: Annotated[int, typer.Option(help="Images per forward pass and per commit.")] = 8,
+    batch: Annotated[int, typer.Option(min=1, help="Images per forward pass and per commit.")] = 8,
     tokens: Annotated[
-        str,
-        typer.Option(
-            help="Token storage: fp16; int8 (+ a scale per token, 0.24x the published bytes, "
+        TokenFormat,
+        tokens_option(
+            "Token storage: fp16; int8 (+ a scale per token, 0.24x the published bytes, "
             "approximate counts); int8-exact (int8 scored, float32 kept on disk for the rows "
             "its error bound cannot decide: float32 counts)."
         ),
-    ] = "fp16",
+    ] = TokenFormat.FP16,
     faiss: Annotated[
         str,
         typer.Option(
@@ -60,20 +68,16 @@ def index(
     """
     from fol_infer.backends import open_encoder
     from fol_infer.bundle import Bundle
-    from fol_infer.index.database import TOKEN_FORMATS, BuildSettings, build_index
+    from fol_infer.index.database import BuildSettings, build_index
 
     if append and force:
         raise UsageError("--append and --force exclude each other")
-    if tokens not in TOKEN_FORMATS:
-        raise UsageError(f"--tokens must be one of {', '.join(TOKEN_FORMATS)}, not {tokens!r}")
-    if batch < 1:
-        raise UsageError("--batch must be at least 1")
     if not db_folder.is_dir():
         raise UsageError(f"database folder not found: {db_folder}")
     bundle = Bundle.open(bundle_dir)
     untrained_banner(bundle.manifest.trained)
-    settings = BuildSettings(factory=faiss, tokens=tokens, batch=batch)  # type: ignore[arg-type]
-    mode = "append" if append else "force" if force else "new"
+    settings = BuildSettings(factory=faiss, tokens=tokens, batch=batch)
+    mode: IndexMode = "append" if append else "force" if force else "new"
     encoder = open_encoder(bundle, backend, checkpoint=checkpoint)
 
     def notice(message: str) -> None:
@@ -82,15 +86,7 @@ def index(
     try:
         with progress_bar(console, "indexing", total=0) as advance:
             report = build_index(
-                bundle,
-                encoder,
-                db_folder,
-                out,
-                settings,
-                mode,
-                advance,
-                wait,
-                notice,  # type: ignore[arg-type]
+                bundle, encoder, db_folder, out, settings, mode, advance, wait, notice
             )
     finally:
         encoder.close()
@@ -127,8 +123,9 @@ def query(
     no_rerank: Annotated[
         bool, typer.Option("--no-rerank", help="Global search only (skips the local branch).")
     ] = False,
-    backend: BackendOption = "onnx",
-    reranker: Annotated[str, typer.Option(help="Re-ranker: auto, cpu, triton or torch.")] = "auto",
+    backend: BackendOption = EncoderBackend.ONNX,
+    reranker: RerankerOption = RerankBackend.AUTO,
+    threshold: ThresholdOption = DEFAULT_THRESHOLD,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Retrieve database images for each query, re-ranked by region-token matches."""
@@ -136,6 +133,7 @@ def query(
     from fol_infer.index.database import METADATA
     from fol_infer.index.metadata import IndexMetadata
     from fol_infer.pipeline import Retriever
+    from fol_infer.rerank.settings import RerankSettings
 
     if bundle_dir is None:
         if not (index_dir / METADATA).is_file():
@@ -144,8 +142,9 @@ def query(
     files = find_images(paths)
     if not files:
         raise UsageError("no query images found")
+    rerank = RerankSettings(threshold, reranker)
     results = []
-    with Retriever(bundle_dir, index_dir, backend=backend, reranker=reranker) as retriever:
+    with Retriever(bundle_dir, index_dir, backend=backend, rerank=rerank) as retriever:
         if not as_json:
             untrained_banner(retriever.bundle.manifest.trained)
         for path in files:
@@ -164,7 +163,7 @@ def query(
         table.add_column("rank", justify="right")
         table.add_column("global (score)")
         if r.reranked is not None:
-            table.add_column("re-ranked (matches)")
+            table.add_column(f"re-ranked (matches above {r.threshold})")
         for i, hit in enumerate(r.global_hits):
             row = [str(hit.rank), f"{printable(hit.path)} ({hit.score:.3f})"]
             if r.reranked is not None:

@@ -26,39 +26,40 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, cast
 
 import numpy as np
 
-from fol_infer.backends.base import GLOBAL_DIM, Encoder
+from fol_infer.backends.base import Encoder
 from fol_infer.bundle import Bundle
+from fol_infer.choices import FaissDevice, IndexMode, StoreDtype, TokenFormat, VerifyLevel
 from fol_infer.errors import IndexStoreError, UsageError
+from fol_infer.fileio import replace_folder
 from fol_infer.images import find_images
-from fol_infer.index.global_index import Device, GlobalIndex
+from fol_infer.index.global_index import GlobalIndex
 from fol_infer.index.lock import WriterLock
 from fol_infer.index.metadata import IndexMetadata
-from fol_infer.index.token_store import Dtype, TokenStore
-from fol_infer.integrity import Verify
+from fol_infer.index.token_store import TokenStore
 from fol_infer.loader import iter_batches
+from fol_infer.model.arch import GLOBAL_DIM
 from fol_infer.ownership import check_replaceable, occupied
+from fol_infer.progress import Advance
 
 METADATA, DESCRIPTORS, TOKENS, FAISS_FILE = "index.json", "descriptors", "tokens", "global.faiss"
 EXACT_TOKENS = "tokens_fp32"
-TokenFormat = Literal["fp16", "int8", "int8-exact"]
-TOKEN_FORMATS: tuple[TokenFormat, ...] = ("fp16", "int8", "int8-exact")
 REBUILD_SUFFIX = ".rebuild"
-Mode = Literal["new", "append", "force"]
-Progress = Callable[[int, int], None]  # (images just processed, images to process in all)
 
 
 @dataclass
 class BuildSettings:
     factory: str = "Flat"
-    tokens: TokenFormat = "fp16"
+    tokens: TokenFormat = TokenFormat.FP16
     batch: int = 8
 
+    def __post_init__(self) -> None:
+        self.tokens = TokenFormat.parse(self.tokens, "token format")
+
     def to_dict(self) -> dict[str, object]:
-        return {"factory": self.factory, "tokens": self.tokens, "batch": self.batch}
+        return {"factory": self.factory, "tokens": str(self.tokens), "batch": self.batch}
 
 
 @dataclass
@@ -94,17 +95,16 @@ def _stores_match(meta: IndexMetadata, stores: list[TokenStore], writer: bool) -
             store.truncate(n) if writer else store.limit(n)
 
 
-def _token_layout(fmt: TokenFormat) -> list[tuple[str, Dtype]]:
+def _token_layout(fmt: TokenFormat | str) -> list[tuple[str, StoreDtype]]:
     """(folder, dtype) of each token store of a format: the scored one first."""
-    if fmt not in TOKEN_FORMATS:
-        raise UsageError(f"token format {fmt!r} is not one of {', '.join(TOKEN_FORMATS)}")
-    if fmt == "int8-exact":
+    fmt = TokenFormat.parse(fmt, "token format")
+    if fmt == TokenFormat.INT8_EXACT:
         return [(TOKENS, "int8"), (EXACT_TOKENS, "fp32")]
-    return [(TOKENS, fmt)]
+    return [(TOKENS, "int8" if fmt == TokenFormat.INT8 else "fp16")]
 
 
 def _open_stores(
-    folder: Path, fmt: TokenFormat, meta: IndexMetadata, verify: Verify, writer: bool
+    folder: Path, fmt: TokenFormat | str, meta: IndexMetadata, verify: VerifyLevel, writer: bool
 ) -> list[TokenStore]:
     """The descriptor store, then the token stores, at the metadata's commit point; when one
     is refused, none is left open."""
@@ -121,7 +121,9 @@ def _open_stores(
     return stores
 
 
-def _faiss_from_descriptors(descriptors: TokenStore, factory: str, device: Device) -> GlobalIndex:
+def _faiss_from_descriptors(
+    descriptors: TokenStore, factory: str, device: FaissDevice
+) -> GlobalIndex:
     index = GlobalIndex.create(GLOBAL_DIM, factory, device=device)
     _extend(index, descriptors, 0)
     return index
@@ -139,8 +141,8 @@ def build_index(
     db_folder: str | Path,
     out: str | Path,
     settings: BuildSettings | None = None,
-    mode: Mode = "new",
-    progress: Progress | None = None,
+    mode: IndexMode = "new",
+    progress: Advance | None = None,
     wait: bool = False,
     notice: Callable[[str], None] | None = None,
 ) -> BuildReport:
@@ -165,15 +167,12 @@ def build_index(
             for store in stores:
                 store.close()
         if work != out:
-            trash = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, trash)
-            os.replace(work, out)
-            shutil.rmtree(trash, ignore_errors=True)
+            replace_folder(work, out)
     report.folder = out
     return report
 
 
-def _output_folder(out: Path, mode: Mode, inputs: dict[str, Path]) -> Path:
+def _output_folder(out: Path, mode: IndexMode, inputs: dict[str, Path]) -> Path:
     """The folder to write into (a sibling for --force), after refusing what the mode may
     not touch (`fol_infer.ownership`)."""
     if mode == "append":
@@ -261,7 +260,7 @@ def _encode_all(
     meta: IndexMetadata,
     stores: list[TokenStore],
     settings: BuildSettings,
-    progress: Progress | None,
+    progress: Advance | None,
 ) -> BuildReport:
     """Encode and commit batch by batch, then write global.faiss and mark the build complete."""
     descriptors, *token_stores = stores
@@ -327,8 +326,8 @@ class Database:
         self,
         folder: str | Path,
         bundle: Bundle | None = None,
-        device: Device = "auto",
-        verify: Verify = "cached",
+        device: FaissDevice = "auto",
+        verify: VerifyLevel = "cached",
     ) -> None:
         self.folder = Path(folder)
         if not _is_index(self.folder):
@@ -347,7 +346,9 @@ class Database:
             )
         if bundle is not None:
             self.meta.check_bundle(bundle.manifest.fingerprint, str(bundle.folder))
-        self.token_format = cast(TokenFormat, self.meta.settings.get("tokens", "fp16"))
+        self.token_format = TokenFormat.parse(
+            self.meta.settings.get("tokens", "fp16"), "token format"
+        )
         descriptors, *stores = _open_stores(
             self.folder, self.token_format, self.meta, verify, writer=False
         )
@@ -362,7 +363,9 @@ class Database:
         finally:
             descriptors.close()
 
-    def _open_faiss(self, descriptors: TokenStore, device: Device, verify: Verify) -> GlobalIndex:
+    def _open_faiss(
+        self, descriptors: TokenStore, device: FaissDevice, verify: VerifyLevel
+    ) -> GlobalIndex:
         """The saved FAISS index, caught up with descriptors appended since it was saved."""
         path, n = self.folder / FAISS_FILE, len(self.meta.paths)
         repair = (
