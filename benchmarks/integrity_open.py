@@ -46,9 +46,10 @@ from fol_infer.index.global_index import GlobalIndex
 from fol_infer.index.metadata import IndexMetadata
 from fol_infer.index.token_store import TokenStore
 from fol_infer.integrity import CACHE_FILE
+from fol_infer.model.arch import GLOBAL_DIM
 from fol_infer.user_cache import cache_dir
 
-GLOBAL_DIM, CHUNK = 8448, 500
+CHUNK = 500
 LEVELS = ("without checks", "sizes", "cold", "warm", "full")  # see the module doc
 
 

@@ -16,13 +16,13 @@ import ctypes
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, get_args
 
 import numpy as np
 
 from fol_infer.backends.base import Encoder, EncoderOutput, GlobalOutput, LocalOutput
 from fol_infer.bundle import Bundle
-from fol_infer.choices import Precision
+from fol_infer.choices import DeviceMemory, Precision
 from fol_infer.errors import BackendUnavailableError, BundleError, EngineError, UsageError
 from fol_infer.export.engines import (
     check_batch,
@@ -37,7 +37,7 @@ FIELDS = {
     "global": "descriptors",
     "count": "counts",
 }  # output name -> dataclass field, if not equal
-MEMORY = ("auto", "cuda-python", "torch")
+MEMORY: tuple[DeviceMemory, ...] = get_args(DeviceMemory)
 
 
 @dataclass(frozen=True)
@@ -204,7 +204,7 @@ class _TorchCuda:
         self._tensors.clear()
 
 
-def open_memory(kind: str, device: int) -> _Memory:
+def open_memory(kind: DeviceMemory | str, device: int) -> _Memory:
     """cuda-python first (no torch on Jetson), torch's CUDA otherwise."""
     if kind not in MEMORY:
         raise UsageError(f"memory must be one of {', '.join(MEMORY)}, not {kind!r}")
@@ -246,7 +246,11 @@ class TrtEncoder(Encoder):
     name = "trt"
 
     def __init__(
-        self, bundle: Bundle, device: int = 0, cuda_graph: bool = False, memory: str = "auto"
+        self,
+        bundle: Bundle,
+        device: int = 0,
+        cuda_graph: bool = False,
+        memory: DeviceMemory = "auto",
     ) -> None:
         version = require_tensorrt()
         gpu = current_gpu(device)

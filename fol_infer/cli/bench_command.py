@@ -32,10 +32,10 @@ def bench(
         Path | None, typer.Option(help="Bundle folder (else exported from --checkpoint).")
     ] = None,
     checkpoint: Annotated[
-        Path | None, typer.Option(help="Checkpoint [an UNTRAINED seeded ViT-B/14].")
+        Path | None, typer.Option(help="Checkpoint (default: an UNTRAINED seeded ViT-B/14).")
     ] = None,
     dataset: Annotated[
-        Path | None, typer.Option(help="Dataset root in the standard layout [synthetic].")
+        Path | None, typer.Option(help="Dataset root in the standard layout (default: synthetic).")
     ] = None,
     resolution: Annotated[
         str, typer.Option(help="Resolution when exporting from a checkpoint.")

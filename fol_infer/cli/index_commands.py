@@ -116,7 +116,8 @@ def query(
     index_dir: Annotated[Path, typer.Argument(help="Index folder.")],
     paths: Annotated[list[Path], typer.Argument(help="Query images or folders.")],
     bundle_dir: Annotated[
-        Path | None, typer.Option("--bundle", help="Bundle folder [the one that built the index].")
+        Path | None,
+        typer.Option("--bundle", help="Bundle folder (default: the one that built the index)."),
     ] = None,
     top_k: Annotated[int, typer.Option(help="Results per query.")] = 10,
     rerank_k: Annotated[int, typer.Option(help="Global candidates to re-rank.")] = 100,

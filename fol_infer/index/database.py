@@ -40,7 +40,6 @@ from fol_infer.index.lock import WriterLock
 from fol_infer.index.metadata import IndexMetadata
 from fol_infer.index.token_store import TokenStore
 from fol_infer.loader import iter_batches
-from fol_infer.model.arch import GLOBAL_DIM
 from fol_infer.ownership import check_replaceable, occupied
 from fol_infer.progress import Advance
 
@@ -124,7 +123,7 @@ def _open_stores(
 def _faiss_from_descriptors(
     descriptors: TokenStore, factory: str, device: FaissDevice
 ) -> GlobalIndex:
-    index = GlobalIndex.create(GLOBAL_DIM, factory, device=device)
+    index = GlobalIndex.create(descriptors.dim, factory, device=device)
     _extend(index, descriptors, 0)
     return index
 
@@ -214,10 +213,11 @@ def _open_or_create(
         bundle_name=str(bundle.folder),
         settings=settings.to_dict() | {"resolution": list(bundle.resolution), "complete": False},
     )
-    stores = [TokenStore.create(work / DESCRIPTORS, dtype="fp32", dim=GLOBAL_DIM)]
+    manifest = bundle.manifest  # store widths as the graphs were exported
+    stores = [TokenStore.create(work / DESCRIPTORS, dtype="fp32", dim=manifest.descriptor_dim)]
     try:
         for name, dtype in _token_layout(settings.tokens):
-            stores.append(TokenStore.create(work / name, dtype=dtype))
+            stores.append(TokenStore.create(work / name, dtype=dtype, dim=manifest.token_dim))
         meta.save(work / METADATA)
     except BaseException:
         for store in stores:
