@@ -7,10 +7,10 @@ into the same cache, keyed by its sha256 and the resolution.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 from fol_infer.integrity import sha256_file
+from fol_infer.progress import Progress
 from fol_infer.user_cache import cache_dir
 
 DEFAULT_ARCH = "vitb14"
@@ -18,10 +18,8 @@ DEFAULT_SEED = 0
 # Small enough for the whole default run to take a few minutes on 2 CPU cores.
 DEFAULT_PLACES, DEFAULT_QUERIES_PER_PLACE, DEFAULT_DISTRACTORS, DEFAULT_DATA_SEED = 12, 1, 8, 0
 
-Say = Callable[[str], None]
 
-
-def default_checkpoint(say: Say) -> Path:
+def default_checkpoint(say: Progress) -> Path:
     from fol_infer.model.checkpoint import make_checkpoint
 
     path = cache_dir() / "checkpoints" / f"untrained-{DEFAULT_ARCH}-seed{DEFAULT_SEED}.pth"
@@ -31,7 +29,7 @@ def default_checkpoint(say: Say) -> Path:
     return path
 
 
-def bundle_for(checkpoint: Path, resolution: str, say: Say) -> Path:
+def bundle_for(checkpoint: Path, resolution: str, say: Progress) -> Path:
     """Export `checkpoint` once per (content, resolution) into the cache."""
     from fol_infer.export.onnx import export_bundle
     from fol_infer.images import check_resolution
@@ -45,7 +43,7 @@ def bundle_for(checkpoint: Path, resolution: str, say: Say) -> Path:
     return folder
 
 
-def default_dataset(say: Say) -> Path:
+def default_dataset(say: Progress) -> Path:
     from fol_infer.bench.dataset import make_dataset
 
     name = (

@@ -131,15 +131,12 @@ def query(
 ) -> None:
     """Retrieve database images for each query, re-ranked by region-token matches."""
     from fol_infer.images import find_images
-    from fol_infer.index.database import METADATA
-    from fol_infer.index.metadata import IndexMetadata
+    from fol_infer.index.database import recorded_bundle
     from fol_infer.pipeline import Retriever
     from fol_infer.rerank.settings import RerankSettings
 
     if bundle_dir is None:
-        if not (index_dir / METADATA).is_file():
-            raise UsageError(f"{index_dir} is not an index (no {METADATA})")
-        bundle_dir = Path(IndexMetadata.load(index_dir / METADATA).bundle_name)
+        bundle_dir = recorded_bundle(index_dir)
     files = find_images(paths)
     if not files:
         raise UsageError("no query images found")

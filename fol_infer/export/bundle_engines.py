@@ -17,6 +17,7 @@ from pathlib import Path
 from fol_infer.choices import EngineBuildMode, Precision
 from fol_infer.errors import UsageError
 from fol_infer.export.engines import EngineRecord, Profile
+from fol_infer.fileio import fsync_dir
 from fol_infer.progress import Progress, silent
 
 
@@ -122,6 +123,7 @@ def build_bundle_engines(
         for record in records.values():  # all built: only now replace the old engines
             for name in (record.file, Path(record.file).with_suffix(".layers.json").name):
                 os.replace(Path(tmp) / name, bundle.folder / name)
+        fsync_dir(bundle.folder)
     old = {r.get("file") for r in bundle.manifest.engines.values()} - {
         r.file for r in records.values()
     }

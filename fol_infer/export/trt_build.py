@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from fol_infer.errors import BackendUnavailableError, BundleError, EngineError, FolInferError
+from fol_infer.fileio import atomic_write_bytes
 from fol_infer.progress import Progress, silent
 
 if TYPE_CHECKING:
@@ -262,7 +263,7 @@ def build_engine(
     if plan is None:
         raise EngineError(build_failure_message(onnx_path, logger.lines, options.workspace_gib))
     if cache_path is not None:
-        cache_path.write_bytes(bytes(config.get_timing_cache().serialize()))
+        atomic_write_bytes(cache_path, bytes(config.get_timing_cache().serialize()))
     result.engine = bytes(plan)
     return result
 
