@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 from rerank_reference import reference_scores
 
-from fol_infer.bundle import Bundle, sha256_file
+from fol_infer.bundle import Bundle
 from fol_infer.errors import BackendUnavailableError, BundleError, FolInferError, UsageError
+from fol_infer.integrity import sha256_file
 from fol_infer.rerank import RerankSettings, count_mutual_matches, count_mutual_matches_many
 from fol_infer.rerank.cpu import count_mutual_matches_many_cpu
 
