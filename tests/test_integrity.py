@@ -62,10 +62,10 @@ def test_graph_with_flipped_weights_is_named_and_cache_skips_unchanged_files(
     monkeypatch.setattr(integrity, "sha256_file", lambda p: hashed.append(p.name) or real(p))
     listing = sorted(p.name for p in bundle_copy.iterdir())
     Bundle.open(bundle_copy)
-    assert sorted(hashed) == ["global.onnx", "local.onnx"]  # cold: both graphs hashed
+    assert sorted(hashed) == ["global.onnx", "local.onnx", "rerank.onnx"]  # cold: every graph
     hashed.clear()
     Bundle.open(bundle_copy)
-    assert hashed == []  # warm: the cache vouches for both
+    assert hashed == []  # warm: the cache vouches for them
     assert (cache_dir() / integrity.CACHE_FILE).is_file()
     assert sorted(p.name for p in bundle_copy.iterdir()) == listing  # nothing written there
 
