@@ -12,7 +12,8 @@ import pytest
 from fol_infer.errors import BackendUnavailableError, IndexStoreError, UsageError
 from fol_infer.index import global_index
 from fol_infer.index.global_index import GlobalIndex, gpu_available
-from fol_infer.index.metadata import IndexMetadata, atomic_writer, parse_utm
+from fol_infer.index.metadata import IndexMetadata, atomic_writer
+from fol_infer.positions import parse_utm
 
 DIM = 64
 

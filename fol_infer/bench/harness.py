@@ -26,6 +26,7 @@ from fol_infer.bundle import Bundle
 from fol_infer.errors import UsageError
 from fol_infer.index.database import TokenFormat
 from fol_infer.pipeline import STAGES, QueryResult, Retriever
+from fol_infer.positions import RADIUS_M, read_positions_csv
 
 SCHEMA_VERSION = 1
 RERANK_DEPTHS = (1, 5, 10, 25, 50, 100)
@@ -46,6 +47,8 @@ class BenchOptions:
     warmup: int = 2
     reranker: str = "auto"
     tokens: TokenFormat = "fp16"
+    positions: Path | None = None  # a CSV of positions (else the file names' UTM)
+    positive_radius: float = RADIUS_M
 
 
 def percentiles(values: list[float]) -> dict[str, float]:
@@ -102,13 +105,14 @@ class Bench:
                 "UNTRAINED seeded checkpoint: latencies are real, "
                 "recall says nothing about FoL's accuracy"
             )
-        dataset = open_dataset(opts.dataset or defaults.default_dataset(self.say))
+        table = read_positions_csv(opts.positions) if opts.positions else None
+        dataset = open_dataset(opts.dataset or defaults.default_dataset(self.say), table)
         if dataset.synthetic:
             notes.append(
                 "synthetic dataset (fol-infer make-dataset): it exercises the pipeline only"
             )
-        if dataset.utm_unavailable:
-            notes.append(f"recall unavailable: {dataset.utm_unavailable}")
+        if dataset.positions_unavailable:
+            notes.append(f"recall unavailable: {dataset.positions_unavailable}")
         n_db = len(dataset.database)
         if opts.rerank_k > n_db:
             notes.append(
@@ -130,6 +134,8 @@ class Bench:
             "warmup": opts.warmup,
             "reranker": opts.reranker,
             "tokens": opts.tokens,
+            "positions": str(opts.positions) if opts.positions else "file names",
+            "positive_radius_m": opts.positive_radius,
         }
         return bundle, dataset
 
@@ -207,14 +213,14 @@ class Bench:
         return results
 
     def _recall(self, dataset: Dataset, results: list[QueryResult]) -> None:
-        positives = dataset.positives()
+        positives = dataset.positives(self.options.positive_radius)
         n_db = len(dataset.database)
         global_rank = np.array([[h.db_index for h in r.global_hits] for r in results])
         reranked = np.array([r.ranking() for r in results])
         self.report["recall"] = {
             "global": _recall_block(global_rank, positives, n_db),
             "reranked": _recall_block(reranked, positives, n_db),
-            "unavailable": dataset.utm_unavailable,
+            "unavailable": dataset.positions_unavailable,
         }
         deepest = self.report["inputs"]["rerank_k"]
         depths = sorted({k for k in RERANK_DEPTHS if k <= deepest} | {deepest})

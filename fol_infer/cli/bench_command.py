@@ -8,7 +8,9 @@ from typing import Annotated, cast
 import typer
 
 from fol_infer.cli.app import app, console, friendly_errors, stdout
+from fol_infer.cli.model_commands import PositionsOption, RadiusOption
 from fol_infer.errors import UsageError
+from fol_infer.positions import RADIUS_M
 
 ENGINES = ("onnx", "torch", "trt")
 
@@ -43,6 +45,8 @@ def bench(
         Path | None, typer.Option("--markdown", help="Write a Markdown summary here.")
     ] = None,
     plot: Annotated[Path | None, typer.Option(help="Write a PNG chart here.")] = None,
+    positions: PositionsOption = None,
+    positive_radius: RadiusOption = RADIUS_M,
 ) -> None:
     """Benchmark an engine end to end; with no arguments, on an embedded UNTRAINED default."""
     from fol_infer.bench.harness import Bench, BenchOptions
@@ -76,6 +80,8 @@ def bench(
         warmup,
         reranker,
         cast(TokenFormat, tokens),
+        positions,
+        positive_radius,
     )
     runner = Bench(options, say=lambda msg: console.print(f"[dim]{msg}[/dim]", soft_wrap=True))
     interrupted = False

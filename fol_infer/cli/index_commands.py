@@ -10,9 +10,10 @@ import typer
 from rich.table import Table
 
 from fol_infer.cli.app import app, console, friendly_errors, stdout, untrained_banner
-from fol_infer.cli.model_commands import BackendOption, CheckpointOption
+from fol_infer.cli.model_commands import BackendOption, CheckpointOption, PositionsOption
 from fol_infer.cli.progress import progress_bar
 from fol_infer.errors import ImageError, UsageError
+from fol_infer.positions import PositionTable, missing_note, read_positions_csv
 
 
 @app.command()
@@ -47,6 +48,7 @@ def index(
             help="Rebuild an existing index (the old one stays until the new one is done)."
         ),
     ] = False,
+    positions: PositionsOption = None,
 ) -> None:
     """Index a database: global descriptors in FAISS, region tokens in a memory-mapped store.
 
@@ -64,6 +66,7 @@ def index(
         raise UsageError("--batch must be at least 1")
     if not db_folder.is_dir():
         raise UsageError(f"database folder not found: {db_folder}")
+    table = read_positions_csv(positions) if positions else None  # bad rows fail before work
     bundle = Bundle.open(bundle_dir)
     untrained_banner(bundle.manifest.trained)
     settings = BuildSettings(factory=faiss, tokens=tokens, batch=batch)  # type: ignore[arg-type]
@@ -83,6 +86,26 @@ def index(
         f"{out}: {report.total} images indexed, {report.added} added{resumed} at "
         f"{report.images_per_second:.1f} img/s, {len(report.failures)} skipped"
     )
+    if table is not None:
+        _record_positions(out, table)
+
+
+def _record_positions(out: Path, table: PositionTable) -> None:
+    """Keep the CSV's positions with the index; name the images that have none."""
+    from fol_infer.index.database import Database
+    from fol_infer.index.positions_store import record_positions
+
+    with Database(out) as database:
+        names = database.paths
+        absolute = [database.absolute_path(i) for i in range(len(names))]
+    missing = record_positions(out, names, absolute, table)
+    console.print(f"positions from {table.source}: {len(names) - len(missing)} of {len(names)}")
+    if missing:
+        console.print(
+            f"[yellow]{missing_note(missing, len(names), 'database')}[/yellow]",
+            highlight=False,
+            soft_wrap=True,
+        )
 
 
 @app.command()

@@ -19,6 +19,18 @@ CheckpointOption = Annotated[
     Path | None,
     typer.Option("--checkpoint", help="Checkpoint for the torch backend (default: the bundle's)."),
 ]
+PositionsOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--positions",
+        help="CSV of image positions: path,easting,northing (UTM metres) or path,lat,lon "
+        "(degrees); paths relative to the CSV's folder [the @east@north@ in file names].",
+    ),
+]
+RadiusOption = Annotated[
+    float,
+    typer.Option(help="A database image within this many metres of a query is a positive."),
+]
 
 
 @app.command("make-checkpoint")
