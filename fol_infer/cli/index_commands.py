@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
@@ -14,6 +14,9 @@ from fol_infer.cli.model_commands import BackendOption, CheckpointOption, Positi
 from fol_infer.cli.progress import progress_bar
 from fol_infer.errors import ImageError, UsageError
 from fol_infer.positions import PositionTable, missing_note, read_positions_csv
+
+if TYPE_CHECKING:
+    from fol_infer.pipeline import QueryResult
 
 
 @app.command()
@@ -108,6 +111,25 @@ def _record_positions(out: Path, table: PositionTable) -> None:
         )
 
 
+def _write_outputs(
+    results: list[QueryResult],
+    files: list[Path],
+    given: list[Path],
+    pairs_out: Path | None,
+    csv_out: Path | None,
+) -> None:
+    """The files the next tool reads (`fol_infer.outputs`); skipped queries are left out."""
+    from fol_infer.outputs import csv_text, pairs_text, query_names, write_text
+
+    if pairs_out is not None:
+        by_file = dict(zip(map(str, files), query_names(files, given)))
+        write_text(pairs_out, pairs_text(results, [by_file[r.query] for r in results]))
+        console.print(f"wrote {pairs_out} (hloc retrieval pairs)")
+    if csv_out is not None:
+        write_text(csv_out, csv_text(results))
+        console.print(f"wrote {csv_out}")
+
+
 @app.command()
 @friendly_errors
 def query(
@@ -123,7 +145,20 @@ def query(
     ] = False,
     backend: BackendOption = "onnx",
     reranker: Annotated[str, typer.Option(help="Re-ranker: auto, cpu, triton or torch.")] = "auto",
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    as_json: Annotated[
+        bool,
+        typer.Option("--json", help="Print JSON (each hit's path and its absolute file)."),
+    ] = False,
+    pairs_out: Annotated[
+        Path | None,
+        typer.Option(
+            "--pairs-out",
+            help="Write hloc retrieval pairs here: 'query database' per line, final order.",
+        ),
+    ] = None,
+    csv_out: Annotated[
+        Path | None, typer.Option("--csv", help="Write one CSV row per (query, rank) here.")
+    ] = None,
 ) -> None:
     """Retrieve database images for each query, re-ranked by region-token matches."""
     from fol_infer.images import find_images
@@ -147,6 +182,7 @@ def query(
                 results.extend(retriever.query([path], top_k, rerank_k, rerank=not no_rerank))
             except ImageError as exc:  # one unreadable query must not lose the others
                 console.print(f"[yellow]skipped[/yellow] {exc}", highlight=False, soft_wrap=True)
+    _write_outputs(results, files, paths, pairs_out, csv_out)
     if as_json:
         print(json.dumps([r.to_json() for r in results], indent=2))
         return
