@@ -10,6 +10,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from fol_infer import __version__
 from fol_infer.errors import FolInferError
@@ -34,7 +35,7 @@ def friendly_errors(func: F) -> F:
         try:
             return func(*args, **kwargs)
         except FolInferError as exc:
-            console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+            console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             console.print("[yellow]interrupted[/yellow]")
