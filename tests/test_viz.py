@@ -3,12 +3,13 @@ checked against the encoder and the re-ranker; bad input; PNG and SVG files writ
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import shared_data
+from conftest import REPO, shared_data
 from sample_images import make_images
 from typer.testing import CliRunner
 
@@ -19,6 +20,7 @@ from fol_infer.errors import UsageError
 from fol_infer.pipeline import GlobalHit, QueryResult, RerankHit
 from fol_infer.positions import PositionKind, Positions
 from fol_infer.rerank import count_mutual_matches
+from fol_infer.viz.bench_charts import STAGE_ORDER, chart_series, load_report
 from fol_infer.viz.figure import GREEN, GREY, RED, new_figure
 from fol_infer.viz.matches import match_figure
 from fol_infer.viz.regions import region_figure
@@ -198,3 +200,43 @@ def test_without_matplotlib_the_error_names_the_extra(
         new_figure()
     code, log = run("show", "regions", tiny_bundle, photos[0], "--out", tmp_path / "r.png")
     assert code == 2 and "fol-infer[viz]" in log and "Traceback" not in log
+
+
+REPORTS = REPO / "benchmarks" / "results"
+
+
+def test_bench_chart_data_comes_from_the_reports(tmp_path: Path) -> None:
+    names = (
+        "bench_default_onnx_cpu_run1",
+        "bench_default_onnx_cpu_run2",
+        "bench_default_torch_cpu",
+    )
+    paths = [REPORTS / f"{name}.json" for name in names]
+    reports = [load_report(p) for p in paths]
+    series = chart_series(reports, [p.stem for p in paths])
+    assert [s.label for s in series] == [
+        "onnx, fp16 tokens [bench_default_onnx_cpu_run1]",
+        "onnx, fp16 tokens [bench_default_onnx_cpu_run2]",
+        "torch, fp16 tokens",
+    ]
+    for s, report in zip(series, reports):
+        assert list(s.stages_ms) == [st for st in STAGE_ORDER if st in report["latency_ms"]]
+        assert s.stages_ms["rerank"] == report["latency_ms"]["rerank"]["p50"]
+        assert s.depths == report["recall_vs_rerank_k"]["K"]
+        assert s.recall["1"] == report["recall_vs_rerank_k"]["1"] and not s.trained
+    out = tmp_path / "bench.svg"
+    code, log = run("show", "bench", *paths, "--out", out)
+    assert code == 0 and "3 reports" in log and "<svg" in out.read_text()[:500]
+    (tmp_path / "other.json").write_text('{"schema": "something else"}')
+    code, log = run("show", "bench", tmp_path / "other.json", "--out", out)
+    assert code == 2 and "not a fol-infer bench report" in log
+
+
+def test_matplotlib_is_imported_in_viz_only() -> None:
+    package = REPO / "fol_infer"
+    importers = [
+        p.relative_to(package).as_posix()
+        for p in package.rglob("*.py")
+        if re.search(r"^\s*(from|import) matplotlib", p.read_text(), re.M)
+    ]
+    assert importers and all(name.startswith("viz/") for name in importers), importers

@@ -44,15 +44,21 @@ def bench(
     markdown_out: Annotated[
         Path | None, typer.Option("--markdown", help="Write a Markdown summary here.")
     ] = None,
-    plot: Annotated[Path | None, typer.Option(help="Write a PNG chart here.")] = None,
+    plot: Annotated[
+        Path | None, typer.Option(help="Write a chart here (.png or .svg; the viz extra).")
+    ] = None,
     positions: PositionsOption = None,
     positive_radius: RadiusOption = RADIUS_M,
 ) -> None:
     """Benchmark an engine end to end; with no arguments, on an embedded UNTRAINED default."""
     from fol_infer.bench.harness import Bench, BenchOptions
-    from fol_infer.bench.report import markdown, png, write_json
+    from fol_infer.bench.report import chart, markdown, write_json
     from fol_infer.index.database import TOKEN_FORMATS, TokenFormat
 
+    if plot is not None:
+        from fol_infer.viz.figure import check_out
+
+        check_out(plot)  # before the run, not after it
     if engine not in ENGINES:
         raise UsageError(f"--engine must be one of {', '.join(ENGINES)}")
     if bundle is not None and checkpoint is not None and engine != "torch":
@@ -97,6 +103,6 @@ def bench(
     if markdown_out:
         markdown_out.write_text(markdown(report))
     if plot:
-        png(report, plot)
+        chart(report, plot)
     if interrupted:
         raise typer.Exit(130)

@@ -143,3 +143,19 @@ def results(
         console.print(f"note: {note}", highlight=False, soft_wrap=True)
     draw_results(data, out, trained)
     console.print(f"wrote {out}: {len(found)} queries, top {top_k}", soft_wrap=True)
+
+
+@show_app.command("bench")
+@friendly_errors
+def bench_reports(
+    reports: Annotated[list[Path], typer.Argument(help="Reports of fol-infer bench --json.")],
+    out: OutOption,
+) -> None:
+    """Benchmark reports side by side: p50 stage latency and recall vs re-rank depth."""
+    from fol_infer.viz.bench_charts import chart_series, draw_bench, load_report
+    from fol_infer.viz.figure import check_out
+
+    check_out(out)
+    series = chart_series([load_report(p) for p in reports], [p.stem for p in reports])
+    draw_bench(series, out)
+    console.print(f"wrote {out}: {len(series)} reports", soft_wrap=True)
