@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from fol_infer.errors import UsageError
-from fol_infer.index.metadata import atomic_writer
+from fol_infer.fileio import atomic_write_bytes
 from fol_infer.pipeline import QueryResult
 
 CSV_COLUMNS = ("query", "rank", "path", "file", "db_index", "global_score", "matches")
@@ -60,25 +60,27 @@ def csv_text(results: Sequence[QueryResult]) -> str:
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(CSV_COLUMNS)
     for result in results:
-        scores = {h.db_index: h.score for h in result.global_hits}
+        scores = {h.db_index: f"{h.score:.6f}" for h in result.global_hits}
+        rows: list[tuple[int, int, str, str, str]]
         if result.reranked is None:
-            rows = [(h.rank, h.db_index, h.path, h.score, "") for h in result.global_hits]
+            rows = [
+                (h.rank, h.db_index, h.path, scores[h.db_index], "") for h in result.global_hits
+            ]
         else:
             rows = [
-                (h.rank, h.db_index, h.path, scores.get(h.db_index, ""), h.matches)
+                (h.rank, h.db_index, h.path, scores.get(h.db_index, ""), str(h.matches))
                 for h in result.reranked
             ]
         for rank, db_index, path, score, matches in rows:
-            file = result.file_of(path)
-            score_text = f"{score:.6f}" if isinstance(score, float) else ""
-            writer.writerow((result.query, rank, path, file, db_index, score_text, matches))
+            writer.writerow(
+                (result.query, rank, path, result.file_of(path), db_index, score, matches)
+            )
     return out.getvalue()
 
 
 def write_text(path: Path, text: str) -> None:
     """Write UTF-8 text atomically: a reader never sees half a file."""
     try:
-        with atomic_writer(path) as f:
-            f.write(text.encode("utf-8", "surrogateescape"))  # names as on disk
+        atomic_write_bytes(path, text.encode("utf-8", "surrogateescape"))  # names as on disk
     except OSError as exc:
         raise UsageError(f"cannot write {path}: {exc.strerror or exc}") from None

@@ -23,13 +23,15 @@ import numpy as np
 from fol_infer.backends import open_encoder
 from fol_infer.backends.base import Encoder
 from fol_infer.bundle import Bundle
+from fol_infer.choices import EncoderBackend, RerankBackend
 from fol_infer.errors import UsageError
 from fol_infer.images import ImageSource, preprocess, source_name
 from fol_infer.index.database import Database
 from fol_infer.rerank import (
+    RerankSettings,
     count_mutual_matches_certified,
-    count_mutual_matches_many,
     rerank_order,
+    score_many,
 )
 
 log = logging.getLogger(__name__)
@@ -59,6 +61,7 @@ class QueryResult:
     reranked: list[RerankHit] | None
     timings_ms: dict[str, float] = field(default_factory=dict)  # this query's share per stage
     descriptor: np.ndarray | None = field(default=None, repr=False)  # (8448,) global descriptor
+    threshold: float | None = None  # the re-ranking threshold the matches were counted at
     database_root: str = ""  # absolute; hit paths are relative to it (or absolute themselves)
 
     def file_of(self, path: str) -> str:
@@ -77,6 +80,7 @@ class QueryResult:
             "database_root": self.database_root,
             "global": hits(self.global_hits),
             "reranked": hits(self.reranked),
+            "threshold": self.threshold,
         }
 
     def ranking(self) -> list[int]:
@@ -108,21 +112,24 @@ class Retriever:
         self,
         bundle: str | Path | Bundle,
         index: str | Path,
-        backend: str = "onnx",
-        reranker: str = "auto",
+        backend: EncoderBackend | str = EncoderBackend.ONNX,
+        rerank: RerankSettings | None = None,
         checkpoint: str | Path | None = None,
         threads: int | None = None,
         encoder: Encoder | None = None,
     ) -> None:
-        """``encoder``: an encoder of this bundle already open (e.g. the one that built the
+        """``rerank``: threshold, backend, CPU block and workers [`RerankSettings()`].
+        ``encoder``: an encoder of this bundle already open (e.g. the one that built the
         index), used instead of opening another; the caller keeps it and closes it."""
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
         self.database = Database(index, bundle=self.bundle)
-        if self.database.exact_tokens is not None and reranker not in ("auto", "cpu"):
+        rerank = rerank or RerankSettings()
+        cpu_only = (RerankBackend.AUTO, RerankBackend.CPU)
+        if self.database.exact_tokens is not None and rerank.backend not in cpu_only:
             self.database.close()
             raise UsageError(
                 f"{index} keeps int8-exact tokens, which the certified CPU re-ranker scores; "
-                f"reranker={reranker!r} cannot: use 'auto' or 'cpu', or an fp16 index"
+                f"the {rerank.backend!s} re-ranker cannot: use auto or cpu, or an fp16 index"
             )
         self._owns_encoder = encoder is None
         try:
@@ -132,7 +139,7 @@ class Retriever:
         except BaseException:
             self.database.close()
             raise
-        self.reranker = reranker
+        self.rerank = rerank
         self._root = os.path.abspath(self.database.meta.root)
 
     def query(
@@ -188,8 +195,11 @@ class Retriever:
                     for r, j in enumerate(order)
                 ]
             descriptor = global_out.descriptors[q]
+            threshold = self.rerank.threshold if rerank else None
             name = source_name(source, q)
-            results.append(QueryResult(name, hits, reranked, share, descriptor, self._root))
+            results.append(
+                QueryResult(name, hits, reranked, share, descriptor, threshold, self._root)
+            )
         return results
 
     def _rerank(
@@ -206,12 +216,15 @@ class Retriever:
         with timer.stage("rerank"):
             lists = [[fetched[int(i)] for i in cand] for cand in candidates]
             if exact is None:
-                return count_mutual_matches_many(queries, lists, backend=self.reranker)
+                return score_many(queries, lists, self.rerank)
 
             def originals(q: int, k: int, rows: np.ndarray) -> np.ndarray:
                 return exact.get_rows(int(candidates[q][k]), rows)
 
-            certified = count_mutual_matches_certified(queries, lists, originals)
+            s = self.rerank
+            certified = count_mutual_matches_certified(
+                queries, lists, originals, s.threshold, block_bytes=s.block_bytes, workers=s.workers
+            )
             return [c.scores for c in certified]
 
     @staticmethod

@@ -20,11 +20,11 @@ import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from enum import Enum
 from pathlib import Path
 
 import numpy as np
 
+from fol_infer.choices import Choice
 from fol_infer.errors import UsageError
 
 RADIUS_M = 25.0
@@ -32,14 +32,16 @@ EARTH_RADIUS_M = 6_371_008.8  # IUGG mean radius
 MAX_REPORTED_ROWS = 20  # bad CSV rows named in one error; the count says how many more
 
 
-class PositionKind(str, Enum):
-    """What the two coordinates of a position are, and so which distance applies."""
+class PositionKind(Choice):
+    """What a position's two numbers are, and so which distance applies. Read from a CSV's
+    header, never typed by users: it lives here, beside the positions it describes."""
 
-    UTM = "utm"  # easting, northing in metres
-    LATLON = "latlon"  # latitude, longitude in degrees
+    UTM = "utm"  # easting, northing in metres: Euclidean distance
+    LATLON = "latlon"  # latitude, longitude in degrees: great-circle distance
 
     @property
     def columns(self) -> tuple[str, str]:
+        """The CSV columns that hold them, after ``path``."""
         return ("easting", "northing") if self is PositionKind.UTM else ("lat", "lon")
 
 

@@ -19,7 +19,7 @@ from fol_infer.cli import app
 from fol_infer.errors import UsageError
 from fol_infer.pipeline import GlobalHit, QueryResult, RerankHit
 from fol_infer.positions import PositionKind, Positions
-from fol_infer.rerank import count_mutual_matches
+from fol_infer.rerank import RerankSettings, count_mutual_matches
 from fol_infer.viz.bench_charts import STAGE_ORDER, chart_series, load_report
 from fol_infer.viz.figure import GREEN, GREY, RED, new_figure
 from fol_infer.viz.matches import match_figure
@@ -96,7 +96,7 @@ def test_region_boxes_are_the_kept_patches_by_confidence(
 
 def test_match_pairs_are_what_the_reranker_counts(tiny_bundle: Path, photos: list[Path]) -> None:
     q, c = encoded(tiny_bundle, photos)
-    data = match_figure(q, c, threshold=0.7, backend="cpu", max_lines=10)
+    data = match_figure(q, c, RerankSettings(0.7, "cpu"), max_lines=10)
     assert data.count == int(count_mutual_matches(q.tokens, [c.tokens], 0.7, "cpu")[0])
     assert data.count == len(data.pairs) > 0
     s = q.tokens @ c.tokens.T  # brute force: mutual argmax above the threshold
@@ -105,7 +105,7 @@ def test_match_pairs_are_what_the_reranker_counts(tiny_bundle: Path, photos: lis
         assert sim == pytest.approx(s[i, j], abs=1e-5)
     assert len(data.shown) == min(10, data.count) and set(data.shown) <= set(range(data.count))
     assert len(data.query_xy) == len(q.tokens) and len(data.candidate_xy) == len(c.tokens)
-    lower = match_figure(q, c, threshold=0.5, backend="cpu")
+    lower = match_figure(q, c, RerankSettings(0.5, "cpu"))
     assert lower.count >= data.count
 
 
@@ -128,7 +128,7 @@ def test_tokens_of_different_resolutions_are_refused(
     (q,) = encoded(tiny_bundle, photos[:1])
     (c,) = encoded(tiny_bundle_322, photos[1:])
     with pytest.raises(UsageError, match="210x224 .* 322x322"):
-        match_figure(q, c, 0.7)
+        match_figure(q, c, RerankSettings())
     code, log = run(
         "show", "matches", tiny_bundle, photos[0], photos[1], "--out", tmp_path / "m.png",
         "--candidate-bundle", tiny_bundle_322,

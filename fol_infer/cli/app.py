@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import wraps
 from typing import Annotated, Any, TypeVar
 
@@ -14,6 +15,7 @@ from rich.markup import escape
 
 from fol_infer import __version__
 from fol_infer.errors import FolInferError
+from fol_infer.progress import Progress
 
 app = typer.Typer(
     name="fol-infer",
@@ -42,6 +44,13 @@ def friendly_errors(func: F) -> F:
             raise typer.Exit(130) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+@contextmanager
+def status(label: str) -> Iterator[Progress]:
+    """A spinner on stderr; the `Progress` it yields replaces its text (long library steps)."""
+    with console.status(label) as spinner:
+        yield lambda message: spinner.update(message)
 
 
 def untrained_banner(trained: bool) -> None:

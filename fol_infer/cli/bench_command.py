@@ -3,41 +3,59 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, cast
+from typing import Annotated
 
 import typer
 
+from fol_infer.choices import EncoderBackend, RerankBackend, TokenFormat
 from fol_infer.cli.app import app, console, friendly_errors, stdout
-from fol_infer.cli.model_commands import PositionsOption, RadiusOption
+from fol_infer.cli.options import (
+    PositionsOption,
+    RadiusOption,
+    RerankerOption,
+    ThresholdOption,
+    choice,
+    tokens_option,
+)
 from fol_infer.errors import UsageError
+from fol_infer.images import DEFAULT_RESOLUTION
 from fol_infer.positions import RADIUS_M
-
-ENGINES = ("onnx", "torch", "trt")
+from fol_infer.rerank.settings import DEFAULT_THRESHOLD, RerankSettings
 
 
 @app.command()
 @friendly_errors
 def bench(
-    engine: Annotated[str, typer.Option(help="Engine to measure: onnx, torch or trt.")] = "onnx",
+    backend: Annotated[
+        EncoderBackend,
+        choice(
+            EncoderBackend,
+            "Encoder backend to measure (--engine: the same).",
+            "--backend",
+            "--engine",
+            "-b",
+        ),
+    ] = EncoderBackend.ONNX,
     bundle: Annotated[
         Path | None, typer.Option(help="Bundle folder (else exported from --checkpoint).")
     ] = None,
     checkpoint: Annotated[
-        Path | None, typer.Option(help="Checkpoint [an UNTRAINED seeded ViT-B/14].")
+        Path | None, typer.Option(help="Checkpoint (default: an UNTRAINED seeded ViT-B/14).")
     ] = None,
     dataset: Annotated[
-        Path | None, typer.Option(help="Dataset root in the standard layout [synthetic].")
+        Path | None, typer.Option(help="Dataset root in the standard layout (default: synthetic).")
     ] = None,
     resolution: Annotated[
         str, typer.Option(help="Resolution when exporting from a checkpoint.")
-    ] = "322",
+    ] = str(DEFAULT_RESOLUTION),
     rerank_k: Annotated[int, typer.Option(help="Global candidates re-ranked per query.")] = 100,
     batch: Annotated[int, typer.Option(help="Batch size for database encoding.")] = 8,
     warmup: Annotated[int, typer.Option(help="Warm-up queries before timing.")] = 2,
-    reranker: Annotated[str, typer.Option(help="Re-ranker: auto, cpu, triton or torch.")] = "auto",
+    reranker: RerankerOption = RerankBackend.AUTO,
+    threshold: ThresholdOption = DEFAULT_THRESHOLD,
     tokens: Annotated[
-        str, typer.Option(help="Token format of the index: fp16, int8 or int8-exact.")
-    ] = "fp16",
+        TokenFormat, tokens_option("Token format of the index under test.")
+    ] = TokenFormat.FP16,
     json_out: Annotated[
         Path | None, typer.Option("--json", help="Write the JSON report here.")
     ] = None,
@@ -50,33 +68,31 @@ def bench(
     positions: PositionsOption = None,
     positive_radius: RadiusOption = RADIUS_M,
 ) -> None:
-    """Benchmark an engine end to end; with no arguments, on an embedded UNTRAINED default."""
+    """Benchmark an encoder backend end to end; with no arguments, on an embedded UNTRAINED
+    default."""
     from fol_infer.bench.harness import Bench, BenchOptions
     from fol_infer.bench.report import chart, markdown, write_json
-    from fol_infer.index.database import TOKEN_FORMATS, TokenFormat
 
     if plot is not None:
         from fol_infer.viz.figure import check_out
 
         check_out(plot)  # before the run, not after it
-    if engine not in ENGINES:
-        raise UsageError(f"--engine must be one of {', '.join(ENGINES)}")
-    if bundle is not None and checkpoint is not None and engine != "torch":
+    if bundle is not None and checkpoint is not None and backend != EncoderBackend.TORCH:
         console.print("note: --bundle given; --checkpoint is used only for the PyTorch reference")
     if rerank_k < 1 or batch < 1 or warmup < 0:
         raise UsageError("--rerank-k and --batch must be >= 1, --warmup >= 0")
-    if tokens not in TOKEN_FORMATS:
-        raise UsageError(f"--tokens must be one of {', '.join(TOKEN_FORMATS)}, not {tokens!r}")
-    if tokens == "int8-exact" and reranker not in ("auto", "cpu"):
+    if tokens == TokenFormat.INT8_EXACT and reranker not in (RerankBackend.AUTO, RerankBackend.CPU):
         raise UsageError("--tokens int8-exact is re-ranked on the CPU: use --reranker auto or cpu")
+    rerank = RerankSettings(threshold, reranker)
     if bundle is None and checkpoint is None:
         console.print(
-            "[bold yellow]embedded default:[/bold yellow] UNTRAINED seeded ViT-B/14 at 322 and a "
-            "synthetic dataset — latencies are real, recall says nothing about FoL's accuracy",
+            "[bold yellow]embedded default:[/bold yellow] UNTRAINED seeded ViT-B/14 at "
+            f"{DEFAULT_RESOLUTION} and a synthetic dataset — latencies are real, recall says "
+            "nothing about FoL's accuracy",
             soft_wrap=True,
         )
     options = BenchOptions(
-        engine,
+        backend,
         bundle,
         checkpoint,
         dataset,
@@ -84,8 +100,8 @@ def bench(
         rerank_k,
         batch,
         warmup,
-        reranker,
-        cast(TokenFormat, tokens),
+        rerank,
+        tokens,
         positions,
         positive_radius,
     )

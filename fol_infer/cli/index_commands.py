@@ -9,11 +9,20 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.table import Table
 
+from fol_infer.choices import EncoderBackend, IndexMode, RerankBackend, TokenFormat
 from fol_infer.cli.app import app, console, friendly_errors, stdout, untrained_banner
-from fol_infer.cli.model_commands import BackendOption, CheckpointOption, PositionsOption
+from fol_infer.cli.options import (
+    BackendOption,
+    CheckpointOption,
+    PositionsOption,
+    RerankerOption,
+    ThresholdOption,
+    tokens_option,
+)
 from fol_infer.cli.progress import progress_bar
 from fol_infer.errors import ImageError, UsageError
 from fol_infer.positions import PositionTable, missing_note, read_positions_csv
+from fol_infer.rerank.settings import DEFAULT_THRESHOLD
 
 if TYPE_CHECKING:
     from fol_infer.pipeline import QueryResult
@@ -25,17 +34,17 @@ def index(
     bundle_dir: Annotated[Path, typer.Argument(help="Bundle folder.")],
     db_folder: Annotated[Path, typer.Argument(help="Folder of database images (recursive).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Index folder.")],
-    backend: BackendOption = "onnx",
+    backend: BackendOption = EncoderBackend.ONNX,
     checkpoint: CheckpointOption = None,
-    batch: Annotated[int, typer.Option(help="Images per forward pass and per commit.")] = 8,
+    batch: Annotated[int, typer.Option(min=1, help="Images per forward pass and per commit.")] = 8,
     tokens: Annotated[
-        str,
-        typer.Option(
-            help="Token storage: fp16; int8 (+ a scale per token, 0.24x the published bytes, "
+        TokenFormat,
+        tokens_option(
+            "Token storage: fp16; int8 (+ a scale per token, 0.24x the published bytes, "
             "approximate counts); int8-exact (int8 scored, float32 kept on disk for the rows "
             "its error bound cannot decide: float32 counts)."
         ),
-    ] = "fp16",
+    ] = TokenFormat.FP16,
     faiss: Annotated[
         str,
         typer.Option(
@@ -59,25 +68,21 @@ def index(
     """
     from fol_infer.backends import open_encoder
     from fol_infer.bundle import Bundle
-    from fol_infer.index.database import TOKEN_FORMATS, BuildSettings, build_index
+    from fol_infer.index.database import BuildSettings, build_index
 
     if append and force:
         raise UsageError("--append and --force exclude each other")
-    if tokens not in TOKEN_FORMATS:
-        raise UsageError(f"--tokens must be one of {', '.join(TOKEN_FORMATS)}, not {tokens!r}")
-    if batch < 1:
-        raise UsageError("--batch must be at least 1")
     if not db_folder.is_dir():
         raise UsageError(f"database folder not found: {db_folder}")
     table = read_positions_csv(positions) if positions else None  # bad rows fail before work
     bundle = Bundle.open(bundle_dir)
     untrained_banner(bundle.manifest.trained)
-    settings = BuildSettings(factory=faiss, tokens=tokens, batch=batch)  # type: ignore[arg-type]
-    mode = "append" if append else "force" if force else "new"
+    settings = BuildSettings(factory=faiss, tokens=tokens, batch=batch)
+    mode: IndexMode = "append" if append else "force" if force else "new"
     encoder = open_encoder(bundle, backend, checkpoint=checkpoint)
     try:
         with progress_bar(console, "indexing", total=0) as advance:
-            report = build_index(bundle, encoder, db_folder, out, settings, mode, advance)  # type: ignore[arg-type]
+            report = build_index(bundle, encoder, db_folder, out, settings, mode, advance)
     finally:
         encoder.close()
     for path, reason in report.failures:
@@ -148,15 +153,17 @@ def query(
     index_dir: Annotated[Path, typer.Argument(help="Index folder.")],
     paths: Annotated[list[Path], typer.Argument(help="Query images or folders.")],
     bundle_dir: Annotated[
-        Path | None, typer.Option("--bundle", help="Bundle folder [the one that built the index].")
+        Path | None,
+        typer.Option("--bundle", help="Bundle folder (default: the one that built the index)."),
     ] = None,
     top_k: Annotated[int, typer.Option(help="Results per query.")] = 10,
     rerank_k: Annotated[int, typer.Option(help="Global candidates to re-rank.")] = 100,
     no_rerank: Annotated[
         bool, typer.Option("--no-rerank", help="Global search only (skips the local branch).")
     ] = False,
-    backend: BackendOption = "onnx",
-    reranker: Annotated[str, typer.Option(help="Re-ranker: auto, cpu, triton or torch.")] = "auto",
+    backend: BackendOption = EncoderBackend.ONNX,
+    reranker: RerankerOption = RerankBackend.AUTO,
+    threshold: ThresholdOption = DEFAULT_THRESHOLD,
     as_json: Annotated[
         bool,
         typer.Option("--json", help="Print JSON (each hit's path and its absolute file)."),
@@ -175,13 +182,15 @@ def query(
     """Retrieve database images for each query, re-ranked by region-token matches."""
     from fol_infer.images import find_images
     from fol_infer.pipeline import Retriever
+    from fol_infer.rerank.settings import RerankSettings
 
     bundle_dir = bundle_of_index(index_dir, bundle_dir)
     files = find_images(paths)
     if not files:
         raise UsageError("no query images found")
+    rerank = RerankSettings(threshold, reranker)
     results = []
-    with Retriever(bundle_dir, index_dir, backend=backend, reranker=reranker) as retriever:
+    with Retriever(bundle_dir, index_dir, backend=backend, rerank=rerank) as retriever:
         if not as_json:
             untrained_banner(retriever.bundle.manifest.trained)
         for path in files:
@@ -198,7 +207,7 @@ def query(
         table.add_column("rank", justify="right")
         table.add_column("global (score)")
         if r.reranked is not None:
-            table.add_column("re-ranked (matches)")
+            table.add_column(f"re-ranked (matches above {r.threshold})")
         for i, hit in enumerate(r.global_hits):
             row = [str(hit.rank), f"{hit.path} ({hit.score:.3f})"]
             if r.reranked is not None:

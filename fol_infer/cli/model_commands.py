@@ -9,28 +9,11 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from fol_infer.cli.app import app, console, friendly_errors, stdout, untrained_banner
+from fol_infer.choices import EncoderBackend, Precision
+from fol_infer.cli.app import app, console, friendly_errors, status, stdout, untrained_banner
+from fol_infer.cli.options import BackendOption, CheckpointOption, choice
 from fol_infer.errors import UsageError
-
-BackendOption = Annotated[
-    str, typer.Option("--backend", "-b", help="Encoder backend: onnx, torch or trt.")
-]
-CheckpointOption = Annotated[
-    Path | None,
-    typer.Option("--checkpoint", help="Checkpoint for the torch backend (default: the bundle's)."),
-]
-PositionsOption = Annotated[
-    Path | None,
-    typer.Option(
-        "--positions",
-        help="CSV of image positions: path,easting,northing (UTM metres) or path,lat,lon "
-        "(degrees); paths relative to the CSV's folder [the @east@north@ in file names].",
-    ),
-]
-RadiusOption = Annotated[
-    float,
-    typer.Option(help="A database image within this many metres of a query is a positive."),
-]
+from fol_infer.images import DEFAULT_RESOLUTION
 
 
 @app.command("make-checkpoint")
@@ -58,11 +41,12 @@ def make_checkpoint(
 def export(
     checkpoint: Annotated[Path, typer.Argument(help="FoL checkpoint (.pth).")],
     out: Annotated[
-        Path | None, typer.Option("--out", "-o", help="Bundle folder [engines/<arch>-<res>].")
+        Path | None,
+        typer.Option("--out", "-o", help="Bundle folder (default: engines/<arch>-<res>)."),
     ] = None,
     resolution: Annotated[
-        str, typer.Option(help="Input size: 322 or HxW, multiples of 14, >= 210.")
-    ] = "322",
+        str, typer.Option(help="Input size: N or HxW, multiples of 14, >= 210.")
+    ] = str(DEFAULT_RESOLUTION),
     opset: Annotated[int, typer.Option(help="ONNX opset (>= 17).")] = 18,
     force: Annotated[bool, typer.Option(help="Replace an existing bundle folder.")] = False,
     trust_checkpoint: Annotated[
@@ -72,7 +56,9 @@ def export(
     trt: Annotated[
         bool, typer.Option("--trt", help="Also build TensorRT engines here (needs a GPU).")
     ] = False,
-    precision: Annotated[str, typer.Option(help="With --trt: fp16 or fp32 engines.")] = "fp16",
+    precision: Annotated[
+        Precision, choice(Precision, "With --trt: engine precision.", "--precision")
+    ] = Precision.FP16,
     max_batch: Annotated[int, typer.Option(help="With --trt: largest batch of the profile.")] = 32,
 ) -> None:
     """Export a checkpoint to a bundle: global.onnx, local.onnx, reference.npz, manifest."""
@@ -82,15 +68,9 @@ def export(
     from fol_infer.export.opcheck import check_bundle
 
     start = time.perf_counter()
-    with console.status("exporting") as spinner:
+    with status("exporting") as say:
         bundle = export_bundle(
-            checkpoint,
-            out,
-            resolution,
-            opset=opset,
-            force=force,
-            trust_checkpoint=trust_checkpoint,
-            progress=lambda msg: spinner.update(msg),
+            checkpoint, out, resolution, opset, force, trust_checkpoint, progress=say
         )
     reports = check_bundle(bundle)
     console.print(f"wrote {bundle} in {time.perf_counter() - start:.0f} s")
@@ -109,10 +89,11 @@ def export(
 @friendly_errors
 def verify(
     bundle_dir: Annotated[Path, typer.Argument(help="Bundle folder.")],
-    backend: BackendOption = "onnx",
+    backend: BackendOption = EncoderBackend.ONNX,
     checkpoint: CheckpointOption = None,
     precision: Annotated[
-        str | None, typer.Option(help="Tolerances: fp32 or fp16 [the engine's precision].")
+        Precision | None,
+        choice(Precision, "Tolerances (default: the engine's precision).", "--precision"),
     ] = None,
 ) -> None:
     """Re-run reference.npz through a backend; compare with PyTorch (exit 1 on failure)."""
@@ -121,12 +102,10 @@ def verify(
     from fol_infer.parity import TOLERANCES
     from fol_infer.parity import verify as run_verify
 
-    if precision is not None and precision not in TOLERANCES:
-        raise UsageError(f"--precision must be one of {', '.join(TOLERANCES)}")
     bundle = Bundle.open(bundle_dir, verify="full")
     untrained_banner(bundle.manifest.trained)
     encoder = open_encoder(bundle, backend, checkpoint=checkpoint)
-    precision = precision or str(getattr(encoder, "precision", "fp32"))
+    precision = precision or encoder.precision
     try:
         report = run_verify(bundle, encoder, precision)
     finally:

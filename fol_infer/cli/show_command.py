@@ -7,11 +7,19 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from fol_infer.choices import EncoderBackend, RerankBackend
 from fol_infer.cli.app import app, console, friendly_errors, untrained_banner
 from fol_infer.cli.index_commands import bundle_of_index
-from fol_infer.cli.model_commands import BackendOption, PositionsOption, RadiusOption
+from fol_infer.cli.options import (
+    BackendOption,
+    PositionsOption,
+    RadiusOption,
+    RerankerOption,
+    ThresholdOption,
+)
 from fol_infer.errors import UsageError
 from fol_infer.positions import RADIUS_M
+from fol_infer.rerank.settings import DEFAULT_THRESHOLD, RerankSettings
 
 if TYPE_CHECKING:
     from fol_infer.viz.tokens import EncodedImage
@@ -23,13 +31,11 @@ show_app = typer.Typer(
 app.add_typer(show_app, name="show")
 
 OutOption = Annotated[Path, typer.Option("--out", "-o", help="Figure file: .png or .svg.")]
-RerankerOption = Annotated[str, typer.Option(help="Re-ranker: auto, cpu, triton or torch.")]
-ThresholdOption = Annotated[
-    float, typer.Option(help="Similarity a mutual nearest-neighbour pair must exceed.")
-]
 
 
-def _encode(bundle_dir: Path, images: list[Path], backend: str) -> tuple[bool, list[EncodedImage]]:
+def _encode(
+    bundle_dir: Path, images: list[Path], backend: EncoderBackend
+) -> tuple[bool, list[EncodedImage]]:
     """Whether the bundle's weights are trained, and each image through both branches."""
     from fol_infer.backends import open_encoder
     from fol_infer.bundle import Bundle
@@ -47,7 +53,7 @@ def regions(
     bundle_dir: Annotated[Path, typer.Argument(help="Bundle folder.")],
     image: Annotated[Path, typer.Argument(help="An image.")],
     out: OutOption,
-    backend: BackendOption = "onnx",
+    backend: BackendOption = EncoderBackend.ONNX,
 ) -> None:
     """The image with the 225 regions the local branch keeps, coloured by confidence."""
     from fol_infer.viz.figure import check_out
@@ -71,16 +77,17 @@ def matches(
         Path | None,
         typer.Option(help="Bundle that encodes the candidate [the same]: must match the first."),
     ] = None,
-    threshold: ThresholdOption = 0.7,
-    reranker: RerankerOption = "auto",
+    threshold: ThresholdOption = DEFAULT_THRESHOLD,
+    reranker: RerankerOption = RerankBackend.AUTO,
     max_lines: Annotated[int, typer.Option(help="Most match lines drawn (subsampled).")] = 80,
-    backend: BackendOption = "onnx",
+    backend: BackendOption = EncoderBackend.ONNX,
 ) -> None:
     """Two images side by side, the token pairs re-ranking counts drawn as lines."""
     from fol_infer.viz.figure import check_out
     from fol_infer.viz.matches import draw_matches, match_figure
 
     check_out(out)
+    settings = RerankSettings(threshold, reranker)
     if max_lines < 0:
         raise UsageError("--max-lines must be >= 0")
     if candidate_bundle is None:
@@ -89,7 +96,7 @@ def matches(
         trained, (q,) = _encode(bundle_dir, [query], backend)
         other_trained, (c,) = _encode(candidate_bundle, [candidate], backend)
         trained = trained and other_trained
-    data = match_figure(q, c, threshold, reranker, max_lines)
+    data = match_figure(q, c, settings, max_lines)
     draw_matches(data, out, trained)
     console.print(f"wrote {out}: {data.count} matches, {len(data.shown)} drawn", soft_wrap=True)
 
@@ -108,8 +115,9 @@ def results(
     no_rerank: Annotated[bool, typer.Option("--no-rerank", help="Global list only.")] = False,
     positions: PositionsOption = None,
     positive_radius: RadiusOption = RADIUS_M,
-    reranker: RerankerOption = "auto",
-    backend: BackendOption = "onnx",
+    reranker: RerankerOption = RerankBackend.AUTO,
+    threshold: ThresholdOption = DEFAULT_THRESHOLD,
+    backend: BackendOption = EncoderBackend.ONNX,
 ) -> None:
     """Each query with its global and re-ranked top-K; green/red frames when positions are
     known (from the index, file names or --positions)."""
@@ -125,9 +133,9 @@ def results(
     files = find_images(queries)
     if not files:
         raise UsageError("no query images found")
-    with Retriever(
-        bundle_of_index(index_dir, bundle_dir), index_dir, backend, reranker
-    ) as retriever:
+    rerank = RerankSettings(threshold, reranker)
+    bundle = bundle_of_index(index_dir, bundle_dir)
+    with Retriever(bundle, index_dir, backend=backend, rerank=rerank) as retriever:
         trained = retriever.bundle.manifest.trained
         untrained_banner(trained)
         found = retriever.query(files, top_k, rerank_k, rerank=not no_rerank)

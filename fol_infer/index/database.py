@@ -17,42 +17,41 @@ Appending keeps the index servable after every batch.
 
 from __future__ import annotations
 
-import os
 import shutil
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, cast
 
 import numpy as np
 
-from fol_infer.backends.base import GLOBAL_DIM, Encoder
+from fol_infer.backends.base import Encoder
 from fol_infer.bundle import Bundle
+from fol_infer.choices import FaissDevice, IndexMode, StoreDtype, TokenFormat, VerifyLevel
 from fol_infer.errors import IndexStoreError, UsageError
+from fol_infer.fileio import replace_folder
 from fol_infer.images import find_images
-from fol_infer.index.global_index import Device, GlobalIndex
+from fol_infer.index.global_index import GlobalIndex
 from fol_infer.index.metadata import IndexMetadata
-from fol_infer.index.token_store import Dtype, TokenStore
+from fol_infer.index.token_store import TokenStore
 from fol_infer.loader import iter_batches
+from fol_infer.progress import Advance
 
 METADATA, DESCRIPTORS, TOKENS, FAISS_FILE = "index.json", "descriptors", "tokens", "global.faiss"
 EXACT_TOKENS = "tokens_fp32"
-TokenFormat = Literal["fp16", "int8", "int8-exact"]
-TOKEN_FORMATS: tuple[TokenFormat, ...] = ("fp16", "int8", "int8-exact")
 REBUILD_SUFFIX = ".rebuild"
-Mode = Literal["new", "append", "force"]
-Progress = Callable[[int, int], None]  # (images just processed, images to process in all)
 
 
 @dataclass
 class BuildSettings:
     factory: str = "Flat"
-    tokens: TokenFormat = "fp16"
+    tokens: TokenFormat = TokenFormat.FP16
     batch: int = 8
 
+    def __post_init__(self) -> None:
+        self.tokens = TokenFormat.parse(self.tokens, "token format")
+
     def to_dict(self) -> dict[str, object]:
-        return {"factory": self.factory, "tokens": self.tokens, "batch": self.batch}
+        return {"factory": self.factory, "tokens": str(self.tokens), "batch": self.batch}
 
 
 @dataclass
@@ -86,20 +85,19 @@ def _stores_match(meta: IndexMetadata, *stores: TokenStore) -> None:
             store.truncate(n)
 
 
-def _token_layout(fmt: TokenFormat) -> list[tuple[str, Dtype]]:
+def _token_layout(fmt: TokenFormat | str) -> list[tuple[str, StoreDtype]]:
     """(folder, dtype) of each token store of a format: the scored one first."""
-    if fmt not in TOKEN_FORMATS:
-        raise UsageError(f"token format {fmt!r} is not one of {', '.join(TOKEN_FORMATS)}")
-    if fmt == "int8-exact":
+    fmt = TokenFormat.parse(fmt, "token format")
+    if fmt == TokenFormat.INT8_EXACT:
         return [(TOKENS, "int8"), (EXACT_TOKENS, "fp32")]
-    return [(TOKENS, fmt)]
+    return [(TOKENS, "int8" if fmt == TokenFormat.INT8 else "fp16")]
 
 
 def _open_stores(
     folder: Path,
-    fmt: TokenFormat,
+    fmt: TokenFormat | str,
     meta: IndexMetadata,
-    verify: Literal["sizes", "full"] = "sizes",
+    verify: VerifyLevel = "sizes",
 ) -> list[TokenStore]:
     """The descriptor store, then the token stores, cut back to the metadata's commit point;
     when one is refused, none is left open."""
@@ -115,8 +113,10 @@ def _open_stores(
     return stores
 
 
-def _faiss_from_descriptors(descriptors: TokenStore, factory: str, device: Device) -> GlobalIndex:
-    index = GlobalIndex.create(GLOBAL_DIM, factory, device=device)
+def _faiss_from_descriptors(
+    descriptors: TokenStore, factory: str, device: FaissDevice
+) -> GlobalIndex:
+    index = GlobalIndex.create(descriptors.dim, factory, device=device)
     _extend(index, descriptors, 0)
     return index
 
@@ -133,8 +133,8 @@ def build_index(
     db_folder: str | Path,
     out: str | Path,
     settings: BuildSettings | None = None,
-    mode: Mode = "new",
-    progress: Progress | None = None,
+    mode: IndexMode = "new",
+    progress: Advance | None = None,
 ) -> BuildReport:
     """Encode every image under `db_folder` into the index at `out` (see module doc)."""
     settings = settings or BuildSettings()
@@ -171,9 +171,12 @@ def build_index(
             settings=settings.to_dict()
             | {"resolution": list(bundle.resolution), "complete": False},
         )
-        descriptors = TokenStore.create(work / DESCRIPTORS, dtype="fp32", dim=GLOBAL_DIM)
+        manifest = bundle.manifest  # store widths as the graphs were exported
+        descriptors = TokenStore.create(
+            work / DESCRIPTORS, dtype="fp32", dim=manifest.descriptor_dim
+        )
         token_stores = [
-            TokenStore.create(work / name, dtype=dtype)
+            TokenStore.create(work / name, dtype=dtype, dim=manifest.token_dim)
             for name, dtype in _token_layout(settings.tokens)
         ]
         meta.save(work / METADATA)
@@ -209,10 +212,7 @@ def build_index(
         for store in (descriptors, *token_stores):
             store.close()
     if work != out:
-        trash = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, trash)
-        os.replace(work, out)
-        shutil.rmtree(trash, ignore_errors=True)
+        replace_folder(work, out)
     report.total = len(meta.paths)
     report.seconds = time.perf_counter() - start
     return report
@@ -234,8 +234,8 @@ class Database:
         self,
         folder: str | Path,
         bundle: Bundle | None = None,
-        device: Device = "auto",
-        verify: Literal["sizes", "full"] = "sizes",
+        device: FaissDevice = "auto",
+        verify: VerifyLevel = "sizes",
     ) -> None:
         self.folder = Path(folder)
         if not _is_index(self.folder):
@@ -254,7 +254,9 @@ class Database:
             )
         if bundle is not None:
             self.meta.check_bundle(bundle.manifest.fingerprint, str(bundle.folder))
-        self.token_format = cast(TokenFormat, self.meta.settings.get("tokens", "fp16"))
+        self.token_format = TokenFormat.parse(
+            self.meta.settings.get("tokens", "fp16"), "token format"
+        )
         descriptors, *stores = _open_stores(self.folder, self.token_format, self.meta, verify)
         self.tokens = stores[0]
         self.exact_tokens = stores[1] if len(stores) > 1 else None  # int8-exact only
@@ -268,7 +270,7 @@ class Database:
             descriptors.close()
 
     def _open_faiss(
-        self, descriptors: TokenStore, device: Device, verify: Literal["sizes", "full"]
+        self, descriptors: TokenStore, device: FaissDevice, verify: VerifyLevel
     ) -> GlobalIndex:
         """The saved FAISS index, caught up with descriptors appended since it was saved."""
         path, n = self.folder / FAISS_FILE, len(self.meta.paths)

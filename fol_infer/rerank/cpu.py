@@ -44,7 +44,8 @@ from typing import TypeVar
 
 import numpy as np
 
-DEFAULT_BLOCK_BYTES = 8 << 20  # per worker: ~600 x 3,400; big tiles amortise packing Q in sgemm
+from fol_infer.rerank.settings import DEFAULT_BLOCK_BYTES, DEFAULT_THRESHOLD, RerankSettings
+
 MIN_TILE_ROWS = 8  # below this many candidate rows per tile, split the query side instead
 _F32 = np.dtype(np.float32)
 T = TypeVar("T")
@@ -166,15 +167,15 @@ def _mutual(
 
 
 def mutual_pairs(
-    query: np.ndarray, candidate: np.ndarray, threshold: float = 0.7
+    query: np.ndarray, candidate: np.ndarray, settings: RerankSettings
 ) -> tuple[np.ndarray, np.ndarray]:
     """The pairs one (query, candidate) score counts, for showing them: (M, 2) int64 token
     indices (query i, candidate j) and their (M,) float32 similarities. M equals the score
-    every backend gives (same ties, same threshold rule)."""
-    thr = threshold_f32(threshold)
-    buf = np.empty(DEFAULT_BLOCK_BYTES // _F32.itemsize, np.float32)
+    every backend gives under ``settings`` (same ties, same threshold rule)."""
+    thr, block = threshold_f32(settings.threshold), settings.block_bytes
+    buf = np.empty(max(1, block // _F32.itemsize), np.float32)
     q_t = np.ascontiguousarray(_as_f32(query).T)
-    rows, cols, sims = _mutual(q_t, _as_f32(candidate), thr, buf, DEFAULT_BLOCK_BYTES)
+    rows, cols, sims = _mutual(q_t, _as_f32(candidate), thr, buf, block)
     return np.stack([rows, cols], axis=1).astype(np.int64), sims
 
 
@@ -258,7 +259,7 @@ def _as_f32(a: np.ndarray) -> np.ndarray:
 def count_mutual_matches_many_cpu(
     queries: Sequence[np.ndarray],
     candidate_lists: Sequence[Sequence[np.ndarray]],
-    threshold: float = 0.7,
+    threshold: float = DEFAULT_THRESHOLD,
     *,
     block_bytes: int = DEFAULT_BLOCK_BYTES,
     workers: int | None = None,

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from fol_infer.errors import UsageError
-from fol_infer.rerank import count_mutual_matches
+from fol_infer.rerank import RerankSettings, score_many
 from fol_infer.rerank.cpu import mutual_pairs
 from fol_infer.viz.figure import GREEN, new_figure, save, untrained_caption
 from fol_infer.viz.tokens import EncodedImage, token_xy
@@ -40,11 +40,10 @@ class MatchFigure:
 def match_figure(
     query: EncodedImage,
     candidate: EncodedImage,
-    threshold: float,
-    backend: str = "auto",
+    settings: RerankSettings,
     max_lines: int = MAX_LINES,
 ) -> MatchFigure:
-    """The counted pairs of two images encoded by the same bundle."""
+    """The pairs re-ranking under ``settings`` counts between two images of one bundle."""
     if query.resolution != candidate.resolution or query.bundle != candidate.bundle:
         qh, qw = query.resolution
         ch, cw = candidate.resolution
@@ -53,8 +52,8 @@ def match_figure(
             f"by another bundle (fingerprints {query.bundle[:12]} and {candidate.bundle[:12]}): "
             "tokens of different bundles cannot be matched; encode both with one bundle"
         )
-    pairs, similarity = mutual_pairs(query.tokens, candidate.tokens, threshold)
-    count = int(count_mutual_matches(query.tokens, [candidate.tokens], threshold, backend)[0])
+    pairs, similarity = mutual_pairs(query.tokens, candidate.tokens, settings)
+    count = int(score_many([query.tokens], [[candidate.tokens]], settings)[0][0])
     if count != len(pairs):
         raise RuntimeError(f"the re-ranker counts {count} pairs but {len(pairs)} were found")
     shown = np.unique(np.linspace(0, len(pairs) - 1, min(max_lines, len(pairs))).round())
@@ -66,7 +65,7 @@ def match_figure(
         pairs,
         similarity,
         count,
-        threshold,
+        settings.threshold,
         shown.astype(np.int64),
     )
 

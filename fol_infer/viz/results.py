@@ -18,6 +18,15 @@ from fol_infer.positions import Positions, missing_note
 from fol_infer.viz.figure import GREEN, GREY, RED, new_figure, save, untrained_caption
 
 THUMB = 256  # pixels, longest side of each tile
+LABEL_CHARS = 24  # longer names (UTM-coded ones) are shortened in the middle to fit a tile
+
+
+def short_name(path: str) -> str:
+    name = Path(path).name
+    if len(name) <= LABEL_CHARS:
+        return name
+    keep = (LABEL_CHARS - 1) // 2
+    return f"{name[:keep]}\u2026{name[-keep:]}"
 
 
 @dataclass(frozen=True)
@@ -79,14 +88,14 @@ def results_figure(
             return bool(d[db_index] <= radius_m)
 
         global_tiles = [
-            Tile(result.file_of(h.path), f"{h.rank}. {Path(h.path).name}\n{h.score:.3f}",
+            Tile(result.file_of(h.path), f"{h.rank}. {short_name(h.path)}\n{h.score:.3f}",
                  correct(h.db_index))
             for h in result.global_hits
         ]  # fmt: skip
         reranked = None
         if result.reranked is not None:
             reranked = [
-                Tile(result.file_of(h.path), f"{h.rank}. {Path(h.path).name}\n{h.matches} matches",
+                Tile(result.file_of(h.path), f"{h.rank}. {short_name(h.path)}\n{h.matches} matches",
                      correct(h.db_index))
                 for h in result.reranked
             ]  # fmt: skip
@@ -97,10 +106,10 @@ def results_figure(
 def _thumbnail(file: str) -> np.ndarray:
     from PIL import Image, ImageOps
 
-    with Image.open(file) as im:
-        im = ImageOps.exif_transpose(im).convert("RGB")
-        im.thumbnail((THUMB, THUMB))
-        return np.asarray(im)
+    with Image.open(file) as opened:
+        image = ImageOps.exif_transpose(opened).convert("RGB")
+    image.thumbnail((THUMB, THUMB))
+    return np.asarray(image)
 
 
 def draw_results(data: ResultsFigure, out: Path, trained: bool) -> None:
@@ -122,7 +131,7 @@ def draw_results(data: ResultsFigure, out: Path, trained: bool) -> None:
             ax.set_axis_off()
         if kind.startswith("global"):
             row[0].imshow(_thumbnail(query))
-            row[0].set_title(f"query\n{Path(query).name}", fontsize=8)
+            row[0].set_title(f"query\n{short_name(query)}", fontsize=8)
         row[1].text(-0.08, 0.5, kind, rotation=90, va="center", ha="right",
                     transform=row[1].transAxes, fontsize=8)  # fmt: skip
         for ax, tile in zip(row[1:], tiles):
