@@ -181,3 +181,38 @@ def test_bench_reads_a_positions_csv_and_its_radius(tiny_bundle: Path, tmp_path:
     report = json.loads(out.read_text())
     assert report["recall"]["unavailable"] is None and report["recall"]["global"]["1"] is not None
     assert report["inputs"]["positive_radius_m"] == 30.0
+
+
+def test_dataset_with_a_csv_names_the_images_it_lacks(tmp_path: Path) -> None:
+    from fol_infer.bench.dataset import open_dataset
+
+    for folder in ("database", "queries"):
+        make_images(tmp_path / "ds" / folder, 2)
+    names = {
+        f: sorted(p.name for p in (tmp_path / "ds" / f).iterdir()) for f in ("database", "queries")
+    }
+    rows = [f"database/{n},45.0,7.0" for n in names["database"]] + [
+        f"queries/{names['queries'][0]},45.0,7.0"
+    ]
+    table = read_positions_csv(write(tmp_path / "ds", "path,lat,lon\n" + "\n".join(rows) + "\n"))
+    ds = open_dataset(tmp_path / "ds", table)
+    assert ds.positives() is None and ds.positions_unavailable is not None
+    assert (
+        f"1 of 2 query images have no position: {names['queries'][1]}" in ds.positions_unavailable
+    )
+    full = write(
+        tmp_path / "ds",
+        "path,lat,lon\n" + "\n".join([*rows, f"queries/{names['queries'][1]},46.0,7.0"]) + "\n",
+        "all.csv",
+    )
+    found = open_dataset(tmp_path / "ds", read_positions_csv(full)).positives(100.0)
+    assert found is not None and [f.tolist() for f in found] == [[0, 1], []]
+
+
+def test_show_results_refuses_a_bad_csv_before_any_work(tmp_path: Path) -> None:
+    bad = write(tmp_path, "path,easting,northing\na.jpg,1,x\n")
+    result = CliRunner().invoke(
+        app, ["show", "results", str(tmp_path / "no-index"), str(tmp_path), "--out",
+              str(tmp_path / "r.png"), "--positions", str(bad)]
+    )  # fmt: skip
+    assert result.exit_code == 2 and "line 2: northing 'x' is not a number" in result.output
