@@ -75,22 +75,6 @@ class Positions:
         """Metres from ``point`` (same kind) to every image; NaN where a position is unknown."""
         return distances_m(self.kind, self.coords, np.asarray(point, np.float64))
 
-    def to_json(self) -> dict[str, object]:
-        rows = [
-            None if not np.isfinite(c).all() else [float(c[0]), float(c[1])] for c in self.coords
-        ]
-        return {"kind": self.kind.value, "coords": rows}
-
-    @classmethod
-    def from_json(cls, obj: dict[str, object]) -> Positions:
-        kind = PositionKind(obj["kind"])
-        rows = obj["coords"]
-        if not isinstance(rows, list):
-            raise ValueError("coords must be a list")
-        nan = [math.nan, math.nan]
-        coords = np.array([nan if r is None else r for r in rows], np.float64).reshape(-1, 2)
-        return cls(kind, coords)
-
 
 def distances_m(kind: PositionKind, coords: np.ndarray, point: np.ndarray) -> np.ndarray:
     """Metres from ``point`` to each row of ``coords``: Euclidean (UTM) or haversine (lat/lon)."""

@@ -2,6 +2,7 @@
 and the benchmark charts.
 
 Each figure is two steps: a function that computes the data it plots (plain numpy, tested)
-and a drawing function. matplotlib is imported here only, inside `figure.py`, and only when a
-figure is drawn; it is the ``viz`` extra (``pip install 'fol-infer[viz]'``).
+and a drawing function. matplotlib is imported in this package only, inside the drawing
+functions, after `figure.new_figure` has checked it is there; it is the ``viz`` extra
+(``pip install 'fol-infer[viz]'``).
 """

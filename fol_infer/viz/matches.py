@@ -44,13 +44,17 @@ def match_figure(
     max_lines: int = MAX_LINES,
 ) -> MatchFigure:
     """The pairs re-ranking under ``settings`` counts between two images of one bundle."""
-    if query.resolution != candidate.resolution or query.bundle != candidate.bundle:
-        qh, qw = query.resolution
-        ch, cw = candidate.resolution
+    if query.resolution != candidate.resolution:
+        (qh, qw), (ch, cw) = query.resolution, candidate.resolution
         raise UsageError(
-            f"{query.source} was encoded at {qh}x{qw} and {candidate.source} at {ch}x{cw} "
-            f"by another bundle (fingerprints {query.bundle[:12]} and {candidate.bundle[:12]}): "
-            "tokens of different bundles cannot be matched; encode both with one bundle"
+            f"{query.source} was encoded at {qh}x{qw} and {candidate.source} at {ch}x{cw}: "
+            "tokens of different resolutions cannot be matched; encode both with one bundle"
+        )
+    if query.bundle != candidate.bundle:
+        raise UsageError(
+            f"{query.source} and {candidate.source} were encoded by different bundles "
+            f"(fingerprints {query.bundle[:12]} and {candidate.bundle[:12]}): their tokens "
+            "cannot be matched; encode both with one bundle"
         )
     pairs, similarity = mutual_pairs(query.tokens, candidate.tokens, settings)
     count = int(score_many([query.tokens], [[candidate.tokens]], settings)[0][0])
