@@ -23,7 +23,7 @@ import numpy as np
 from fol_infer.backends import open_encoder
 from fol_infer.backends.base import Encoder
 from fol_infer.bundle import Bundle
-from fol_infer.choices import EncoderBackend, RerankBackend
+from fol_infer.choices import EncoderBackend
 from fol_infer.errors import UsageError
 from fol_infer.images import ImageSource, preprocess, source_name
 from fol_infer.index.database import Database
@@ -124,13 +124,11 @@ class Retriever:
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
         self.database = Database(index, bundle=self.bundle)
         rerank = rerank or RerankSettings()
-        cpu_only = (RerankBackend.AUTO, RerankBackend.CPU)
-        if self.database.exact_tokens is not None and rerank.backend not in cpu_only:
+        try:
+            rerank.check_tokens(self.database.token_format, str(index))
+        except UsageError:
             self.database.close()
-            raise UsageError(
-                f"{index} keeps int8-exact tokens, which the certified CPU re-ranker scores; "
-                f"the {rerank.backend!s} re-ranker cannot: use auto or cpu, or an fp16 index"
-            )
+            raise
         self._owns_encoder = encoder is None
         try:
             self.encoder = encoder or open_encoder(

@@ -17,7 +17,7 @@ from fol_infer.cli.options import (
     choice,
     tokens_option,
 )
-from fol_infer.errors import UsageError
+from fol_infer.fileio import atomic_write_bytes
 from fol_infer.images import DEFAULT_RESOLUTION
 from fol_infer.positions import RADIUS_M
 from fol_infer.rerank.settings import DEFAULT_THRESHOLD, RerankSettings
@@ -48,9 +48,11 @@ def bench(
     resolution: Annotated[
         str, typer.Option(help="Resolution when exporting from a checkpoint.")
     ] = str(DEFAULT_RESOLUTION),
-    rerank_k: Annotated[int, typer.Option(help="Global candidates re-ranked per query.")] = 100,
-    batch: Annotated[int, typer.Option(help="Batch size for database encoding.")] = 8,
-    warmup: Annotated[int, typer.Option(help="Warm-up queries before timing.")] = 2,
+    rerank_k: Annotated[
+        int, typer.Option(min=1, help="Global candidates re-ranked per query.")
+    ] = 100,
+    batch: Annotated[int, typer.Option(min=1, help="Batch size for database encoding.")] = 8,
+    warmup: Annotated[int, typer.Option(min=0, help="Warm-up queries before timing.")] = 2,
     reranker: RerankerOption = RerankBackend.AUTO,
     threshold: ThresholdOption = DEFAULT_THRESHOLD,
     tokens: Annotated[
@@ -79,11 +81,8 @@ def bench(
         check_out(plot)  # before the run, not after it
     if bundle is not None and checkpoint is not None and backend != EncoderBackend.TORCH:
         console.print("note: --bundle given; --checkpoint is used only for the PyTorch reference")
-    if rerank_k < 1 or batch < 1 or warmup < 0:
-        raise UsageError("--rerank-k and --batch must be >= 1, --warmup >= 0")
-    if tokens == TokenFormat.INT8_EXACT and reranker not in (RerankBackend.AUTO, RerankBackend.CPU):
-        raise UsageError("--tokens int8-exact is re-ranked on the CPU: use --reranker auto or cpu")
     rerank = RerankSettings(threshold, reranker)
+    rerank.check_tokens(tokens, "an index of --tokens int8-exact")
     if bundle is None and checkpoint is None:
         console.print(
             "[bold yellow]embedded default:[/bold yellow] UNTRAINED seeded ViT-B/14 at "
@@ -117,7 +116,7 @@ def bench(
     if json_out:
         write_json(report, json_out)
     if markdown_out:
-        markdown_out.write_text(markdown(report))
+        atomic_write_bytes(markdown_out, markdown(report).encode())
     if plot:
         chart(report, plot)
     if interrupted:

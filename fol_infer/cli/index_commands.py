@@ -116,18 +116,6 @@ def _record_positions(out: Path, table: PositionTable) -> None:
         )
 
 
-def bundle_of_index(index_dir: Path, bundle_dir: Path | None) -> Path:
-    """The bundle given, else the one the index records as its builder."""
-    if bundle_dir is not None:
-        return bundle_dir
-    from fol_infer.index.database import METADATA
-    from fol_infer.index.metadata import IndexMetadata
-
-    if not (index_dir / METADATA).is_file():
-        raise UsageError(f"{index_dir} is not an index (no {METADATA})")
-    return Path(IndexMetadata.load(index_dir / METADATA).bundle_name)
-
-
 def _write_outputs(
     results: list[QueryResult],
     files: list[Path],
@@ -181,10 +169,12 @@ def query(
 ) -> None:
     """Retrieve database images for each query, re-ranked by region-token matches."""
     from fol_infer.images import find_images
+    from fol_infer.index.database import recorded_bundle
     from fol_infer.pipeline import Retriever
     from fol_infer.rerank.settings import RerankSettings
 
-    bundle_dir = bundle_of_index(index_dir, bundle_dir)
+    if bundle_dir is None:
+        bundle_dir = recorded_bundle(index_dir)
     files = find_images(paths)
     if not files:
         raise UsageError("no query images found")

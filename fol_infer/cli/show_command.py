@@ -9,7 +9,6 @@ import typer
 
 from fol_infer.choices import EncoderBackend, RerankBackend
 from fol_infer.cli.app import app, console, friendly_errors, untrained_banner
-from fol_infer.cli.index_commands import bundle_of_index
 from fol_infer.cli.options import (
     BackendOption,
     PositionsOption,
@@ -122,6 +121,7 @@ def results(
     """Each query with its global and re-ranked top-K; green/red frames when positions are
     known (from the index, file names or --positions)."""
     from fol_infer.images import find_images
+    from fol_infer.index.database import recorded_bundle
     from fol_infer.index.positions_store import load_positions
     from fol_infer.pipeline import Retriever
     from fol_infer.positions import positions_of, read_positions_csv
@@ -134,7 +134,7 @@ def results(
     if not files:
         raise UsageError("no query images found")
     rerank = RerankSettings(threshold, reranker)
-    bundle = bundle_of_index(index_dir, bundle_dir)
+    bundle = bundle_dir or recorded_bundle(index_dir)
     with Retriever(bundle, index_dir, backend=backend, rerank=rerank) as retriever:
         trained = retriever.bundle.manifest.trained
         untrained_banner(trained)

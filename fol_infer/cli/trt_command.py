@@ -14,7 +14,7 @@ import typer
 from rich.table import Table
 
 from fol_infer.choices import Precision
-from fol_infer.cli.app import app, friendly_errors, status, stdout
+from fol_infer.cli.app import app, console, friendly_errors, status, stdout
 from fol_infer.cli.options import choice
 
 
@@ -75,6 +75,7 @@ def build_and_report(
             say,
             opt_batch,
             strongly_typed,
+            notes=lambda line: console.print(line, markup=False, highlight=False),
         )
     table = Table(title=f"{bundle_dir}: TensorRT engines ({time.perf_counter() - start:.0f} s)")
     for column in ("graph", "file", "MiB", "precision", "batch", "fp32 nodes", "TensorRT", "GPU"):

@@ -218,6 +218,14 @@ def build_index(
     return report
 
 
+def recorded_bundle(index_dir: str | Path) -> Path:
+    """The bundle folder an index was built with, as its metadata records it."""
+    path = Path(index_dir) / METADATA
+    if not path.is_file():
+        raise UsageError(f"{index_dir} is not an index (no {METADATA})")
+    return Path(IndexMetadata.load(path).bundle_name)
+
+
 def _check_settings(meta: IndexMetadata, settings: BuildSettings, folder: Path) -> None:
     for key, value in settings.to_dict().items():
         if key != "batch" and meta.settings.get(key) != value:
