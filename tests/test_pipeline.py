@@ -232,5 +232,5 @@ def test_threshold_reaches_the_reranker_from_retriever_and_query_cli(
         app, ["query", str(index_dir), str(queries[0]), "--json", "--threshold", "1.5"]
     )
     assert answer.exit_code == 0, answer.output
-    doc = json.loads(answer.output[answer.output.index("[") :])
+    doc = json.loads(answer.stdout)  # notes and warnings go to stderr
     assert doc[0]["threshold"] == 1.5 and all(h["matches"] == 0 for h in doc[0]["reranked"])
