@@ -37,3 +37,12 @@ class BackendUnavailableError(UsageError):
 
 class EngineError(FolInferError):
     """A TensorRT engine that failed to build or to run (out of memory, rejected shape)."""
+
+
+class DamagedFileError(UsageError):
+    """A file whose bytes differ from what was recorded when it was written (flipped bytes,
+    a partial copy): named with the command that repairs it, never served."""
+
+    def __init__(self, path: object, detail: str, repair: str) -> None:
+        super().__init__(f"{path} is damaged: {detail}. Repair: {repair}")
+        self.path, self.detail, self.repair = path, detail, repair

@@ -15,6 +15,7 @@ from rich.markup import escape
 
 from fol_infer import __version__
 from fol_infer.errors import FolInferError
+from fol_infer.fsnames import printable
 from fol_infer.progress import Progress
 
 app = typer.Typer(
@@ -37,7 +38,8 @@ def friendly_errors(func: F) -> F:
         try:
             return func(*args, **kwargs)
         except FolInferError as exc:
-            console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
+            message = escape(printable(str(exc)))
+            console.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             console.print("[yellow]interrupted[/yellow]")
@@ -102,6 +104,10 @@ def _main(
         typer.Option("--verbose", "-v", help="Debug logging, with other libraries' messages."),
     ] = False,
 ) -> None:
+    for stream in (sys.stdout, sys.stderr):  # a name no codec can print must not end a run
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            reconfigure(errors="backslashreplace")
     configure_logging(verbose)
 
 

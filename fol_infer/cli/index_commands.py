@@ -21,6 +21,7 @@ from fol_infer.cli.options import (
 )
 from fol_infer.cli.progress import progress_bar
 from fol_infer.errors import ImageError, UsageError
+from fol_infer.fsnames import printable
 from fol_infer.positions import PositionTable, missing_note, read_positions_csv
 from fol_infer.rerank.settings import DEFAULT_THRESHOLD
 
@@ -57,8 +58,13 @@ def index(
     force: Annotated[
         bool,
         typer.Option(
-            help="Rebuild an existing index (the old one stays until the new one is done)."
+            help="Rebuild an existing index (the old one stays until the new one is done). "
+            "Replaces only a fol-infer index, never other files or a folder holding the input."
         ),
+    ] = False,
+    wait: Annotated[
+        bool,
+        typer.Option(help="If another process is writing this index, wait for it (default: stop)."),
     ] = False,
     positions: PositionsOption = None,
 ) -> None:
@@ -80,19 +86,34 @@ def index(
     settings = BuildSettings(factory=faiss, tokens=tokens, batch=batch)
     mode: IndexMode = "append" if append else "force" if force else "new"
     encoder = open_encoder(bundle, backend, checkpoint=checkpoint)
+
+    def notice(message: str) -> None:
+        console.print(printable(message), highlight=False, soft_wrap=True)
+
     try:
         with progress_bar(console, "indexing", total=0) as advance:
-            report = build_index(bundle, encoder, db_folder, out, settings, mode, advance)
+            report = build_index(
+                bundle, encoder, db_folder, out, settings, mode, advance, wait, notice
+            )
     finally:
         encoder.close()
+    for path in report.retried:
+        note = "failed before and changed since, tried again"
+        console.print(f"[cyan]retried[/cyan] {printable(path)}: {note}", highlight=False)
     for path, reason in report.failures:
-        console.print(f"[yellow]skipped[/yellow] {path}: {reason}", highlight=False, soft_wrap=True)
+        console.print(
+            f"[yellow]skipped[/yellow] {printable(path)}: {printable(reason)}",
+            highlight=False,
+            soft_wrap=True,
+        )
     resumed = (
         f" (resumed after {report.resumed_from})" if report.resumed_from and mode == "new" else ""
     )
+    retried = f", {len(report.retried)} retried" if report.retried else ""
     console.print(
-        f"{out}: {report.total} images indexed, {report.added} added{resumed} at "
-        f"{report.images_per_second:.1f} img/s, {len(report.failures)} skipped"
+        f"{printable(str(out))}: {report.total} images indexed, {report.added} added{resumed} at "
+        f"{report.images_per_second:.1f} img/s, {len(report.failures)} skipped{retried}",
+        highlight=False,
     )
     if table is not None:
         _record_positions(out, table)
@@ -107,7 +128,8 @@ def _record_positions(out: Path, table: PositionTable) -> None:
         names = database.paths
         absolute = [database.absolute_path(i) for i in range(len(names))]
     missing = record_positions(out, names, absolute, table)
-    console.print(f"positions from {table.source}: {len(names) - len(missing)} of {len(names)}")
+    source = printable(str(table.source))
+    console.print(f"positions from {source}: {len(names) - len(missing)} of {len(names)}")
     if missing:
         console.print(
             f"[yellow]{missing_note(missing, len(names), 'database')}[/yellow]",
@@ -129,10 +151,10 @@ def _write_outputs(
     if pairs_out is not None:
         by_file = dict(zip(map(str, files), query_names(files, given)))
         write_text(pairs_out, pairs_text(results, [by_file[r.query] for r in results]))
-        console.print(f"wrote {pairs_out} (hloc retrieval pairs)")
+        console.print(f"wrote {printable(str(pairs_out))} (hloc retrieval pairs)")
     if csv_out is not None:
         write_text(csv_out, csv_text(results))
-        console.print(f"wrote {csv_out}")
+        console.print(f"wrote {printable(str(csv_out))}")
 
 
 @app.command()
@@ -187,21 +209,24 @@ def query(
             try:
                 results.extend(retriever.query([path], top_k, rerank_k, rerank=not no_rerank))
             except ImageError as exc:  # one unreadable query must not lose the others
-                console.print(f"[yellow]skipped[/yellow] {exc}", highlight=False, soft_wrap=True)
+                message = printable(str(exc))
+                console.print(
+                    f"[yellow]skipped[/yellow] {message}", highlight=False, soft_wrap=True
+                )
     _write_outputs(results, files, paths, pairs_out, csv_out)
     if as_json:
         print(json.dumps([r.to_json() for r in results], indent=2))
         return
     for r in results:
-        table = Table(title=r.query, title_justify="left")
+        table = Table(title=printable(r.query), title_justify="left")
         table.add_column("rank", justify="right")
         table.add_column("global (score)")
         if r.reranked is not None:
             table.add_column(f"re-ranked (matches above {r.threshold})")
         for i, hit in enumerate(r.global_hits):
-            row = [str(hit.rank), f"{hit.path} ({hit.score:.3f})"]
+            row = [str(hit.rank), f"{printable(hit.path)} ({hit.score:.3f})"]
             if r.reranked is not None:
                 rr = r.reranked[i] if i < len(r.reranked) else None
-                row.append(f"{rr.path} ({rr.matches})" if rr else "")
+                row.append(f"{printable(rr.path)} ({rr.matches})" if rr else "")
             table.add_row(*row)
         stdout.print(table)
