@@ -37,3 +37,7 @@ class BackendUnavailableError(UsageError):
 
 class EngineError(FolInferError):
     """A TensorRT engine that failed to build or to run (out of memory, rejected shape)."""
+
+
+class ShardUnavailableError(FolInferError):
+    """A shard of a map that did not answer in time; the message names it and its ids."""

@@ -24,12 +24,8 @@ from fol_infer.backends.base import Encoder
 from fol_infer.bundle import Bundle
 from fol_infer.errors import UsageError
 from fol_infer.images import ImageSource, preprocess, source_name
-from fol_infer.index.database import Database
-from fol_infer.rerank import (
-    count_mutual_matches_certified,
-    count_mutual_matches_many,
-    rerank_order,
-)
+from fol_infer.rerank import rerank_order
+from fol_infer.shard_set import ShardSet
 
 log = logging.getLogger(__name__)
 STAGES = ("preprocess", "global", "search", "local", "fetch", "rerank")
@@ -58,14 +54,22 @@ class QueryResult:
     reranked: list[RerankHit] | None
     timings_ms: dict[str, float] = field(default_factory=dict)  # this query's share per stage
     descriptor: np.ndarray | None = field(default=None, repr=False)  # (8448,) global descriptor
+    missing_shards: list[str] = field(default_factory=list)  # allow_partial: shards not heard
+
+    @property
+    def partial(self) -> bool:
+        return bool(self.missing_shards)
 
     def to_json(self) -> dict[str, Any]:
         """The documented JSON shape of `fol-infer query --json`."""
-        return {
+        doc: dict[str, Any] = {
             "query": self.query,
             "global": [vars(h) for h in self.global_hits],
             "reranked": [vars(h) for h in self.reranked] if self.reranked is not None else [],
         }
+        if self.partial:
+            doc |= {"partial": True, "missing_shards": self.missing_shards}
+        return doc
 
     def ranking(self) -> list[int]:
         """Final order of database ids: re-ranked ones first, then the rest of the global list."""
@@ -90,24 +94,33 @@ class Timer:
 
 
 class Retriever:
-    """Bundle + index + re-ranker, opened once; `close()` (or `with`) releases them."""
+    """Bundle + index (or map) + re-ranker, opened once; `close()` (or `with`) releases them."""
 
     def __init__(
         self,
         bundle: str | Path | Bundle,
-        index: str | Path,
+        index: str | Path | ShardSet,
         backend: str = "onnx",
         reranker: str = "auto",
         checkpoint: str | Path | None = None,
         threads: int | None = None,
         encoder: Encoder | None = None,
+        allow_partial: bool = False,
     ) -> None:
-        """``encoder``: an encoder of this bundle already open (e.g. the one that built the
-        index), used instead of opening another; the caller keeps it and closes it."""
+        """``index``: an index or map folder (opened here), or a `ShardSet` (e.g.
+        `ShardSet.ray(...)`, closed with the retriever). ``encoder``: an encoder of this bundle
+        already open (e.g. the one that built the index), used instead of opening another; the
+        caller keeps it and closes it. ``allow_partial``: answer from the shards that answer
+        and list the others in each result, instead of raising."""
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
-        self.database = Database(index, bundle=self.bundle)
-        if self.database.exact_tokens is not None and reranker not in ("auto", "cpu"):
-            self.database.close()
+        if isinstance(index, ShardSet):
+            self.shards = index
+            index.manifest.check_bundle(self.bundle.manifest.fingerprint, str(self.bundle.folder))
+        else:
+            self.shards = ShardSet.open(index, bundle=self.bundle)
+        self.allow_partial = allow_partial
+        if self.shards.token_format == "int8-exact" and reranker not in ("auto", "cpu"):
+            self.shards.close()
             raise UsageError(
                 f"{index} keeps int8-exact tokens, which the certified CPU re-ranker scores; "
                 f"reranker={reranker!r} cannot: use 'auto' or 'cpu', or an fp16 index"
@@ -118,7 +131,7 @@ class Retriever:
                 self.bundle, backend, checkpoint=checkpoint, threads=threads
             )
         except BaseException:
-            self.database.close()
+            self.shards.close()
             raise
         self.reranker = reranker
 
@@ -138,7 +151,7 @@ class Retriever:
             images = [images]  # type: ignore[list-item]
         if not images:
             return []
-        n = len(self.database)
+        n = len(self.shards)
         top_k, rerank_k = self._clamp(top_k, "top_k", n), self._clamp(rerank_k, "rerank_k", n)
         timer = Timer()
         with timer.stage("preprocess"):
@@ -147,7 +160,9 @@ class Retriever:
             global_out = self.encoder.encode_global(batch)
         depth = max(top_k, rerank_k) if rerank else top_k
         with timer.stage("search"):
-            scores, ids = self.database.global_index.search(global_out.descriptors, depth)
+            scores, ids, missing = self.shards.search(
+                global_out.descriptors, depth, self.allow_partial
+            )
         matches: list[np.ndarray] = []
         candidates: list[np.ndarray] = []
         if rerank:
@@ -155,50 +170,31 @@ class Retriever:
                 query_tokens = self.encoder.encode_local(global_out)
             candidates = [row[:rerank_k][row[:rerank_k] >= 0] for row in ids]
             queries = [t[:c] for t, c in zip(query_tokens.tokens, query_tokens.counts)]
-            matches = self._rerank(queries, candidates, timer)
+            matches, lost = self.shards.score(
+                queries, candidates, self.reranker, timer, self.allow_partial
+            )
+            missing = sorted(set(missing) | set(lost))
         share = {k: v / len(images) for k, v in timer.ms.items()}
         results = []
         for q, source in enumerate(images):
             hits = [
-                GlobalHit(r + 1, int(i), self.database.paths[int(i)], float(s))
+                GlobalHit(r + 1, int(i), self.shards.paths[int(i)], float(s))
                 for r, (i, s) in enumerate(zip(ids[q][:top_k], scores[q][:top_k]))
                 if i >= 0
             ]
             reranked = None
             if rerank:
-                cand = candidates[q]
-                order = rerank_order(matches[q])[:top_k]
+                heard = matches[q] >= 0  # a shard lost between search and scoring: not ranked
+                cand, counts = candidates[q][heard], matches[q][heard]
+                order = rerank_order(counts)[:top_k]
                 reranked = [
-                    RerankHit(
-                        r + 1, int(cand[j]), self.database.paths[int(cand[j])], int(matches[q][j])
-                    )
+                    RerankHit(r + 1, int(cand[j]), self.shards.paths[int(cand[j])], int(counts[j]))
                     for r, j in enumerate(order)
                 ]
             descriptor = global_out.descriptors[q]
-            results.append(QueryResult(source_name(source, q), hits, reranked, share, descriptor))
+            name = source_name(source, q)
+            results.append(QueryResult(name, hits, reranked, share, descriptor, list(missing)))
         return results
-
-    def _rerank(
-        self, queries: list[np.ndarray], candidates: list[np.ndarray], timer: Timer
-    ) -> list[np.ndarray]:
-        """Match counts of each query's candidates. An int8-exact index is scored from its int8
-        tokens, reading float32 rows only where the int8 error bound leaves a decision open
-        (those reads count as re-ranking time)."""
-        store, exact = self.database.tokens, self.database.exact_tokens
-        with timer.stage("fetch"):
-            wanted = np.unique(np.concatenate(candidates))
-            tokens = store.get_quantized(wanted) if exact is not None else store.get(wanted)
-            fetched: dict[int, Any] = dict(zip(wanted.tolist(), tokens))
-        with timer.stage("rerank"):
-            lists = [[fetched[int(i)] for i in cand] for cand in candidates]
-            if exact is None:
-                return count_mutual_matches_many(queries, lists, backend=self.reranker)
-
-            def originals(q: int, k: int, rows: np.ndarray) -> np.ndarray:
-                return exact.get_rows(int(candidates[q][k]), rows)
-
-            certified = count_mutual_matches_certified(queries, lists, originals)
-            return [c.scores for c in certified]
 
     @staticmethod
     def _clamp(k: int, name: str, n: int) -> int:
@@ -211,7 +207,7 @@ class Retriever:
     def close(self) -> None:
         if self._owns_encoder:
             self.encoder.close()
-        self.database.close()
+        self.shards.close()
 
     def __enter__(self) -> Retriever:
         return self

@@ -14,6 +14,15 @@ from fol_infer.cli.model_commands import BackendOption, CheckpointOption
 from fol_infer.cli.progress import progress_bar
 from fol_infer.errors import ImageError, UsageError
 
+RayOption = Annotated[
+    str | None,
+    typer.Option(
+        "--ray",
+        metavar="auto|ADDRESS",
+        help="Run on Ray: 'auto' (this machine's cluster, else a local one) or HEAD:PORT.",
+    ),
+]
+
 
 @app.command()
 @friendly_errors
@@ -47,10 +56,22 @@ def index(
             help="Rebuild an existing index (the old one stays until the new one is done)."
         ),
     ] = False,
+    shards: Annotated[
+        int | None,
+        typer.Option(
+            help="Build a sharded map of N ordinary indexes (with --append: N new shards).",
+        ),
+    ] = None,
+    ray: RayOption = None,
+    decode_threads: Annotated[
+        int, typer.Option(help="Image-decoding threads per encoder (per Ray task with --ray).")
+    ] = 2,
 ) -> None:
     """Index a database: global descriptors in FAISS, region tokens in a memory-mapped store.
 
-    An interrupted build resumes when the same command is run again.
+    With --shards (or --ray, or when --out is a map) the index is a map of shards, built
+    shard after shard here or one Ray task per shard. An interrupted build resumes when the
+    same command is run again.
     """
     from fol_infer.backends import open_encoder
     from fol_infer.bundle import Bundle
@@ -60,14 +81,19 @@ def index(
         raise UsageError("--append and --force exclude each other")
     if tokens not in TOKEN_FORMATS:
         raise UsageError(f"--tokens must be one of {', '.join(TOKEN_FORMATS)}, not {tokens!r}")
-    if batch < 1:
-        raise UsageError("--batch must be at least 1")
+    if batch < 1 or decode_threads < 1:
+        raise UsageError("--batch and --decode-threads must be at least 1")
     if not db_folder.is_dir():
         raise UsageError(f"database folder not found: {db_folder}")
     bundle = Bundle.open(bundle_dir)
     untrained_banner(bundle.manifest.trained)
     settings = BuildSettings(factory=faiss, tokens=tokens, batch=batch)  # type: ignore[arg-type]
     mode = "append" if append else "force" if force else "new"
+    if shards is not None or ray is not None or (out / "map.json").is_file():
+        from fol_infer.cli.map_commands import index_map
+
+        index_map(bundle, db_folder, out, settings, shards, mode, ray, backend, decode_threads)  # type: ignore[arg-type]
+        return
     encoder = open_encoder(bundle, backend, checkpoint=checkpoint)
     try:
         with progress_bar(console, "indexing", total=0) as advance:
@@ -101,22 +127,33 @@ def query(
     backend: BackendOption = "onnx",
     reranker: Annotated[str, typer.Option(help="Re-ranker: auto, cpu, triton or torch.")] = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    ray: RayOption = None,
+    allow_partial: Annotated[
+        bool,
+        typer.Option(
+            help="Answer from the shards that answer when one is down; results say which not."
+        ),
+    ] = False,
+    timeout: Annotated[
+        float, typer.Option(help="Seconds a shard may take to answer (--ray).")
+    ] = 30.0,
 ) -> None:
-    """Retrieve database images for each query, re-ranked by region-token matches."""
+    """Retrieve database images for each query (from an index or a map), re-ranked by
+    region-token matches."""
     from fol_infer.images import find_images
-    from fol_infer.index.database import METADATA
-    from fol_infer.index.metadata import IndexMetadata
     from fol_infer.pipeline import Retriever
+    from fol_infer.shard_set import ShardSet, read_manifest
 
     if bundle_dir is None:
-        if not (index_dir / METADATA).is_file():
-            raise UsageError(f"{index_dir} is not an index (no {METADATA})")
-        bundle_dir = Path(IndexMetadata.load(index_dir / METADATA).bundle_name)
+        bundle_dir = Path(read_manifest(index_dir, None).bundle_name)
     files = find_images(paths)
     if not files:
         raise UsageError("no query images found")
     results = []
-    with Retriever(bundle_dir, index_dir, backend=backend, reranker=reranker) as retriever:
+    shard_set = ShardSet.ray(index_dir, None, ray, timeout) if ray else index_dir
+    with Retriever(
+        bundle_dir, shard_set, backend=backend, reranker=reranker, allow_partial=allow_partial
+    ) as retriever:
         if not as_json:
             untrained_banner(retriever.bundle.manifest.trained)
         for path in files:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, cast
@@ -121,7 +121,12 @@ def _faiss_from_descriptors(descriptors: TokenStore, factory: str, device: Devic
     return index
 
 
-def _extend(index: GlobalIndex, descriptors: TokenStore, start: int, chunk: int = 4096) -> None:
+EXTEND_CHUNK = 4096  # descriptors per FAISS add: a trained factory trains on the first chunk(s)
+
+
+def _extend(
+    index: GlobalIndex, descriptors: TokenStore, start: int, chunk: int = EXTEND_CHUNK
+) -> None:
     for a in range(start, len(descriptors), chunk):
         rows = descriptors.get(range(a, min(a + chunk, len(descriptors))))
         index.add(np.concatenate(rows).astype(np.float32, copy=False))
@@ -157,6 +162,37 @@ def build_index(
     if mode == "append" and not _is_index(out):
         raise UsageError(f"--append: {out} is not an index yet; build it first")
 
+    report = encode_into(bundle, encoder, root, files, work, settings, progress)
+    report.folder = out
+    if report.total == 0:
+        raise UsageError(f"none of the {len(files)} files under {db_folder} could be read")
+    seal_index(work, GlobalIndex.create(GLOBAL_DIM, settings.factory, device="cpu"))
+    if work != out:
+        swap_into_place(work, out)
+    return report
+
+
+def swap_into_place(work: Path, out: Path) -> None:
+    """Replace the folder `out` by the finished rebuild `work`."""
+    trash = out.with_name(f".{out.name}.old-{os.getpid()}")
+    os.replace(out, trash)
+    os.replace(work, out)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def encode_into(
+    bundle: Bundle,
+    encoder: Encoder,
+    root: Path,
+    files: Sequence[Path],
+    work: Path,
+    settings: BuildSettings,
+    progress: Progress | None = None,
+    decode_threads: int = 2,
+) -> BuildReport:
+    """Encode the `files` (under `root`) not yet in the index folder `work`, creating or
+    resuming it, one commit per batch; the FAISS file and the complete mark are `seal_index`'s.
+    """
     if _is_index(work):
         meta = IndexMetadata.load(work / METADATA)
         meta.check_bundle(bundle.manifest.fingerprint, str(bundle.folder))
@@ -181,10 +217,10 @@ def build_index(
     # Names stay relative to the first build's root; paths are resolved as that root was.
     known = set(meta.paths) | {p for p, _ in meta.failures}
     todo = [f.resolve() for f in files if meta.name_of(f.resolve()) not in known]
-    report = BuildReport(folder=out, added=0, total=len(meta.paths), resumed_from=len(meta.paths))
+    report = BuildReport(folder=work, added=0, total=len(meta.paths), resumed_from=len(meta.paths))
     start = time.perf_counter()
     try:
-        for batch in iter_batches(todo, bundle.resolution, settings.batch):
+        for batch in iter_batches(todo, bundle.resolution, settings.batch, workers=decode_threads):
             failures = [(meta.name_of(f.source), f.reason) for f in batch.failures]
             if batch.indices:
                 result = encoder.encode(batch.images)
@@ -199,23 +235,27 @@ def build_index(
             report.failures.extend(failures)
             if progress:
                 progress(len(batch.indices) + len(failures), len(todo))
-        if not meta.paths:
-            raise UsageError(f"none of the {len(files)} files under {db_folder} could be read")
-        faiss_index = _faiss_from_descriptors(descriptors, settings.factory, "cpu")
-        faiss_index.save(work / FAISS_FILE)
-        meta.settings["complete"] = True
-        meta.save(work / METADATA)
     finally:
         for store in (descriptors, *token_stores):
             store.close()
-    if work != out:
-        trash = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, trash)
-        os.replace(work, out)
-        shutil.rmtree(trash, ignore_errors=True)
     report.total = len(meta.paths)
     report.seconds = time.perf_counter() - start
     return report
+
+
+def seal_index(work: Path, empty: GlobalIndex) -> None:
+    """Add the folder's descriptors to `empty` (a fresh or an already trained FAISS index
+    holding no vectors), save it as the folder's FAISS file and mark the index complete."""
+    meta = IndexMetadata.load(work / METADATA)
+    descriptors = TokenStore.open(work / DESCRIPTORS)
+    try:
+        _stores_match(meta, descriptors)
+        _extend(empty, descriptors, 0)
+        empty.save(work / FAISS_FILE)
+    finally:
+        descriptors.close()
+    meta.settings["complete"] = True
+    meta.save(work / METADATA)
 
 
 def _check_settings(meta: IndexMetadata, settings: BuildSettings, folder: Path) -> None:

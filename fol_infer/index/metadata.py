@@ -112,6 +112,17 @@ def check_schema(found: object, expected: int, path: Path | str, what: str) -> N
         )
 
 
+def check_bundle(built_sha256: str, built_name: str, sha256: str, name: str, what: str) -> None:
+    """Refuse an index or map built by another bundle than the engine's, naming both."""
+    if sha256 != built_sha256:
+        built = f"{built_name or 'bundle'} (manifest sha256 {built_sha256[:12]})"
+        given = f"{name or 'bundle'} (manifest sha256 {sha256[:12]})"
+        raise IndexStoreError(
+            f"this {what} was built by {built} but the engine is {given}: "
+            f"use the bundle that built it or rebuild the {what} with this one"
+        )
+
+
 def parse_utm(path: str | os.PathLike[str]) -> tuple[float, float] | None:
     """(east, north) from a name like ``@0543256.96@4178906.29@...``, or None without them."""
     parts = Path(path).name.split("@")
@@ -167,13 +178,7 @@ class IndexMetadata:
 
     def check_bundle(self, sha256: str, name: str = "") -> None:
         """Refuse to serve an index with a bundle other than the one that built it."""
-        if sha256 != self.bundle_sha256:
-            built = f"{self.bundle_name or 'bundle'} (manifest sha256 {self.bundle_sha256[:12]})"
-            given = f"{name or 'bundle'} (manifest sha256 {sha256[:12]})"
-            raise IndexStoreError(
-                f"this index was built by {built} but the engine is {given}: "
-                "use the bundle that built it or rebuild the index with this one"
-            )
+        check_bundle(self.bundle_sha256, self.bundle_name, sha256, name, "index")
 
     def save(self, path: Path | str) -> None:
         """Write atomically (see module doc)."""
