@@ -23,10 +23,12 @@ from fol_infer.backends import open_encoder
 from fol_infer.bench.dataset import make_dataset
 from fol_infer.bench.environment import cpu_model
 from fol_infer.bundle import Bundle
+from fol_infer.choices import RerankBackend
 from fol_infer.export.onnx import export_bundle
 from fol_infer.index.database import BuildSettings, Database, build_index
 from fol_infer.model.checkpoint import make_checkpoint
 from fol_infer.pipeline import STAGES, Retriever
+from fol_infer.rerank import RerankSettings
 
 
 def measure(
@@ -56,7 +58,7 @@ def measure(
         f"tokens {store / 2**20:.3f} MiB/image on disk"
     )
     rows = {}
-    with Retriever(bundle, index, reranker="cpu") as retriever:
+    with Retriever(bundle, index, rerank=RerankSettings(backend=RerankBackend.CPU)) as retriever:
         retriever.query([queries[0]], top_k=10, rerank_k=10)  # warm-up
         for name, rerank, k in (
             ("global only", False, 10),

@@ -24,6 +24,7 @@ from fol_infer.bench import defaults
 from fol_infer.bench.dataset import open_dataset
 from fol_infer.bench.parity_run import encode_files
 from fol_infer.bundle import Bundle
+from fol_infer.images import DEFAULT_RESOLUTION
 from fol_infer.index.token_store import TokenStore
 from fol_infer.rerank import (
     count_mutual_matches_certified,
@@ -40,12 +41,13 @@ def main() -> None:
     args = parser.parse_args()
     say = print
     bundle = Bundle.open(
-        args.bundle or defaults.bundle_for(defaults.default_checkpoint(say), "322", say)
+        args.bundle
+        or defaults.bundle_for(defaults.default_checkpoint(say), str(DEFAULT_RESOLUTION), say)
     )
     dataset = open_dataset(args.dataset or defaults.default_dataset(say))
-    with open_encoder(bundle) as encoder:  # type: ignore[attr-defined]
-        _, db = encode_files(encoder, dataset.database, bundle.resolution)
-        _, queries = encode_files(encoder, dataset.queries, bundle.resolution)
+    with open_encoder(bundle) as encoder:
+        _, db = encode_files(encoder, dataset.database)
+        _, queries = encode_files(encoder, dataset.queries)
     ids = list(range(len(db)))
     scores: dict[str, list[np.ndarray]] = {}
     seconds: dict[str, float] = {}

@@ -10,16 +10,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from fol_infer import __version__
 from fol_infer.errors import BundleError
+from fol_infer.fileio import atomic_write_json
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
+MAX_BATCH = 1024  # the dynamic batch range of an exported graph (and of engines built from it)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -156,9 +157,7 @@ class Manifest:
     def write(self, folder: Path) -> Path:
         """Atomic: a reader never sees a half-written manifest."""
         path = folder / MANIFEST
-        tmp = path.with_name(MANIFEST + ".partial")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        os.replace(tmp, path)
+        atomic_write_json(path, self.to_dict())
         return path
 
 

@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from fol_infer.errors import ImageError, UsageError
+from fol_infer.model.arch import MIN_GRID, PATCH_SIZE
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
@@ -28,9 +29,8 @@ ImageSource: TypeAlias = str | os.PathLike[str] | Image.Image | np.ndarray
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
-PATCH_SIZE = 14
-# 15 x 15 = 225 patches is the smallest grid the model accepts.
-MIN_SIDE = 15 * PATCH_SIZE
+DEFAULT_RESOLUTION = 322  # the published input size (23 x 23 patches)
+MIN_SIDE = MIN_GRID * PATCH_SIZE  # the model selects REGION_PATCHES patches: 15 x 15 at least
 
 # Integer dtypes map to [0, 1] by their full range; 16-bit keeps its precision (no 8-bit clip).
 _INT_SCALE = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}
@@ -390,5 +390,5 @@ def _check_side(side: int) -> None:
     if side < MIN_SIDE:
         raise UsageError(
             f"resolution {side} is too small: use {MIN_SIDE} or more "
-            f"(at least 15 patches of {PATCH_SIZE} pixels a side)"
+            f"(at least {MIN_GRID} patches of {PATCH_SIZE} pixels a side)"
         )

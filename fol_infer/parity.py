@@ -10,8 +10,9 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from fol_infer.backends.base import REGION_PATCHES, Encoder, EncoderOutput
+from fol_infer.backends.base import Encoder, EncoderOutput
 from fol_infer.bundle import Bundle
+from fol_infer.model.arch import REGION_PATCHES
 
 TOLERANCES = {
     # min global cosine, max |token diff|, share of images with identical selected positions

@@ -22,9 +22,10 @@ import numpy as np
 from fol_infer.backends import open_encoder
 from fol_infer.backends.base import Encoder
 from fol_infer.bundle import Bundle
+from fol_infer.choices import EncoderBackend, RerankBackend
 from fol_infer.errors import UsageError
 from fol_infer.images import ImageSource, preprocess, source_name
-from fol_infer.rerank import rerank_order
+from fol_infer.rerank import RerankSettings, rerank_order
 from fol_infer.shard_set import ShardSet
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,7 @@ class QueryResult:
     reranked: list[RerankHit] | None
     timings_ms: dict[str, float] = field(default_factory=dict)  # this query's share per stage
     descriptor: np.ndarray | None = field(default=None, repr=False)  # (8448,) global descriptor
+    threshold: float | None = None  # the re-ranking threshold the matches were counted at
     missing_shards: list[str] = field(default_factory=list)  # allow_partial: shards not heard
 
     @property
@@ -66,6 +68,7 @@ class QueryResult:
             "query": self.query,
             "global": [vars(h) for h in self.global_hits],
             "reranked": [vars(h) for h in self.reranked] if self.reranked is not None else [],
+            "threshold": self.threshold,
         }
         if self.partial:
             doc |= {"partial": True, "missing_shards": self.missing_shards}
@@ -100,18 +103,19 @@ class Retriever:
         self,
         bundle: str | Path | Bundle,
         index: str | Path | ShardSet,
-        backend: str = "onnx",
-        reranker: str = "auto",
+        backend: EncoderBackend | str = EncoderBackend.ONNX,
+        rerank: RerankSettings | None = None,
         checkpoint: str | Path | None = None,
         threads: int | None = None,
         encoder: Encoder | None = None,
         allow_partial: bool = False,
     ) -> None:
         """``index``: an index or map folder (opened here), or a `ShardSet` (e.g.
-        `ShardSet.ray(...)`, closed with the retriever). ``encoder``: an encoder of this bundle
-        already open (e.g. the one that built the index), used instead of opening another; the
-        caller keeps it and closes it. ``allow_partial``: answer from the shards that answer
-        and list the others in each result, instead of raising."""
+        `ShardSet.ray(...)`, closed with the retriever). ``rerank``: threshold, backend, CPU
+        block and workers [`RerankSettings()`]. ``encoder``: an encoder of this bundle already
+        open (e.g. the one that built the index), used instead of opening another; the caller
+        keeps it and closes it. ``allow_partial``: answer from the shards that answer and list
+        the others in each result, instead of raising."""
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
         if isinstance(index, ShardSet):
             self.shards = index
@@ -119,11 +123,13 @@ class Retriever:
         else:
             self.shards = ShardSet.open(index, bundle=self.bundle)
         self.allow_partial = allow_partial
-        if self.shards.token_format == "int8-exact" and reranker not in ("auto", "cpu"):
+        rerank = rerank or RerankSettings()
+        cpu_only = (RerankBackend.AUTO, RerankBackend.CPU)
+        if self.shards.token_format == "int8-exact" and rerank.backend not in cpu_only:
             self.shards.close()
             raise UsageError(
                 f"{index} keeps int8-exact tokens, which the certified CPU re-ranker scores; "
-                f"reranker={reranker!r} cannot: use 'auto' or 'cpu', or an fp16 index"
+                f"the {rerank.backend!s} re-ranker cannot: use auto or cpu, or an fp16 index"
             )
         self._owns_encoder = encoder is None
         try:
@@ -133,7 +139,7 @@ class Retriever:
         except BaseException:
             self.shards.close()
             raise
-        self.reranker = reranker
+        self.rerank = rerank
 
     def query(
         self,
@@ -171,7 +177,7 @@ class Retriever:
             candidates = [row[:rerank_k][row[:rerank_k] >= 0] for row in ids]
             queries = [t[:c] for t, c in zip(query_tokens.tokens, query_tokens.counts)]
             matches, lost = self.shards.score(
-                queries, candidates, self.reranker, timer, self.allow_partial
+                queries, candidates, self.rerank, timer, self.allow_partial
             )
             missing = sorted(set(missing) | set(lost))
         share = {k: v / len(images) for k, v in timer.ms.items()}
@@ -192,8 +198,11 @@ class Retriever:
                     for r, j in enumerate(order)
                 ]
             descriptor = global_out.descriptors[q]
+            threshold = self.rerank.threshold if rerank else None
             name = source_name(source, q)
-            results.append(QueryResult(name, hits, reranked, share, descriptor, list(missing)))
+            results.append(
+                QueryResult(name, hits, reranked, share, descriptor, threshold, list(missing))
+            )
         return results
 
     @staticmethod

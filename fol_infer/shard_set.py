@@ -18,12 +18,12 @@ from typing import Any, Protocol
 import numpy as np
 
 from fol_infer.bundle import Bundle
+from fol_infer.choices import FaissDevice, TokenFormat
 from fol_infer.errors import IndexStoreError
-from fol_infer.index.database import FAISS_FILE, METADATA, Database, TokenFormat
-from fol_infer.index.global_index import Device
+from fol_infer.index.database import FAISS_FILE, METADATA, Database
 from fol_infer.index.metadata import IndexMetadata
 from fol_infer.index.shards import MapManifest, ShardEntry, is_map, merge_top_k
-from fol_infer.rerank import count_mutual_matches_certified, count_mutual_matches_many
+from fol_infer.rerank import RerankSettings, count_mutual_matches_certified, score_many
 
 
 class Stages(Protocol):
@@ -67,7 +67,7 @@ class ShardSet(ABC):
         self,
         queries: list[np.ndarray],
         candidates: list[np.ndarray],
-        reranker: str,
+        rerank: RerankSettings,
         timer: Stages,
         allow_partial: bool = False,
     ) -> tuple[list[np.ndarray], list[str]]:
@@ -85,7 +85,7 @@ class ShardSet(ABC):
 
     @staticmethod
     def open(
-        folder: str | Path, bundle: Bundle | None = None, device: Device = "auto"
+        folder: str | Path, bundle: Bundle | None = None, device: FaissDevice = "auto"
     ) -> LocalShardSet:
         """Every shard of a map (or the one index) opened in this process."""
         return LocalShardSet(Path(folder), bundle, device)
@@ -122,7 +122,11 @@ def read_manifest(folder: Path, bundle: Bundle | None) -> MapManifest:
 
 
 def open_shard(
-    folder: Path, manifest: MapManifest, entry: ShardEntry, bundle: Bundle | None, device: Device
+    folder: Path,
+    manifest: MapManifest,
+    entry: ShardEntry,
+    bundle: Bundle | None,
+    device: FaissDevice,
 ) -> Database:
     """Open one shard, checking it against the manifest; errors name the shard and its ids."""
     if not is_map(folder):
@@ -160,7 +164,7 @@ def score_shard(
     database: Database,
     queries: Sequence[np.ndarray],
     candidates: Sequence[np.ndarray],
-    reranker: str,
+    rerank: RerankSettings,
     timer: Stages | None = None,
 ) -> list[np.ndarray]:
     """Match counts of each query's candidates (this shard's local ids). An int8-exact shard
@@ -175,12 +179,19 @@ def score_shard(
     with timer.stage("rerank"):
         lists = [[fetched[int(i)] for i in cand] for cand in candidates]
         if exact is None:
-            return count_mutual_matches_many(list(queries), lists, backend=reranker)
+            return score_many(list(queries), lists, rerank)
 
         def originals(q: int, k: int, rows: np.ndarray) -> np.ndarray:
             return exact.get_rows(int(candidates[q][k]), rows)
 
-        certified = count_mutual_matches_certified(list(queries), lists, originals)
+        certified = count_mutual_matches_certified(
+            list(queries),
+            lists,
+            originals,
+            rerank.threshold,
+            block_bytes=rerank.block_bytes,
+            workers=rerank.workers,
+        )
         return [c.scores for c in certified]
 
 
@@ -201,7 +212,7 @@ def merge_searches(
 class LocalShardSet(ShardSet):
     """Every shard opened in this process (memory maps shared by all query threads)."""
 
-    def __init__(self, folder: Path, bundle: Bundle | None, device: Device) -> None:
+    def __init__(self, folder: Path, bundle: Bundle | None, device: FaissDevice) -> None:
         self.folder = folder
         self.manifest = read_manifest(folder, bundle)
         self.databases: list[Database] = []
@@ -221,7 +232,7 @@ class LocalShardSet(ShardSet):
         self,
         queries: list[np.ndarray],
         candidates: list[np.ndarray],
-        reranker: str,
+        rerank: RerankSettings,
         timer: Stages,
         allow_partial: bool = False,
     ) -> tuple[list[np.ndarray], list[str]]:
@@ -232,7 +243,7 @@ class LocalShardSet(ShardSet):
             if not active:
                 continue
             local = [candidates[q][masks[q]] - entry.offset for q in active]
-            got = score_shard(database, [queries[q] for q in active], local, reranker, timer)
+            got = score_shard(database, [queries[q] for q in active], local, rerank, timer)
             for q, c in zip(active, got):
                 counts[q][masks[q]] = c
         return counts, []

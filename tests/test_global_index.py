@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 
 from fol_infer.errors import BackendUnavailableError, IndexStoreError, UsageError
+from fol_infer.fileio import atomic_writer
 from fol_infer.index import global_index
 from fol_infer.index.global_index import GlobalIndex, gpu_available
-from fol_infer.index.metadata import IndexMetadata, atomic_writer, parse_utm
+from fol_infer.index.metadata import IndexMetadata, parse_utm
 
 DIM = 64
 

@@ -15,12 +15,13 @@ from typer.testing import CliRunner
 
 from fol_infer.backends import open_encoder
 from fol_infer.bundle import Bundle
+from fol_infer.choices import RerankBackend
 from fol_infer.cli import app
 from fol_infer.errors import UsageError
 from fol_infer.images import preprocess
 from fol_infer.index.database import BuildSettings, build_index
 from fol_infer.pipeline import Retriever
-from fol_infer.rerank import count_mutual_matches
+from fol_infer.rerank import DEFAULT_THRESHOLD, RerankSettings, count_mutual_matches
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +59,8 @@ def test_results_follow_the_spec_and_the_json_shape(
     assert [h.db_index for h in result.reranked] == [candidates[j] for j in best]
     assert [h.matches for h in result.reranked] == [int(expected[j]) for j in best]
     doc = result.to_json()
-    assert set(doc) == {"query", "global", "reranked"}
+    assert set(doc) == {"query", "global", "reranked", "threshold"}
+    assert doc["threshold"] == DEFAULT_THRESHOLD and global_only.to_json()["threshold"] is None
     assert set(doc["global"][0]) == {"rank", "db_index", "path", "score"}
     assert set(doc["reranked"][0]) == {"rank", "db_index", "path", "matches"}
 
@@ -172,7 +174,7 @@ def test_int8_exact_index_reranks_like_float32_tokens(
             threaded = list(pool.map(lambda q: retriever.query([q], 6, 6)[0], queries))
         assert [r.reranked for r in threaded] == [r.reranked for r in results]
     with pytest.raises(UsageError, match="certified CPU re-ranker"):
-        Retriever(bundle, tmp_path / "idx", reranker="torch")
+        Retriever(bundle, tmp_path / "idx", rerank=RerankSettings(backend=RerankBackend.TORCH))
 
 
 def test_index_cli_takes_int8_exact_and_names_the_formats(

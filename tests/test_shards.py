@@ -230,3 +230,14 @@ def test_bad_input_is_named(map_builds, tiny_bundle_322: Path, tmp_path: Path) -
     shutil.rmtree(sharded / "shard-00002")
     with pytest.raises(IndexStoreError, match=r"shard-00002 \(global ids 27..37\).*missing"):
         Retriever(bundle, sharded)
+
+
+def test_ray_missing_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from fol_infer.distributed import require_ray
+    from fol_infer.errors import BackendUnavailableError
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # what `import ray` meets without the extra
+    with pytest.raises(BackendUnavailableError, match=r'pip install "fol-infer\[ray\]"'):
+        require_ray()

@@ -17,9 +17,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fol_infer.choices import StoreDtype
 from fol_infer.errors import IndexStoreError, UsageError
 from fol_infer.index import metadata, token_store
-from fol_infer.index.token_store import Dtype, TokenStore, quantize_int8
+from fol_infer.index.token_store import TokenStore, quantize_int8
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -68,7 +69,7 @@ def test_int8_round_trip_error_bound(tmp_path: Path, rng: np.random.Generator) -
 
 @pytest.mark.parametrize("dtype", ["fp32", "fp16", "int8"])
 def test_get_rows_picks_rows_as_get_returns_them(
-    tmp_path: Path, rng: np.random.Generator, dtype: Dtype
+    tmp_path: Path, rng: np.random.Generator, dtype: StoreDtype
 ) -> None:
     tokens = lists(rng, [6, 0, 40])
     with TokenStore.create(tmp_path / "s", dtype=dtype) as store:
@@ -114,7 +115,7 @@ def test_fp32_store_is_exact(tmp_path: Path, rng: np.random.Generator) -> None:
 
 def test_bytes_per_image_counts_true_rows_only(tmp_path: Path, rng: np.random.Generator) -> None:
     counts = [3000, 3400, 3600]
-    cases: list[tuple[Dtype, int]] = [("fp16", 128 * 2), ("int8", 128 + 4)]
+    cases: list[tuple[StoreDtype, int]] = [("fp16", 128 * 2), ("int8", 128 + 4)]
     for dtype, row_bytes in cases:
         with TokenStore.create(tmp_path / dtype, dtype=dtype) as store:
             store.append(lists(rng, counts))

@@ -383,7 +383,7 @@ def test_trt_backend_here_says_what_is_missing(tiny_bundle: Path) -> None:
 def test_build_checks_arguments_first_and_leaves_the_bundle_alone(
     tiny_bundle: Path, tmp_path: Path
 ) -> None:
-    from fol_infer.cli.trt_command import build_bundle_engines
+    from fol_infer.export.bundle_engines import build_bundle_engines
 
     copy = tmp_path / "bundle"
     shutil.copytree(tiny_bundle, copy)
@@ -537,7 +537,7 @@ def test_engines_build_and_match_the_reference_on_a_gpu(
     except BackendUnavailableError as exc:
         pytest.skip(str(exc))
     from fol_infer.backends.trt import TrtEncoder
-    from fol_infer.cli.trt_command import build_bundle_engines
+    from fol_infer.export.bundle_engines import build_bundle_engines
     from fol_infer.parity import load_reference, verify
 
     copy = tmp_path / "bundle"

@@ -6,31 +6,28 @@ from pathlib import Path
 
 from fol_infer.backends.base import Encoder, EncoderOutput, GlobalOutput, LocalOutput
 from fol_infer.bundle import Bundle
-from fol_infer.errors import UsageError
-
-BACKENDS = ("onnx", "torch", "trt")
+from fol_infer.choices import EncoderBackend
 
 
 def open_encoder(
     bundle: Bundle,
-    backend: str = "onnx",
+    backend: EncoderBackend | str = EncoderBackend.ONNX,
     checkpoint: str | Path | None = None,
     threads: int | None = None,
 ) -> Encoder:
     """Open a bundle with the named backend; heavy imports happen only for the one chosen."""
-    if backend == "onnx":
+    backend = EncoderBackend.parse(backend, "backend")
+    if backend == EncoderBackend.ONNX:
         from fol_infer.backends.onnx import OnnxEncoder
 
         return OnnxEncoder(bundle, threads=threads)
-    if backend == "torch":
+    if backend == EncoderBackend.TORCH:
         from fol_infer.backends.torch import TorchEncoder
 
         return TorchEncoder.from_bundle(bundle, checkpoint, threads=threads)
-    if backend == "trt":
-        from fol_infer.backends.trt import TrtEncoder
+    from fol_infer.backends.trt import TrtEncoder
 
-        return TrtEncoder(bundle)
-    raise UsageError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    return TrtEncoder(bundle)
 
 
-__all__ = ["BACKENDS", "Encoder", "EncoderOutput", "GlobalOutput", "LocalOutput", "open_encoder"]
+__all__ = ["Encoder", "EncoderOutput", "GlobalOutput", "LocalOutput", "open_encoder"]

@@ -7,15 +7,16 @@ the local branch; `encode` runs both and shares the backbone's work between them
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import ClassVar, TypeVar
 
 import numpy as np
 
-GLOBAL_DIM = 8448
-TOKEN_DIM = 128
-MAX_TOKENS = 3600  # 225 selected patches x at most 16 upsampled positions each
-REGION_PATCHES = 225
+from fol_infer.choices import Precision
+from fol_infer.errors import UsageError
+
+E = TypeVar("E", bound="Encoder")
 
 
 @dataclass
@@ -54,36 +55,33 @@ class EncoderOutput:
         return [t[:n] for t, n in zip(self.local.tokens, self.local.counts.tolist())]
 
 
-@runtime_checkable
-class Encoder(Protocol):
-    """An FoL encoder at a fixed input resolution.
+class Encoder(ABC):
+    """An FoL encoder at a fixed input resolution: the contract every backend implements.
 
     Inputs are pre-processed batches (see `fol_infer.images.preprocess`): float32
-    (B, 3, H, W) with (H, W) == `resolution`.
+    (B, 3, H, W) with (H, W) == `resolution`. The public methods check their inputs here,
+    once, and hand them to the subclass's ``_encode_*_impl`` (Polygraphy's ``infer`` /
+    ``infer_impl`` split), so every backend refuses bad input with the same message.
     """
 
-    name: str
+    name: ClassVar[str]
     resolution: tuple[int, int]
+    precision: Precision = Precision.FP32  # arithmetic of the engine: picks parity tolerances
 
-    def encode_global(self, images: np.ndarray) -> GlobalOutput: ...
+    def encode_global(self, images: np.ndarray) -> GlobalOutput:
+        """Descriptor, backbone features and region confidence of each image."""
+        return self._encode_global_impl(self.check_images(images))
 
-    def encode_local(self, global_out: GlobalOutput) -> LocalOutput: ...
+    def encode_local(self, global_out: GlobalOutput) -> LocalOutput:
+        """Re-ranking tokens of the regions `encode_global` found."""
+        return self._encode_local_impl(global_out)
 
-    def encode(self, images: np.ndarray, local: bool = True) -> EncoderOutput: ...
-
-    def close(self) -> None: ...
-
-
-class EncoderBase:
-    """Shared input checks and the `encode` composition; subclasses supply the two branches."""
-
-    name: str = "base"
-    resolution: tuple[int, int]
+    def encode(self, images: np.ndarray, local: bool = True) -> EncoderOutput:
+        """Both branches (or the global one alone), sharing the backbone's work."""
+        return self._encode_impl(self.check_images(images), local)
 
     def check_images(self, images: np.ndarray) -> np.ndarray:
         """Fail with a clear message before a runtime fails with an obscure one."""
-        from fol_infer.errors import UsageError
-
         if images.ndim != 4 or images.shape[1] != 3:
             raise UsageError(f"expected images of shape (B, 3, H, W), got {images.shape}")
         if tuple(images.shape[2:]) != tuple(self.resolution):
@@ -95,20 +93,23 @@ class EncoderBase:
             )
         return np.ascontiguousarray(images, dtype=np.float32)
 
-    def encode_global(self, images: np.ndarray) -> GlobalOutput:
-        raise NotImplementedError
+    @abstractmethod
+    def _encode_global_impl(self, images: np.ndarray) -> GlobalOutput:
+        """The global branch on images already checked."""
 
-    def encode_local(self, global_out: GlobalOutput) -> LocalOutput:
-        raise NotImplementedError
+    @abstractmethod
+    def _encode_local_impl(self, global_out: GlobalOutput) -> LocalOutput:
+        """The local branch."""
 
-    def encode(self, images: np.ndarray, local: bool = True) -> EncoderOutput:
-        g = self.encode_global(images)
-        return EncoderOutput(global_=g, local=self.encode_local(g) if local else None)
+    def _encode_impl(self, images: np.ndarray, local: bool) -> EncoderOutput:
+        """Both branches on images already checked; a backend may fuse them."""
+        g = self._encode_global_impl(images)
+        return EncoderOutput(global_=g, local=self._encode_local_impl(g) if local else None)
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - not abstract: the torch reference holds nothing to free
         """Release sessions and device memory; safe to call twice."""
 
-    def __enter__(self) -> EncoderBase:
+    def __enter__(self: E) -> E:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from fol_infer.backends.base import EncoderBase, GlobalOutput, LocalOutput
+from fol_infer.backends.base import Encoder, GlobalOutput, LocalOutput
 from fol_infer.bundle import Bundle
 from fol_infer.errors import BackendUnavailableError, BundleError
 
@@ -37,7 +37,9 @@ def choose_providers(requested: Sequence[str] | None = None) -> list[str]:
     return [p for p in PREFERRED_PROVIDERS[1:] if p in available]
 
 
-class OnnxEncoder(EncoderBase):
+class OnnxEncoder(Encoder):
+    """The bundle's ONNX graphs in onnxruntime: float32, on the CPU unless a GPU provider loads."""
+
     name = "onnx"
 
     def __init__(
@@ -73,12 +75,11 @@ class OnnxEncoder(EncoderBase):
             raise RuntimeError("this encoder was closed")
         return session.run(None, feeds)
 
-    def encode_global(self, images: np.ndarray) -> GlobalOutput:
-        images = self.check_images(images)
+    def _encode_global_impl(self, images: np.ndarray) -> GlobalOutput:
         descriptor, features, confidence = self._run("global", {"image": images})
         return GlobalOutput(descriptors=descriptor, features=features, confidence=confidence)
 
-    def encode_local(self, global_out: GlobalOutput) -> LocalOutput:
+    def _encode_local_impl(self, global_out: GlobalOutput) -> LocalOutput:
         tokens, count, region = self._run(
             "local", {"features": global_out.features, "confidence": global_out.confidence}
         )

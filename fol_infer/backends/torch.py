@@ -10,12 +10,14 @@ from pathlib import Path
 
 import numpy as np
 
-from fol_infer.backends.base import EncoderBase, GlobalOutput, LocalOutput
+from fol_infer.backends.base import Encoder, GlobalOutput, LocalOutput
 from fol_infer.bundle import Bundle, sha256_file
 from fol_infer.errors import BackendUnavailableError, CheckpointError
 
 
-class TorchEncoder(EncoderBase):
+class TorchEncoder(Encoder):
+    """The PyTorch model itself, eager float32: the reference the other backends are held to."""
+
     name = "torch"
 
     def __init__(
@@ -62,15 +64,14 @@ class TorchEncoder(EncoderBase):
             )
         return cls(path, bundle.resolution, **kwargs)  # type: ignore[arg-type]
 
-    def encode_global(self, images: np.ndarray) -> GlobalOutput:
-        images = self.check_images(images)
+    def _encode_global_impl(self, images: np.ndarray) -> GlobalOutput:
         with self._torch.inference_mode():
             d, f, c = self._global(self._torch.from_numpy(images).to(self.device))
         return GlobalOutput(
             descriptors=d.cpu().numpy(), features=f.cpu().numpy(), confidence=c.cpu().numpy()
         )
 
-    def encode_local(self, global_out: GlobalOutput) -> LocalOutput:
+    def _encode_local_impl(self, global_out: GlobalOutput) -> LocalOutput:
         t = self._torch
         with t.inference_mode():
             tokens, count, region = self._local(

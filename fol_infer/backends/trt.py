@@ -20,8 +20,9 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from fol_infer.backends.base import EncoderBase, EncoderOutput, GlobalOutput, LocalOutput
+from fol_infer.backends.base import Encoder, EncoderOutput, GlobalOutput, LocalOutput
 from fol_infer.bundle import Bundle
+from fol_infer.choices import Precision
 from fol_infer.errors import BackendUnavailableError, BundleError, EngineError, UsageError
 from fol_infer.export.engines import (
     check_batch,
@@ -238,7 +239,10 @@ class _Buffer:
         return view.reshape((batch, *self.tensor.shape[1:]))
 
 
-class TrtEncoder(EncoderBase):
+class TrtEncoder(Encoder):
+    """The bundle's TensorRT engines on an NVIDIA GPU, fp16 or fp32 as they were built; the
+    local engine reads the global one's outputs where they lie on the GPU."""
+
     name = "trt"
 
     def __init__(
@@ -251,7 +255,7 @@ class TrtEncoder(EncoderBase):
         self.records = read_records(bundle)
         for record in self.records.values():
             check_record(bundle, record, version, gpu)
-        self.precision = self.records["global"].precision
+        self.precision = Precision(self.records["global"].precision)
         self.max_batch = min(r.profile.max for r in self.records.values())
         self.cuda_graph = cuda_graph
         self._mem = open_memory(memory, device)
@@ -332,19 +336,18 @@ class TrtEncoder(EncoderBase):
         fields["counts"] = fields["counts"].astype(np.int64)
         return LocalOutput(**fields)
 
-    def encode_global(self, images: np.ndarray) -> GlobalOutput:
-        return self.encode(images, local=False).global_
+    def _encode_global_impl(self, images: np.ndarray) -> GlobalOutput:
+        return self._encode_impl(images, local=False).global_
 
-    def encode_local(self, global_out: GlobalOutput) -> LocalOutput:
+    def _encode_local_impl(self, global_out: GlobalOutput) -> LocalOutput:
         arrays = {n: getattr(global_out, FIELDS.get(n, n)) for n in self._inputs("local")}
         batch = len(next(iter(arrays.values())))
         self._upload(arrays)
         self._run(("local",), batch)
         return self._local_output(self._download(self._outputs("local"), batch))
 
-    def encode(self, images: np.ndarray, local: bool = True) -> EncoderOutput:
+    def _encode_impl(self, images: np.ndarray, local: bool) -> EncoderOutput:
         """Both branches in one pass: the local engine reads the global one's GPU outputs."""
-        images = self.check_images(images)
         graphs = ("global", "local") if local else ("global",)
         self._upload({self._inputs("global")[0]: images})
         self._run(graphs, len(images))

@@ -20,9 +20,7 @@ accuracy (its README says so, and `Dataset.synthetic` lets reports say so too).
 from __future__ import annotations
 
 import math
-import os
 import shutil
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,8 +29,10 @@ from PIL import Image, ImageDraw
 
 from fol_infer.bench.recall import RADIUS_M, positives
 from fol_infer.errors import UsageError
+from fol_infer.fileio import replace_folder
 from fol_infer.images import find_images
 from fol_infer.index.metadata import parse_utm
+from fol_infer.progress import Advance
 
 # ---------------------------------------------------------------- opening a dataset
 
@@ -186,9 +186,7 @@ class SyntheticPlan:
     size: tuple[int, int]  # (height, width)
     views: tuple[_View, ...]
 
-    def write(
-        self, out: Path | str, force: bool = False, progress: Callable[[int], None] | None = None
-    ) -> Path:
+    def write(self, out: Path | str, force: bool = False, progress: Advance | None = None) -> Path:
         """Draw into a temporary folder beside `out`, then rename it to `out`.
 
         An existing `out` is replaced only with `force`, and only when it is empty or is a
@@ -209,25 +207,14 @@ class SyntheticPlan:
             shutil.rmtree(tmp, ignore_errors=True)  # a crashed earlier run's leftovers
             self._draw(tmp, progress)
             (tmp / _README).write_text(self._readme(), encoding="utf-8")
-            if out.exists():
-                old = out.with_name(f".{out.name}.old")
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(out, old)
-                try:
-                    os.replace(tmp, out)
-                except OSError:
-                    os.replace(old, out)
-                    raise
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, out)
+            replace_folder(tmp, out)
         except OSError as exc:
             raise UsageError(f"cannot write the dataset to {out}: {exc.strerror or exc}") from exc
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return out
 
-    def _draw(self, tmp: Path, progress: Callable[[int], None] | None) -> None:
+    def _draw(self, tmp: Path, progress: Advance | None) -> None:
         h, w = self.size
         for folder in ("database", "queries"):
             (tmp / "images" / "test" / folder).mkdir(parents=True)

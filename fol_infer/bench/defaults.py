@@ -15,7 +15,6 @@ from fol_infer.bundle import sha256_file
 
 DEFAULT_ARCH = "vitb14"
 DEFAULT_SEED = 0
-DEFAULT_RESOLUTION = 322
 # Small enough for the whole default run to take a few minutes on 2 CPU cores.
 DEFAULT_PLACES, DEFAULT_QUERIES_PER_PLACE, DEFAULT_DISTRACTORS, DEFAULT_DATA_SEED = 12, 1, 8, 0
 

@@ -12,7 +12,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +23,11 @@ from fol_infer.bench import environment
 from fol_infer.bench.dataset import Dataset, open_dataset
 from fol_infer.bench.recall import RECALL_NS, recall_at
 from fol_infer.bundle import Bundle
+from fol_infer.choices import EncoderBackend, TokenFormat
 from fol_infer.errors import UsageError
-from fol_infer.index.database import TokenFormat
+from fol_infer.images import DEFAULT_RESOLUTION
 from fol_infer.pipeline import STAGES, QueryResult, Retriever
+from fol_infer.rerank.settings import RerankSettings
 
 SCHEMA_VERSION = 1
 RERANK_DEPTHS = (1, 5, 10, 25, 50, 100)
@@ -36,16 +38,16 @@ Say = Callable[[str], None]
 
 @dataclass
 class BenchOptions:
-    engine: str = "onnx"
+    backend: EncoderBackend = EncoderBackend.ONNX
     bundle: Path | None = None
     checkpoint: Path | None = None
     dataset: Path | None = None
-    resolution: str = "322"
+    resolution: str = str(DEFAULT_RESOLUTION)
     rerank_k: int = 100
     batch: int = 8
     warmup: int = 2
-    reranker: str = "auto"
-    tokens: TokenFormat = "fp16"
+    rerank: RerankSettings = field(default_factory=RerankSettings)
+    tokens: TokenFormat = TokenFormat.FP16
 
 
 def percentiles(values: list[float]) -> dict[str, float]:
@@ -115,12 +117,12 @@ class Bench:
                 f"--rerank-k {opts.rerank_k} > database size {n_db}: re-ranking all {n_db}"
             )
         self.report["inputs"] = {
-            "engine": opts.engine,
+            "engine": str(opts.backend),
             "bundle": str(bundle.folder),
             "arch": bundle.manifest.arch_name,
             "resolution": list(bundle.resolution),
             "trained": bundle.manifest.trained,
-            "precision": environment.engine_precision(bundle, opts.engine),
+            "precision": environment.engine_precision(bundle, opts.backend),
             "dataset": str(dataset.layout.root),
             "synthetic_dataset": dataset.synthetic,
             "database_images": n_db,
@@ -128,18 +130,19 @@ class Bench:
             "rerank_k": min(opts.rerank_k, n_db),
             "batch": opts.batch,
             "warmup": opts.warmup,
-            "reranker": opts.reranker,
-            "tokens": opts.tokens,
+            "reranker": str(opts.rerank.backend),
+            "threshold": opts.rerank.threshold,
+            "tokens": str(opts.tokens),
         }
         return bundle, dataset
 
     # ------------------------------------------------------------------ run
     def run(self) -> dict[str, Any]:
-        self.report["environment"] = environment.describe(self.options.engine)
+        self.report["environment"] = environment.describe(self.options.backend)
         bundle, dataset = self._inputs()
         from fol_infer.backends import open_encoder
 
-        encoder = open_encoder(bundle, self.options.engine, checkpoint=self.options.checkpoint)
+        encoder = open_encoder(bundle, self.options.backend, checkpoint=self.options.checkpoint)
         try:  # one encoder for the database and the queries
             with tempfile.TemporaryDirectory(prefix="fol-bench-") as tmp:
                 index_dir = Path(tmp) / "index"
@@ -148,7 +151,7 @@ class Bench:
         finally:
             encoder.close()
         self._recall(dataset, results)
-        if self.options.engine != "torch":
+        if self.options.backend != EncoderBackend.TORCH:
             self._parity(bundle, dataset, results)
         self._memory()
         self.report["partial"] = False
@@ -157,7 +160,7 @@ class Bench:
     def _build(self, bundle: Bundle, encoder: Encoder, dataset: Dataset, index_dir: Path) -> None:
         from fol_infer.index.database import BuildSettings, Database, build_index
 
-        self.say(f"indexing {len(dataset.database)} database images with {self.options.engine}")
+        self.say(f"indexing {len(dataset.database)} database images with {self.options.backend}")
         report = build_index(
             bundle,
             encoder,
@@ -188,7 +191,7 @@ class Bench:
         stages: dict[str, list[float]] = {name: [] for name in (*STAGES, "total", "unattributed")}
         results: list[QueryResult] = []
         self.report["latency_ms"] = {}
-        with Retriever(bundle, index_dir, reranker=opts.reranker, encoder=encoder) as retriever:
+        with Retriever(bundle, index_dir, rerank=opts.rerank, encoder=encoder) as retriever:
             for query in dataset.queries[: opts.warmup]:
                 retriever.query([query], top_k=depth, rerank_k=min(opts.rerank_k, n_db))
             self.say(f"querying {len(dataset.queries)} images at batch 1 ({opts.warmup} warm-up)")
@@ -233,7 +236,12 @@ class Bench:
         self.say("running the PyTorch reference on the same images for parity")
         try:
             self.report["parity"] = torch_parity(
-                bundle, dataset, results, self.options, self.report["inputs"]["rerank_k"]
+                bundle,
+                dataset,
+                results,
+                self.options.checkpoint,
+                self.options.rerank,
+                self.report["inputs"]["rerank_k"],
             )
         except UsageError as exc:  # no torch, or the checkpoint is not where the manifest says
             self.report["parity"] = {"unavailable": str(exc)}

@@ -6,28 +6,27 @@ product, then the same re-ranker) and compares descriptors, top-1 choices and re
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from fol_infer.backends import open_encoder
+from fol_infer.backends import Encoder, open_encoder
 from fol_infer.bench.dataset import Dataset
 from fol_infer.bench.recall import RECALL_NS, recall_at
 from fol_infer.bundle import Bundle
-from fol_infer.images import preprocess_batch
+from fol_infer.choices import EncoderBackend
+from fol_infer.encoding import encode_images
 from fol_infer.parity import cosine
 from fol_infer.pipeline import QueryResult
-from fol_infer.rerank import count_mutual_matches_many, rerank_order
+from fol_infer.rerank import RerankSettings, rerank_order, score_many
 
 
-def encode_files(encoder, paths, resolution, batch: int = 4):  # type: ignore[no-untyped-def]
+def encode_files(encoder: Encoder, paths: Sequence[Path]) -> tuple[np.ndarray, list[np.ndarray]]:
     """(descriptors (N, 8448), token list) of image files that must all decode."""
-    descriptors, tokens = [], []
-    for start in range(0, len(paths), batch):
-        out = encoder.encode(preprocess_batch(paths[start : start + batch], resolution))
-        descriptors.append(out.descriptors)
-        tokens.extend(out.token_list())
-    return np.concatenate(descriptors), tokens
+    encoded = encode_images(encoder, paths, batch=4, strict=True)
+    return encoded.descriptors, encoded.token_list()
 
 
 def _delta(ours: float | None, reference: float | None) -> float | None:
@@ -35,19 +34,22 @@ def _delta(ours: float | None, reference: float | None) -> float | None:
 
 
 def torch_parity(
-    bundle: Bundle, dataset: Dataset, results: list[QueryResult], options: Any, rerank_k: int
+    bundle: Bundle,
+    dataset: Dataset,
+    results: list[QueryResult],
+    checkpoint: Path | None,
+    rerank: RerankSettings,
+    rerank_k: int,
 ) -> dict[str, Any]:
-    reference = open_encoder(bundle, "torch", checkpoint=options.checkpoint)
+    reference = open_encoder(bundle, EncoderBackend.TORCH, checkpoint=checkpoint)
     try:
-        db_desc, db_tokens = encode_files(reference, dataset.database, bundle.resolution)
-        q_desc, q_tokens = encode_files(reference, dataset.queries, bundle.resolution)
+        db_desc, db_tokens = encode_files(reference, dataset.database)
+        q_desc, q_tokens = encode_files(reference, dataset.queries)
     finally:
         reference.close()
     order = np.argsort(-(q_desc @ db_desc.T), axis=1, kind="stable")
     candidates = order[:, :rerank_k]
-    matches = count_mutual_matches_many(
-        q_tokens, [[db_tokens[j] for j in row] for row in candidates], backend=options.reranker
-    )
+    matches = score_many(q_tokens, [[db_tokens[j] for j in row] for row in candidates], rerank)
     reranked = np.array(
         [
             np.concatenate([row[rerank_order(m)], full[rerank_k:]])

@@ -3,20 +3,31 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, cast
+from typing import Annotated
 
 import typer
 
+from fol_infer.choices import EncoderBackend, RerankBackend, TokenFormat
 from fol_infer.cli.app import app, console, friendly_errors, stdout
+from fol_infer.cli.options import RerankerOption, ThresholdOption, choice, tokens_option
 from fol_infer.errors import UsageError
-
-ENGINES = ("onnx", "torch", "trt")
+from fol_infer.images import DEFAULT_RESOLUTION
+from fol_infer.rerank.settings import DEFAULT_THRESHOLD, RerankSettings
 
 
 @app.command()
 @friendly_errors
 def bench(
-    engine: Annotated[str, typer.Option(help="Engine to measure: onnx, torch or trt.")] = "onnx",
+    backend: Annotated[
+        EncoderBackend,
+        choice(
+            EncoderBackend,
+            "Encoder backend to measure (--engine: the same).",
+            "--backend",
+            "--engine",
+            "-b",
+        ),
+    ] = EncoderBackend.ONNX,
     bundle: Annotated[
         Path | None, typer.Option(help="Bundle folder (else exported from --checkpoint).")
     ] = None,
@@ -28,14 +39,15 @@ def bench(
     ] = None,
     resolution: Annotated[
         str, typer.Option(help="Resolution when exporting from a checkpoint.")
-    ] = "322",
+    ] = str(DEFAULT_RESOLUTION),
     rerank_k: Annotated[int, typer.Option(help="Global candidates re-ranked per query.")] = 100,
     batch: Annotated[int, typer.Option(help="Batch size for database encoding.")] = 8,
     warmup: Annotated[int, typer.Option(help="Warm-up queries before timing.")] = 2,
-    reranker: Annotated[str, typer.Option(help="Re-ranker: auto, cpu, triton or torch.")] = "auto",
+    reranker: RerankerOption = RerankBackend.AUTO,
+    threshold: ThresholdOption = DEFAULT_THRESHOLD,
     tokens: Annotated[
-        str, typer.Option(help="Token format of the index: fp16, int8 or int8-exact.")
-    ] = "fp16",
+        TokenFormat, tokens_option("Token format of the index under test.")
+    ] = TokenFormat.FP16,
     json_out: Annotated[
         Path | None, typer.Option("--json", help="Write the JSON report here.")
     ] = None,
@@ -44,38 +56,27 @@ def bench(
     ] = None,
     plot: Annotated[Path | None, typer.Option(help="Write a PNG chart here.")] = None,
 ) -> None:
-    """Benchmark an engine end to end; with no arguments, on an embedded UNTRAINED default."""
+    """Benchmark an encoder backend end to end; with no arguments, on an embedded UNTRAINED
+    default."""
     from fol_infer.bench.harness import Bench, BenchOptions
     from fol_infer.bench.report import markdown, png, write_json
-    from fol_infer.index.database import TOKEN_FORMATS, TokenFormat
 
-    if engine not in ENGINES:
-        raise UsageError(f"--engine must be one of {', '.join(ENGINES)}")
-    if bundle is not None and checkpoint is not None and engine != "torch":
+    if bundle is not None and checkpoint is not None and backend != EncoderBackend.TORCH:
         console.print("note: --bundle given; --checkpoint is used only for the PyTorch reference")
     if rerank_k < 1 or batch < 1 or warmup < 0:
         raise UsageError("--rerank-k and --batch must be >= 1, --warmup >= 0")
-    if tokens not in TOKEN_FORMATS:
-        raise UsageError(f"--tokens must be one of {', '.join(TOKEN_FORMATS)}, not {tokens!r}")
-    if tokens == "int8-exact" and reranker not in ("auto", "cpu"):
+    if tokens == TokenFormat.INT8_EXACT and reranker not in (RerankBackend.AUTO, RerankBackend.CPU):
         raise UsageError("--tokens int8-exact is re-ranked on the CPU: use --reranker auto or cpu")
+    rerank = RerankSettings(threshold, reranker)
     if bundle is None and checkpoint is None:
         console.print(
-            "[bold yellow]embedded default:[/bold yellow] UNTRAINED seeded ViT-B/14 at 322 and a "
-            "synthetic dataset — latencies are real, recall says nothing about FoL's accuracy",
+            "[bold yellow]embedded default:[/bold yellow] UNTRAINED seeded ViT-B/14 at "
+            f"{DEFAULT_RESOLUTION} and a synthetic dataset — latencies are real, recall says "
+            "nothing about FoL's accuracy",
             soft_wrap=True,
         )
     options = BenchOptions(
-        engine,
-        bundle,
-        checkpoint,
-        dataset,
-        resolution,
-        rerank_k,
-        batch,
-        warmup,
-        reranker,
-        cast(TokenFormat, tokens),
+        backend, bundle, checkpoint, dataset, resolution, rerank_k, batch, warmup, rerank, tokens
     )
     runner = Bench(options, say=lambda msg: console.print(f"[dim]{msg}[/dim]", soft_wrap=True))
     interrupted = False

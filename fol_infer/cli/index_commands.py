@@ -9,19 +9,19 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from fol_infer.choices import EncoderBackend, IndexMode, RerankBackend, TokenFormat
 from fol_infer.cli.app import app, console, friendly_errors, stdout, untrained_banner
-from fol_infer.cli.model_commands import BackendOption, CheckpointOption
+from fol_infer.cli.options import (
+    BackendOption,
+    CheckpointOption,
+    RayOption,
+    RerankerOption,
+    ThresholdOption,
+    tokens_option,
+)
 from fol_infer.cli.progress import progress_bar
 from fol_infer.errors import ImageError, UsageError
-
-RayOption = Annotated[
-    str | None,
-    typer.Option(
-        "--ray",
-        metavar="auto|ADDRESS",
-        help="Run on Ray: 'auto' (this machine's cluster, else a local one) or HEAD:PORT.",
-    ),
-]
+from fol_infer.rerank.settings import DEFAULT_THRESHOLD
 
 
 @app.command()
@@ -30,17 +30,17 @@ def index(
     bundle_dir: Annotated[Path, typer.Argument(help="Bundle folder.")],
     db_folder: Annotated[Path, typer.Argument(help="Folder of database images (recursive).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Index folder.")],
-    backend: BackendOption = "onnx",
+    backend: BackendOption = EncoderBackend.ONNX,
     checkpoint: CheckpointOption = None,
-    batch: Annotated[int, typer.Option(help="Images per forward pass and per commit.")] = 8,
+    batch: Annotated[int, typer.Option(min=1, help="Images per forward pass and per commit.")] = 8,
     tokens: Annotated[
-        str,
-        typer.Option(
-            help="Token storage: fp16; int8 (+ a scale per token, 0.24x the published bytes, "
+        TokenFormat,
+        tokens_option(
+            "Token storage: fp16; int8 (+ a scale per token, 0.24x the published bytes, "
             "approximate counts); int8-exact (int8 scored, float32 kept on disk for the rows "
             "its error bound cannot decide: float32 counts)."
         ),
-    ] = "fp16",
+    ] = TokenFormat.FP16,
     faiss: Annotated[
         str,
         typer.Option(
@@ -64,7 +64,8 @@ def index(
     ] = None,
     ray: RayOption = None,
     decode_threads: Annotated[
-        int, typer.Option(help="Image-decoding threads per encoder (per Ray task with --ray).")
+        int,
+        typer.Option(min=1, help="Image-decoding threads per encoder (per Ray task with --ray)."),
     ] = 2,
 ) -> None:
     """Index a database: global descriptors in FAISS, region tokens in a memory-mapped store.
@@ -75,29 +76,25 @@ def index(
     """
     from fol_infer.backends import open_encoder
     from fol_infer.bundle import Bundle
-    from fol_infer.index.database import TOKEN_FORMATS, BuildSettings, build_index
+    from fol_infer.index.database import BuildSettings, build_index
 
     if append and force:
         raise UsageError("--append and --force exclude each other")
-    if tokens not in TOKEN_FORMATS:
-        raise UsageError(f"--tokens must be one of {', '.join(TOKEN_FORMATS)}, not {tokens!r}")
-    if batch < 1 or decode_threads < 1:
-        raise UsageError("--batch and --decode-threads must be at least 1")
     if not db_folder.is_dir():
         raise UsageError(f"database folder not found: {db_folder}")
     bundle = Bundle.open(bundle_dir)
     untrained_banner(bundle.manifest.trained)
-    settings = BuildSettings(factory=faiss, tokens=tokens, batch=batch)  # type: ignore[arg-type]
-    mode = "append" if append else "force" if force else "new"
+    settings = BuildSettings(factory=faiss, tokens=tokens, batch=batch)
+    mode: IndexMode = "append" if append else "force" if force else "new"
     if shards is not None or ray is not None or (out / "map.json").is_file():
         from fol_infer.cli.map_commands import index_map
 
-        index_map(bundle, db_folder, out, settings, shards, mode, ray, backend, decode_threads)  # type: ignore[arg-type]
+        index_map(bundle, db_folder, out, settings, shards, mode, ray, backend, decode_threads)
         return
     encoder = open_encoder(bundle, backend, checkpoint=checkpoint)
     try:
         with progress_bar(console, "indexing", total=0) as advance:
-            report = build_index(bundle, encoder, db_folder, out, settings, mode, advance)  # type: ignore[arg-type]
+            report = build_index(bundle, encoder, db_folder, out, settings, mode, advance)
     finally:
         encoder.close()
     for path, reason in report.failures:
@@ -124,8 +121,9 @@ def query(
     no_rerank: Annotated[
         bool, typer.Option("--no-rerank", help="Global search only (skips the local branch).")
     ] = False,
-    backend: BackendOption = "onnx",
-    reranker: Annotated[str, typer.Option(help="Re-ranker: auto, cpu, triton or torch.")] = "auto",
+    backend: BackendOption = EncoderBackend.ONNX,
+    reranker: RerankerOption = RerankBackend.AUTO,
+    threshold: ThresholdOption = DEFAULT_THRESHOLD,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
     ray: RayOption = None,
     allow_partial: Annotated[
@@ -142,6 +140,7 @@ def query(
     region-token matches."""
     from fol_infer.images import find_images
     from fol_infer.pipeline import Retriever
+    from fol_infer.rerank.settings import RerankSettings
     from fol_infer.shard_set import ShardSet, read_manifest
 
     if bundle_dir is None:
@@ -149,10 +148,11 @@ def query(
     files = find_images(paths)
     if not files:
         raise UsageError("no query images found")
+    rerank = RerankSettings(threshold, reranker)
     results = []
     shard_set = ShardSet.ray(index_dir, None, ray, timeout) if ray else index_dir
     with Retriever(
-        bundle_dir, shard_set, backend=backend, reranker=reranker, allow_partial=allow_partial
+        bundle_dir, shard_set, backend=backend, rerank=rerank, allow_partial=allow_partial
     ) as retriever:
         if not as_json:
             untrained_banner(retriever.bundle.manifest.trained)
@@ -169,7 +169,7 @@ def query(
         table.add_column("rank", justify="right")
         table.add_column("global (score)")
         if r.reranked is not None:
-            table.add_column("re-ranked (matches)")
+            table.add_column(f"re-ranked (matches above {r.threshold})")
         for i, hit in enumerate(r.global_hits):
             row = [str(hit.rank), f"{hit.path} ({hit.score:.3f})"]
             if r.reranked is not None:

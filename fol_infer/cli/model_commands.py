@@ -9,16 +9,11 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from fol_infer.choices import EncoderBackend, Precision
 from fol_infer.cli.app import app, console, friendly_errors, stdout, untrained_banner
+from fol_infer.cli.options import BackendOption, CheckpointOption, choice
 from fol_infer.errors import UsageError
-
-BackendOption = Annotated[
-    str, typer.Option("--backend", "-b", help="Encoder backend: onnx, torch or trt.")
-]
-CheckpointOption = Annotated[
-    Path | None,
-    typer.Option("--checkpoint", help="Checkpoint for the torch backend (default: the bundle's)."),
-]
+from fol_infer.images import DEFAULT_RESOLUTION
 
 
 @app.command("make-checkpoint")
@@ -49,8 +44,8 @@ def export(
         Path | None, typer.Option("--out", "-o", help="Bundle folder [engines/<arch>-<res>].")
     ] = None,
     resolution: Annotated[
-        str, typer.Option(help="Input size: 322 or HxW, multiples of 14, >= 210.")
-    ] = "322",
+        str, typer.Option(help="Input size: N or HxW, multiples of 14, >= 210.")
+    ] = str(DEFAULT_RESOLUTION),
     opset: Annotated[int, typer.Option(help="ONNX opset (>= 17).")] = 18,
     force: Annotated[bool, typer.Option(help="Replace an existing bundle folder.")] = False,
     trust_checkpoint: Annotated[
@@ -60,7 +55,9 @@ def export(
     trt: Annotated[
         bool, typer.Option("--trt", help="Also build TensorRT engines here (needs a GPU).")
     ] = False,
-    precision: Annotated[str, typer.Option(help="With --trt: fp16 or fp32 engines.")] = "fp16",
+    precision: Annotated[
+        Precision, choice(Precision, "With --trt: engine precision.", "--precision")
+    ] = Precision.FP16,
     max_batch: Annotated[int, typer.Option(help="With --trt: largest batch of the profile.")] = 32,
 ) -> None:
     """Export a checkpoint to a bundle: global.onnx, local.onnx, reference.npz, manifest."""
@@ -97,10 +94,10 @@ def export(
 @friendly_errors
 def verify(
     bundle_dir: Annotated[Path, typer.Argument(help="Bundle folder.")],
-    backend: BackendOption = "onnx",
+    backend: BackendOption = EncoderBackend.ONNX,
     checkpoint: CheckpointOption = None,
     precision: Annotated[
-        str | None, typer.Option(help="Tolerances: fp32 or fp16 [the engine's precision].")
+        Precision | None, choice(Precision, "Tolerances [the engine's precision].", "--precision")
     ] = None,
 ) -> None:
     """Re-run reference.npz through a backend; compare with PyTorch (exit 1 on failure)."""
@@ -109,12 +106,10 @@ def verify(
     from fol_infer.parity import TOLERANCES
     from fol_infer.parity import verify as run_verify
 
-    if precision is not None and precision not in TOLERANCES:
-        raise UsageError(f"--precision must be one of {', '.join(TOLERANCES)}")
     bundle = Bundle.open(bundle_dir, verify="full")
     untrained_banner(bundle.manifest.trained)
     encoder = open_encoder(bundle, backend, checkpoint=checkpoint)
-    precision = precision or str(getattr(encoder, "precision", "fp32"))
+    precision = precision or encoder.precision
     try:
         report = run_verify(bundle, encoder, precision)
     finally:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 from rich.console import Console
@@ -16,11 +16,11 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from fol_infer.progress import Advance
+
 
 @contextmanager
-def progress_bar(
-    console: Console, label: str, total: int, unit: str = "img"
-) -> Iterator[Callable[..., None]]:
+def progress_bar(console: Console, label: str, total: int, unit: str = "img") -> Iterator[Advance]:
     """Yields `advance(n, total=None)`; shows images/s and the time left."""
     columns = (
         TextColumn(f"[bold]{label}"),

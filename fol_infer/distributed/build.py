@@ -15,8 +15,8 @@ from typing import Any
 from fol_infer.backends.base import Encoder
 from fol_infer.distributed import connect, require_ray
 from fol_infer.errors import FolInferError
-from fol_infer.index.database import Progress
 from fol_infer.index.map_build import ShardJob, run_shard_job
+from fol_infer.progress import Advance
 
 _ENCODERS: dict[tuple[str, str, int | None], Encoder] = {}  # one per worker process
 
@@ -33,7 +33,7 @@ def _encoder(bundle: str, backend: str, threads: int | None) -> Encoder:
 
 
 def _build_task(
-    job: ShardJob, backend: str, threads: int | None, on_batch: Progress | None
+    job: ShardJob, backend: str, threads: int | None, on_batch: Advance | None
 ) -> tuple[str, int]:
     encoder = _encoder(job.bundle, backend, threads) if job.files else None
     return job.folder, run_shard_job(job, encoder, on_batch)  # type: ignore[arg-type]
@@ -54,7 +54,7 @@ class RayRunner:
         cpus: int = 1,
         decode_threads: int = 2,
         retries: int = 3,
-        on_batch: Progress | None = None,
+        on_batch: Advance | None = None,
     ) -> None:
         self.ray = require_ray()
         self.owns_cluster = connect(address)
@@ -62,7 +62,7 @@ class RayRunner:
         self.decode_threads = decode_threads
         self.gpus = 1 if self.ray.cluster_resources().get("GPU", 0) > 0 else 0
 
-    def run(self, jobs: Sequence[ShardJob], progress: Progress | None) -> None:
+    def run(self, jobs: Sequence[ShardJob], progress: Advance | None) -> None:
         ray = self.ray
         task = ray.remote(_build_task).options(
             num_cpus=self.cpus, num_gpus=self.gpus, max_retries=self.retries

@@ -18,6 +18,7 @@ from fol_infer.bundle import Bundle
 from fol_infer.distributed import connect, require_ray
 from fol_infer.errors import FolInferError, ShardUnavailableError
 from fol_infer.index.shards import MapManifest, ShardEntry
+from fol_infer.rerank import RerankSettings
 from fol_infer.shard_set import (
     Answer,
     Hits,
@@ -45,9 +46,13 @@ class ShardServer:
         return search_shard(self.database, descriptors, k)
 
     def score(
-        self, queries: list[np.ndarray], active: list[int], local: list[np.ndarray], reranker: str
+        self,
+        queries: list[np.ndarray],
+        active: list[int],
+        local: list[np.ndarray],
+        rerank: RerankSettings,
     ) -> list[np.ndarray]:
-        return score_shard(self.database, [queries[q] for q in active], local, reranker)
+        return score_shard(self.database, [queries[q] for q in active], local, rerank)
 
 
 class RayShardSet(ShardSet):
@@ -136,7 +141,7 @@ class RayShardSet(ShardSet):
         self,
         queries: list[np.ndarray],
         candidates: list[np.ndarray],
-        reranker: str,
+        rerank: RerankSettings,
         timer: Stages,
         allow_partial: bool = False,
     ) -> tuple[list[np.ndarray], list[str]]:
@@ -148,7 +153,7 @@ class RayShardSet(ShardSet):
             for entry, mask in zip(self.entries, masks):
                 active = [q for q, m in enumerate(mask) if m.any()]
                 local = [candidates[q][mask[q]] - entry.offset for q in active]
-                args.append((queries_ref, active, local, reranker) if active else None)
+                args.append((queries_ref, active, local, rerank) if active else None)
             answers, missing = self._fan_out("score", args, allow_partial)
             for mask, arg, got in zip(masks, args, answers):
                 if arg is None or got is None:

@@ -15,14 +15,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from fol_infer.bundle import Bundle, Manifest
+from fol_infer.bundle import MAX_BATCH, Bundle, Manifest
+from fol_infer.choices import EngineBuildMode
 from fol_infer.errors import BackendUnavailableError, BundleError, UsageError
 
-PRECISIONS = ("fp32", "fp16")
-# How the precision was obtained: plain fp32, TensorRT 10 per-layer constraints on an fp32
-# graph, or a strongly typed build of a mixed-precision graph (TensorRT 11, or 10 on request).
-MODES = ("fp32", "constraints", "strongly-typed")
-MAX_BATCH = 1024  # the exporter's dynamic batch range
 _CC_MAJOR, _CC_MINOR = 75, 76  # CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_{MAJOR,MINOR}
 
 
@@ -66,7 +62,7 @@ class EngineRecord:
     gpu: str
     compute_capability: str
     precision: str
-    mode: str
+    mode: EngineBuildMode
     profile: Profile
     workspace_gib: float | None
     fp32_nodes: int

@@ -8,17 +8,15 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import os
 import shutil
 import tempfile
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from fol_infer.bundle import GraphSpec, Manifest, TensorSpec, sha256_file
+from fol_infer.bundle import MAX_BATCH, GraphSpec, Manifest, TensorSpec, sha256_file
 from fol_infer.errors import UsageError
 from fol_infer.export.graphs import (
     GLOBAL_INPUTS,
@@ -29,18 +27,17 @@ from fol_infer.export.graphs import (
     LocalGraph,
 )
 from fol_infer.export.reference import reference_images
-from fol_infer.images import check_resolution
+from fol_infer.fileio import replace_folder
+from fol_infer.images import DEFAULT_RESOLUTION, check_resolution
 from fol_infer.model.checkpoint import LoadedCheckpoint, load_checkpoint
+from fol_infer.progress import Progress, silent
 
 log = logging.getLogger(__name__)
 
 DEFAULT_OPSET = 18
-MAX_BATCH = 1024
 EXAMPLE_BATCH = 2  # > 1 so the exporter keeps the batch axis symbolic
 EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's 2 GiB limit, with margin (ViT-G)
 ONNX_DTYPES = {1: "float32", 6: "int32", 7: "int64", 9: "bool", 10: "float16"}
-
-Progress = Callable[[str], None]
 
 
 def default_bundle_dir(arch: str, resolution: tuple[int, int]) -> Path:
@@ -119,25 +116,20 @@ def _place(tmp: Path, out: Path, force: bool) -> None:
     if out.exists():
         if not force:  # re-checked: the folder may have appeared during the export
             raise UsageError(f"{out} already exists: pass --force to replace it")
-        trash = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, trash)
-        os.replace(tmp, out)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
+    replace_folder(tmp, out)
 
 
 def export_bundle(
     checkpoint: str | Path | LoadedCheckpoint,
     out: str | Path | None = None,
-    resolution: int | str | tuple[int, int] = 322,
+    resolution: int | str | tuple[int, int] = DEFAULT_RESOLUTION,
     opset: int = DEFAULT_OPSET,
     force: bool = False,
     trust_checkpoint: bool = False,
     progress: Progress | None = None,
 ) -> Path:
     """Export a checkpoint to a bundle folder and return its path."""
-    say = progress or (lambda _msg: None)
+    say = progress or silent
     size = check_resolution(resolution)
     if opset < 17:
         raise UsageError(f"--opset {opset} is too old: LayerNormalization needs opset 17 or newer")

@@ -14,7 +14,7 @@ major version are read with getattr.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,11 +22,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from fol_infer.errors import BackendUnavailableError, BundleError, EngineError, FolInferError
+from fol_infer.progress import Progress, silent
 
 if TYPE_CHECKING:
     import tensorrt as trt
 
-Progress = Callable[[str], None]
 _ONNX_LAYER = re.compile(r"\[ONNX Layer: ([^\]\x1e\x1f]+)\]")
 _MEMORY_WORDS = ("workspace", "insufficient", "out of memory", "memoryallocation")
 JETSON_RELEASE = Path("/etc/nv_tegra_release")  # present on L4T (JetPack) systems only
@@ -205,7 +205,7 @@ def build_engine(
     version = require_tensorrt()
     import tensorrt as trt
 
-    say = progress or (lambda _msg: None)
+    say = progress or silent
     trt11 = major(version) >= 11
     constraints = options.precision == "fp16" and not options.strongly_typed
     if constraints and trt11:

@@ -17,42 +17,43 @@ Appending keeps the index servable after every batch.
 
 from __future__ import annotations
 
-import os
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, cast
 
 import numpy as np
 
-from fol_infer.backends.base import GLOBAL_DIM, Encoder
+from fol_infer.backends.base import Encoder
 from fol_infer.bundle import Bundle
+from fol_infer.choices import FaissDevice, IndexMode, StoreDtype, TokenFormat, VerifyLevel
 from fol_infer.errors import IndexStoreError, UsageError
+from fol_infer.fileio import replace_folder
 from fol_infer.images import find_images
-from fol_infer.index.global_index import Device, GlobalIndex
+from fol_infer.index.global_index import GlobalIndex
 from fol_infer.index.metadata import IndexMetadata
-from fol_infer.index.token_store import Dtype, TokenStore
+from fol_infer.index.token_store import TokenStore
 from fol_infer.loader import iter_batches
+from fol_infer.model.arch import GLOBAL_DIM
+from fol_infer.progress import Advance
 
 METADATA, DESCRIPTORS, TOKENS, FAISS_FILE = "index.json", "descriptors", "tokens", "global.faiss"
 EXACT_TOKENS = "tokens_fp32"
-TokenFormat = Literal["fp16", "int8", "int8-exact"]
-TOKEN_FORMATS: tuple[TokenFormat, ...] = ("fp16", "int8", "int8-exact")
 REBUILD_SUFFIX = ".rebuild"
-Mode = Literal["new", "append", "force"]
-Progress = Callable[[int, int], None]  # (images just processed, images to process in all)
 
 
 @dataclass
 class BuildSettings:
     factory: str = "Flat"
-    tokens: TokenFormat = "fp16"
+    tokens: TokenFormat = TokenFormat.FP16
     batch: int = 8
 
+    def __post_init__(self) -> None:
+        self.tokens = TokenFormat.parse(self.tokens, "token format")
+
     def to_dict(self) -> dict[str, object]:
-        return {"factory": self.factory, "tokens": self.tokens, "batch": self.batch}
+        return {"factory": self.factory, "tokens": str(self.tokens), "batch": self.batch}
 
 
 @dataclass
@@ -86,20 +87,19 @@ def _stores_match(meta: IndexMetadata, *stores: TokenStore) -> None:
             store.truncate(n)
 
 
-def _token_layout(fmt: TokenFormat) -> list[tuple[str, Dtype]]:
+def _token_layout(fmt: TokenFormat | str) -> list[tuple[str, StoreDtype]]:
     """(folder, dtype) of each token store of a format: the scored one first."""
-    if fmt not in TOKEN_FORMATS:
-        raise UsageError(f"token format {fmt!r} is not one of {', '.join(TOKEN_FORMATS)}")
-    if fmt == "int8-exact":
+    fmt = TokenFormat.parse(fmt, "token format")
+    if fmt == TokenFormat.INT8_EXACT:
         return [(TOKENS, "int8"), (EXACT_TOKENS, "fp32")]
-    return [(TOKENS, fmt)]
+    return [(TOKENS, "int8" if fmt == TokenFormat.INT8 else "fp16")]
 
 
 def _open_stores(
     folder: Path,
-    fmt: TokenFormat,
+    fmt: TokenFormat | str,
     meta: IndexMetadata,
-    verify: Literal["sizes", "full"] = "sizes",
+    verify: VerifyLevel = "sizes",
 ) -> list[TokenStore]:
     """The descriptor store, then the token stores, cut back to the metadata's commit point;
     when one is refused, none is left open."""
@@ -115,7 +115,9 @@ def _open_stores(
     return stores
 
 
-def _faiss_from_descriptors(descriptors: TokenStore, factory: str, device: Device) -> GlobalIndex:
+def _faiss_from_descriptors(
+    descriptors: TokenStore, factory: str, device: FaissDevice
+) -> GlobalIndex:
     index = GlobalIndex.create(GLOBAL_DIM, factory, device=device)
     _extend(index, descriptors, 0)
     return index
@@ -138,8 +140,8 @@ def build_index(
     db_folder: str | Path,
     out: str | Path,
     settings: BuildSettings | None = None,
-    mode: Mode = "new",
-    progress: Progress | None = None,
+    mode: IndexMode = "new",
+    progress: Advance | None = None,
 ) -> BuildReport:
     """Encode every image under `db_folder` into the index at `out` (see module doc)."""
     settings = settings or BuildSettings()
@@ -168,16 +170,8 @@ def build_index(
         raise UsageError(f"none of the {len(files)} files under {db_folder} could be read")
     seal_index(work, GlobalIndex.create(GLOBAL_DIM, settings.factory, device="cpu"))
     if work != out:
-        swap_into_place(work, out)
+        replace_folder(work, out)
     return report
-
-
-def swap_into_place(work: Path, out: Path) -> None:
-    """Replace the folder `out` by the finished rebuild `work`."""
-    trash = out.with_name(f".{out.name}.old-{os.getpid()}")
-    os.replace(out, trash)
-    os.replace(work, out)
-    shutil.rmtree(trash, ignore_errors=True)
 
 
 def encode_into(
@@ -187,7 +181,7 @@ def encode_into(
     files: Sequence[Path],
     work: Path,
     settings: BuildSettings,
-    progress: Progress | None = None,
+    progress: Advance | None = None,
     decode_threads: int = 2,
 ) -> BuildReport:
     """Encode the `files` (under `root`) not yet in the index folder `work`, creating or
@@ -274,8 +268,8 @@ class Database:
         self,
         folder: str | Path,
         bundle: Bundle | None = None,
-        device: Device = "auto",
-        verify: Literal["sizes", "full"] = "sizes",
+        device: FaissDevice = "auto",
+        verify: VerifyLevel = "sizes",
     ) -> None:
         self.folder = Path(folder)
         if not _is_index(self.folder):
@@ -294,7 +288,9 @@ class Database:
             )
         if bundle is not None:
             self.meta.check_bundle(bundle.manifest.fingerprint, str(bundle.folder))
-        self.token_format = cast(TokenFormat, self.meta.settings.get("tokens", "fp16"))
+        self.token_format = TokenFormat.parse(
+            self.meta.settings.get("tokens", "fp16"), "token format"
+        )
         descriptors, *stores = _open_stores(self.folder, self.token_format, self.meta, verify)
         self.tokens = stores[0]
         self.exact_tokens = stores[1] if len(stores) > 1 else None  # int8-exact only
@@ -308,7 +304,7 @@ class Database:
             descriptors.close()
 
     def _open_faiss(
-        self, descriptors: TokenStore, device: Device, verify: Literal["sizes", "full"]
+        self, descriptors: TokenStore, device: FaissDevice, verify: VerifyLevel
     ) -> GlobalIndex:
         """The saved FAISS index, caught up with descriptors appended since it was saved."""
         path, n = self.folder / FAISS_FILE, len(self.meta.paths)

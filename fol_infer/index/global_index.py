@@ -28,14 +28,16 @@ import os
 import struct
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any, Literal
+from typing import IO, Any
 
 import numpy as np
 
 from fol_infer import __version__
-from fol_infer.backends.base import GLOBAL_DIM
+from fol_infer.choices import FaissDevice, VerifyLevel
 from fol_infer.errors import BackendUnavailableError, IndexStoreError, UsageError
-from fol_infer.index.metadata import atomic_writer, check_schema, store_error
+from fol_infer.fileio import atomic_writer
+from fol_infer.index.metadata import check_schema, store_error
+from fol_infer.model.arch import GLOBAL_DIM
 
 SCHEMA_VERSION = 1
 _MAGIC = b"FOLGIDX1"
@@ -45,8 +47,6 @@ _GPU_MAX_K = 2048  # FAISS GPU k-selection limit; larger k searches the CPU inde
 _TRAIN_BYTES = 1 << 30
 _CPU_GROUP = 8  # queries per CPU search: below FAISS's blocked products (see `search`)
 _PARAMS = {"nprobe": "nprobe", "ef_search": "efSearch"}
-
-Device = Literal["auto", "cpu", "gpu"]
 
 
 def _faiss() -> Any:
@@ -84,7 +84,7 @@ def _cluster_count(index: Any) -> int:
 class GlobalIndex:
     """A FAISS inner-product index over image ids 0..N-1 in the order they were added."""
 
-    def __init__(self, index: Any, factory: str, device: Device, train_size: int | None):
+    def __init__(self, index: Any, factory: str, device: FaissDevice, train_size: int | None):
         self.factory = factory
         self.dim = int(index.d)
         self._index = index
@@ -102,7 +102,7 @@ class GlobalIndex:
         cls,
         dim: int = GLOBAL_DIM,
         factory: str = "Flat",
-        device: Device = "auto",
+        device: FaissDevice = "auto",
         train_size: int | None = None,
     ) -> GlobalIndex:
         faiss = _faiss()
@@ -269,7 +269,7 @@ class GlobalIndex:
 
     @classmethod
     def open(
-        cls, path: Path | str, verify: Literal["sizes", "full"] = "sizes", device: Device = "auto"
+        cls, path: Path | str, verify: VerifyLevel = "sizes", device: FaissDevice = "auto"
     ) -> GlobalIndex:
         """Load a saved index; refuse a torn, damaged or other-schema file, naming it."""
         faiss = _faiss()

@@ -20,9 +20,10 @@ from typing import Literal, Protocol
 
 import numpy as np
 
-from fol_infer.backends.base import GLOBAL_DIM, Encoder
+from fol_infer.backends.base import Encoder
 from fol_infer.bundle import Bundle
 from fol_infer.errors import UsageError
+from fol_infer.fileio import replace_folder
 from fol_infer.images import find_images
 from fol_infer.index.database import (
     DESCRIPTORS,
@@ -30,10 +31,8 @@ from fol_infer.index.database import (
     METADATA,
     REBUILD_SUFFIX,
     BuildSettings,
-    Progress,
     encode_into,
     seal_index,
-    swap_into_place,
 )
 from fol_infer.index.global_index import GlobalIndex
 from fol_infer.index.metadata import IndexMetadata
@@ -46,6 +45,8 @@ from fol_infer.index.shards import (
     shard_name,
 )
 from fol_infer.index.token_store import TokenStore
+from fol_infer.model.arch import GLOBAL_DIM
+from fol_infer.progress import Advance
 
 MapMode = Literal["new", "append", "force"]
 
@@ -70,7 +71,7 @@ def shard_complete(folder: Path) -> bool:
     return bool(IndexMetadata.load(folder / METADATA).settings.get("complete", False))
 
 
-def run_shard_job(job: ShardJob, encoder: Encoder | None, progress: Progress | None = None) -> int:
+def run_shard_job(job: ShardJob, encoder: Encoder | None, progress: Advance | None = None) -> int:
     """Encode the job's files into its shard (resuming), seal it if asked; its image count.
     `encoder` may be None for a job without files."""
     folder = Path(job.folder)
@@ -99,7 +100,7 @@ def run_shard_job(job: ShardJob, encoder: Encoder | None, progress: Progress | N
 
 
 class ShardRunner(Protocol):
-    def run(self, jobs: Sequence[ShardJob], progress: Progress | None) -> None:
+    def run(self, jobs: Sequence[ShardJob], progress: Advance | None) -> None:
         """Run every job to completion (or raise)."""
 
 
@@ -109,7 +110,7 @@ class LocalRunner:
     def __init__(self, encoder: Encoder) -> None:
         self.encoder = encoder
 
-    def run(self, jobs: Sequence[ShardJob], progress: Progress | None) -> None:
+    def run(self, jobs: Sequence[ShardJob], progress: Advance | None) -> None:
         for job in jobs:
             run_shard_job(job, self.encoder, progress)
 
@@ -137,7 +138,7 @@ def build_map(
     settings: BuildSettings | None = None,
     shards: int | None = None,
     mode: MapMode = "new",
-    progress: Progress | None = None,
+    progress: Advance | None = None,
 ) -> MapReport:
     """Build (or resume, or extend with `shards` new shards, default 1) the map at `out`."""
     settings = settings or BuildSettings()
@@ -175,7 +176,7 @@ def build_map(
         runner.run(seal, None)
     failures = _finish(work, manifest)
     if work != out:
-        swap_into_place(work, out)
+        replace_folder(work, out)
     added = manifest.images - before
     report = MapReport(out, added, manifest.images, len(manifest.shards), failures)
     report.approximate = manifest.approximate

@@ -1,4 +1,4 @@
-"""What an index knows about its images and how it was built, and the durable-write helpers.
+"""What an index knows about its images and how it was built; index write errors.
 
 `IndexMetadata` is one small JSON file: the database images (paths relative to the database
 root, so a moved database still opens), their UTM coordinates when the file names carry them
@@ -6,10 +6,8 @@ root, so a moved database still opens), their UTM coordinates when the file name
 encoded them, the build settings, and the images that failed and why.
 
 Crash safety: every file of the index that is rewritten as a whole (this metadata, the token
-store's commit record, the FAISS file) is written through `atomic_writer`: write a temporary
-file beside the target, fsync it, `os.replace` it over the target, fsync the folder. A reader
-therefore sees either the old file or the new one, never a mixture. A crash leaves at most a
-stray ``*.tmp`` file, which the next write of the same target overwrites.
+store's commit record, the FAISS file) is written through `fol_infer.fileio.atomic_writer`, so
+a reader sees either the old file or the new one, never a mixture.
 """
 
 from __future__ import annotations
@@ -17,33 +15,19 @@ from __future__ import annotations
 import errno
 import json
 import os
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 
 from fol_infer import __version__
 from fol_infer.errors import IndexStoreError
+from fol_infer.fileio import atomic_write_json
 
 SCHEMA_VERSION = 1
 _FORMAT = "fol-infer-index-metadata"
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename or a new file in `path` durable (a no-op where folders cannot be opened)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def store_error(exc: OSError, doing: str, path: Path | str) -> IndexStoreError:
@@ -59,31 +43,10 @@ def store_error(exc: OSError, doing: str, path: Path | str) -> IndexStoreError:
     )
 
 
-@contextmanager
-def atomic_writer(path: Path | str) -> Iterator[IO[bytes]]:
-    """Yield a binary file that replaces `path` only if the block completes (see module doc)."""
-    target = Path(path)
-    tmp = target.with_name(target.name + ".tmp")
-    f = open(tmp, "wb")
-    try:
-        yield f
-        f.flush()
-        os.fsync(f.fileno())
-        f.close()
-        os.replace(tmp, target)
-    except BaseException:
-        f.close()
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(target.parent)
-
-
 def write_json_atomic(path: Path | str, obj: Any, doing: str) -> None:
     """Write `obj` as JSON through `atomic_writer`; OS errors become `IndexStoreError`."""
-    data = json.dumps(obj, indent=1).encode()
     try:
-        with atomic_writer(path) as f:
-            f.write(data)
+        atomic_write_json(path, obj, indent=1)
     except OSError as exc:
         raise store_error(exc, doing, path) from exc
 

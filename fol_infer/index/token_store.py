@@ -47,20 +47,16 @@ import threading
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
-from typing import IO, Any, Literal
+from typing import IO, Any
 
 import numpy as np
 
 from fol_infer import __version__
-from fol_infer.backends.base import TOKEN_DIM
+from fol_infer.choices import StoreDtype, VerifyLevel
 from fol_infer.errors import IndexStoreError, UsageError
-from fol_infer.index.metadata import (
-    check_schema,
-    fsync_dir,
-    read_json,
-    store_error,
-    write_json_atomic,
-)
+from fol_infer.fileio import fsync_dir
+from fol_infer.index.metadata import check_schema, read_json, store_error, write_json_atomic
+from fol_infer.model.arch import TOKEN_DIM
 
 try:
     import fcntl
@@ -84,9 +80,6 @@ _STORED: dict[str, np.dtype] = {
     "int8": np.dtype(np.int8),
 }
 _CHUNK = 64 << 20
-
-Dtype = Literal["fp32", "fp16", "int8"]
-Verify = Literal["sizes", "full"]
 
 
 def _write(f: IO[bytes], data: bytes) -> None:
@@ -119,7 +112,7 @@ class TokenStore:
 
     def __init__(self, path: Path, record: dict[str, Any], ends: np.ndarray):
         self.path = path
-        self.dtype: Dtype = record["dtype"]
+        self.dtype: StoreDtype = record["dtype"]
         self.dim = int(record["dim"])
         self.toolkit_version = str(record["toolkit_version"])
         self._record = record
@@ -131,7 +124,9 @@ class TokenStore:
 
     # ----------------------------------------------------------------- create / open
     @classmethod
-    def create(cls, path: Path | str, dtype: Dtype = "fp16", dim: int = TOKEN_DIM) -> TokenStore:
+    def create(
+        cls, path: Path | str, dtype: StoreDtype = "fp16", dim: int = TOKEN_DIM
+    ) -> TokenStore:
         """Make an empty store; built in a temporary folder and renamed, so it appears whole."""
         path = Path(path)
         if dtype not in _STORED:
@@ -153,7 +148,7 @@ class TokenStore:
         return cls.open(path)
 
     @classmethod
-    def open(cls, path: Path | str, verify: Verify = "sizes") -> TokenStore:
+    def open(cls, path: Path | str, verify: VerifyLevel = "sizes") -> TokenStore:
         """Open the last commit; refuse a store that is damaged or of another schema."""
         path = Path(path)
         if verify not in ("sizes", "full"):

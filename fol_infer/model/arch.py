@@ -6,18 +6,27 @@ block count, SwiGLU from its weight names), so a user never has to name it.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 from fol_infer.errors import CheckpointError
 
+# FoL's geometry (spec sections 3-6), defined here once for every layer of the toolkit.
 PATCH_SIZE = 14
 POS_GRID = 37  # DINOv2 hub models are trained at 518 px: 37 x 37 position embeddings
 NUM_CLUSTERS = 64
-CLUSTER_DIM = 128
-TOKEN_DIM = 256
+CLUSTER_DIM = 128  # per-cluster feature width of the aggregator
+SCENE_TOKEN_DIM = 256  # the aggregator's global scene token (token_features)
 HIDDEN = 512  # width of the aggregator's MLPs
+GLOBAL_DIM = NUM_CLUSTERS * CLUSTER_DIM + SCENE_TOKEN_DIM  # the global descriptor
+UPCONV_DIM = 256  # width between the local head's two transposed convolutions
+TOKEN_DIM = 128  # width of a local re-ranking token (the local head's output)
+REGION_PATCHES = 225  # discriminative patches selected per image
+MIN_GRID = math.isqrt(REGION_PATCHES)  # the smallest square patch grid holding them
+POSITIONS_PER_PATCH = 16  # two stride-2 upsamplings: at most 4 x 4 token positions a patch
+MAX_TOKENS = REGION_PATCHES * POSITIONS_PER_PATCH
 
 
 @dataclass(frozen=True)
@@ -111,8 +120,8 @@ def expected_shapes(arch: ArchSpec) -> dict[str, tuple[int, ...]]:
         {
             a + "token_features.0.weight": (HIDDEN, c),
             a + "token_features.0.bias": (HIDDEN,),
-            a + "token_features.2.weight": (TOKEN_DIM, HIDDEN),
-            a + "token_features.2.bias": (TOKEN_DIM,),
+            a + "token_features.2.weight": (SCENE_TOKEN_DIM, HIDDEN),
+            a + "token_features.2.bias": (SCENE_TOKEN_DIM,),
             a + "cluster_features.0.weight": (HIDDEN, c, 1, 1),
             a + "cluster_features.0.bias": (HIDDEN,),
             a + "cluster_features.3.weight": (CLUSTER_DIM, HIDDEN, 1, 1),
@@ -122,10 +131,10 @@ def expected_shapes(arch: ArchSpec) -> dict[str, tuple[int, ...]]:
             a + "score.3.weight": (NUM_CLUSTERS, HIDDEN, 1, 1),
             a + "score.3.bias": (NUM_CLUSTERS,),
             # ConvTranspose2d weights are (in, out, k, k).
-            "upconv.weight": (c, 256, 3, 3),
-            "upconv.bias": (256,),
-            "upconv2.weight": (256, CLUSTER_DIM, 3, 3),
-            "upconv2.bias": (CLUSTER_DIM,),
+            "upconv.weight": (c, UPCONV_DIM, 3, 3),
+            "upconv.bias": (UPCONV_DIM,),
+            "upconv2.weight": (UPCONV_DIM, TOKEN_DIM, 3, 3),
+            "upconv2.bias": (TOKEN_DIM,),
         }
     )
     return shapes

@@ -20,15 +20,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fol_infer.model.arch import CLUSTER_DIM, HIDDEN, NUM_CLUSTERS, TOKEN_DIM, ArchSpec
+from fol_infer.model.arch import (
+    CLUSTER_DIM,
+    HIDDEN,
+    MAX_TOKENS,
+    NUM_CLUSTERS,
+    REGION_PATCHES,
+    SCENE_TOKEN_DIM,
+    TOKEN_DIM,
+    UPCONV_DIM,
+    ArchSpec,
+)
 from fol_infer.model.dinov2 import DinoV2
 
 SALIENCY_FLOOR = 0.01  # mask_guide keeps saliency >= this
 SINKHORN_ITERS = 3
 CLAMPED_TOP = 3  # the 3 largest confidences are clamped ...
 CLAMP_QUANTILE = 0.05  # ... to the value at int(0.05 * n) in descending order
-REGION_PATCHES = 225
-MAX_TOKENS = 3600  # 225 patches x at most 16 positions each
 L2_EPS = 1e-12  # torch.nn.functional.normalize's default: zero rows stay zero
 
 
@@ -77,7 +85,7 @@ class Aggregator(nn.Module):
     def __init__(self, width: int) -> None:
         super().__init__()
         self.token_features = nn.Sequential(
-            nn.Linear(width, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, TOKEN_DIM)
+            nn.Linear(width, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, SCENE_TOKEN_DIM)
         )
         self.cluster_features = nn.Sequential(
             nn.Conv2d(width, HIDDEN, 1),
@@ -120,8 +128,8 @@ class FoLModel(nn.Module):
         self.arch = arch
         self.backbone = Backbone(arch)
         self.aggregator = Aggregator(arch.width)
-        self.upconv = nn.ConvTranspose2d(arch.width, 256, kernel_size=3, stride=2, padding=1)
-        self.upconv2 = nn.ConvTranspose2d(256, CLUSTER_DIM, kernel_size=3, stride=2, padding=1)
+        self.upconv = nn.ConvTranspose2d(arch.width, UPCONV_DIM, kernel_size=3, stride=2, padding=1)
+        self.upconv2 = nn.ConvTranspose2d(UPCONV_DIM, TOKEN_DIM, kernel_size=3, stride=2, padding=1)
 
     def forward_global(
         self, images: torch.Tensor, pos_embed: torch.Tensor
@@ -162,7 +170,7 @@ class FoLModel(nn.Module):
         order = torch.arange(cells, 0, -1, dtype=features.dtype, device=features.device)
         positions = torch.topk(selected * order, k, dim=1).indices  # selected first, ascending
         flat = y.flatten(2).transpose(1, 2)  # (B, cells, 128)
-        tokens = torch.gather(flat, 1, positions.unsqueeze(-1).expand(-1, -1, CLUSTER_DIM))
+        tokens = torch.gather(flat, 1, positions.unsqueeze(-1).expand(-1, -1, TOKEN_DIM))
         valid = torch.gather(selected, 1, positions).unsqueeze(-1)
         tokens = F.normalize(tokens * valid, dim=-1, eps=L2_EPS)
         if k < MAX_TOKENS:

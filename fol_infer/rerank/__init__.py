@@ -1,10 +1,10 @@
 """Re-ranking: count mutual nearest-neighbour token matches (spec section 7), one entry point.
 
-``count_mutual_matches`` / ``count_mutual_matches_many`` validate their inputs once, then hand
-them to a backend: ``cpu`` (numpy, bounded memory), ``triton`` (CUDA GPU), ``torch`` (the
-published formulation, kept as the baseline), or ``auto`` (triton when a working CUDA GPU is
-there, else cpu). Backends are imported lazily, so importing this package never pulls in torch
-or triton.
+``score_many`` validates its inputs once, then hands them to the backend its `RerankSettings`
+names (``count_mutual_matches`` / ``count_mutual_matches_many`` build the settings for you):
+``cpu`` (numpy, bounded memory), ``triton`` (CUDA GPU), ``torch`` (the published formulation,
+kept as the baseline), or ``auto`` (triton when a working CUDA GPU is there, else cpu).
+Backends are imported lazily, so importing this package never pulls in torch or triton.
 ``count_mutual_matches_certified`` gives the same scores from int8 database tokens plus the
 few float32 rows that their error bound cannot decide (``certified.py``).
 """
@@ -13,27 +13,29 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import math
 import os
 from collections.abc import Callable, Sequence
 from functools import cache
 
 import numpy as np
 
-from fol_infer.errors import BackendUnavailableError, UsageError
+from fol_infer.choices import RerankBackend
+from fol_infer.errors import BackendUnavailableError
 from fol_infer.rerank.certified import CertifiedScores, count_mutual_matches_certified
 from fol_infer.rerank.cpu import count_mutual_matches_many_cpu
+from fol_infer.rerank.settings import DEFAULT_THRESHOLD, RerankSettings
 
 __all__ = [
-    "BACKENDS",
+    "DEFAULT_THRESHOLD",
     "CertifiedScores",
+    "RerankSettings",
     "count_mutual_matches",
     "count_mutual_matches_certified",
     "count_mutual_matches_many",
     "rerank_order",
+    "score_many",
 ]
 
-BACKENDS = ("auto", "cpu", "triton", "torch")
 _GPU_INSTALL_HINT = (
     "install triton and a CUDA build of torch (pip install 'fol-infer[gpu]') on a machine with "
     "an NVIDIA GPU, or use backend='cpu'"
@@ -41,14 +43,14 @@ _GPU_INSTALL_HINT = (
 _log = logging.getLogger(__name__)
 _fallback_noted = False  # the auto -> cpu notice is logged once per process
 
-Many = Callable[[list[np.ndarray], list[list[np.ndarray]], float], list[np.ndarray]]
+Many = Callable[[list[np.ndarray], list[list[np.ndarray]], RerankSettings], list[np.ndarray]]
 
 
 def count_mutual_matches(
     query: np.ndarray,
     candidates: Sequence[np.ndarray],
-    threshold: float = 0.7,
-    backend: str = "auto",
+    threshold: float = DEFAULT_THRESHOLD,
+    backend: RerankBackend | str = RerankBackend.AUTO,
 ) -> np.ndarray:
     """Score of each candidate against one query: int64 (K,).
 
@@ -65,25 +67,25 @@ def count_mutual_matches(
 def count_mutual_matches_many(
     queries: Sequence[np.ndarray],
     candidate_lists: Sequence[Sequence[np.ndarray]],
-    threshold: float = 0.7,
-    backend: str = "auto",
+    threshold: float = DEFAULT_THRESHOLD,
+    backend: RerankBackend | str = RerankBackend.AUTO,
 ) -> list[np.ndarray]:
     """``count_mutual_matches`` for several queries at once, each with its own candidates.
 
     Batching lets a backend spread all (query, candidate) pairs over every core or the GPU.
     """
-    if backend not in BACKENDS:
-        raise UsageError(
-            f"unknown re-ranking backend {backend!r}: use one of {', '.join(BACKENDS)}"
-        )
-    if not isinstance(threshold, (int, float, np.integer, np.floating)) or not math.isfinite(
-        threshold
-    ):
-        raise UsageError(
-            f"re-ranking threshold must be a finite number (e.g. 0.7), got {threshold!r}"
-        )
+    settings = RerankSettings(threshold, RerankBackend.parse(backend, "re-ranking backend"))
+    return score_many(queries, candidate_lists, settings)
+
+
+def score_many(
+    queries: Sequence[np.ndarray],
+    candidate_lists: Sequence[Sequence[np.ndarray]],
+    settings: RerankSettings,
+) -> list[np.ndarray]:
+    """Match counts under ``settings``: inputs checked once, then handed to its backend."""
     qs, cls = _validated(queries, candidate_lists)
-    scores = _backend(backend)(qs, cls, float(threshold))
+    scores = _backend(settings.backend)(qs, cls, settings)
     return [np.asarray(s, np.int64).reshape(len(c)) for s, c in zip(scores, cls, strict=True)]
 
 
@@ -143,18 +145,24 @@ def _all_finite(arr: np.ndarray) -> bool:
     return int(magnitude.max()) < inf_bits
 
 
-def _backend(name: str) -> Many:
-    """The scoring function for a backend name; 'auto' resolves (and may notice) here."""
-    if name == "cpu":
-        return count_mutual_matches_many_cpu
-    if name == "torch":
+def _cpu(qs: list[np.ndarray], cls: list[list[np.ndarray]], s: RerankSettings) -> list[np.ndarray]:
+    return count_mutual_matches_many_cpu(
+        qs, cls, s.threshold, block_bytes=s.block_bytes, workers=s.workers
+    )
+
+
+def _backend(name: RerankBackend) -> Many:
+    """The scoring function for a backend; 'auto' resolves (and may notice) here."""
+    if name == RerankBackend.CPU:
+        return _cpu
+    if name == RerankBackend.TORCH:
         return _torch_backend()
     reason = _triton_unavailable_reason()
     if reason is None:
         from fol_infer.rerank.triton_kernel import count_mutual_matches_many_triton
 
-        return count_mutual_matches_many_triton
-    if name == "triton":
+        return lambda qs, cls, s: count_mutual_matches_many_triton(qs, cls, s.threshold)
+    if name == RerankBackend.TRITON:
         raise BackendUnavailableError(
             f"re-ranking backend 'triton' is unavailable ({reason}): {_GPU_INSTALL_HINT}"
         )
@@ -162,7 +170,7 @@ def _backend(name: str) -> Many:
     if not _fallback_noted:
         _fallback_noted = True
         _log.warning("re-ranking on the CPU: the triton backend is unavailable (%s)", reason)
-    return count_mutual_matches_many_cpu
+    return _cpu
 
 
 def _torch_backend() -> Many:
@@ -177,7 +185,7 @@ def _torch_backend() -> Many:
     from fol_infer.rerank.torch_published import count_mutual_matches_many_torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    return lambda qs, cls, thr: count_mutual_matches_many_torch(qs, cls, thr, device=device)
+    return lambda qs, cls, s: count_mutual_matches_many_torch(qs, cls, s.threshold, device=device)
 
 
 @cache
@@ -200,7 +208,7 @@ def _triton_unavailable_reason() -> str | None:
         if not usable:
             return why
         probe = np.eye(2, 4, dtype=np.float32)
-        got = count_mutual_matches_many_triton([probe], [[probe, probe[:1]]], 0.7)
+        got = count_mutual_matches_many_triton([probe], [[probe, probe[:1]]], DEFAULT_THRESHOLD)
         if [int(x) for x in got[0]] != [2, 1]:
             return f"its smoke test scored {list(got[0])} instead of [2, 1]"
     except Exception as exc:  # any failure means the optional engine is unusable here

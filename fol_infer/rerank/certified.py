@@ -37,11 +37,11 @@ from functools import partial
 import numpy as np
 
 from fol_infer.rerank.cpu import (  # the CPU re-ranker's thread pool and kernel
-    DEFAULT_BLOCK_BYTES,
     run_pairs,
     score_pair,
     threshold_f32,
 )
+from fol_infer.rerank.settings import DEFAULT_BLOCK_BYTES, DEFAULT_THRESHOLD
 
 Quantized = tuple[np.ndarray, np.ndarray]  # int8 codes (n, D), float32 scale per row (n,)
 ExactRows = Callable[[int, int, np.ndarray], np.ndarray]  # (query, candidate, rows) -> (m, D)
@@ -65,7 +65,7 @@ def count_mutual_matches_certified(
     queries: Sequence[np.ndarray],
     candidate_lists: Sequence[Sequence[Quantized]],
     exact_rows: ExactRows,
-    threshold: float = 0.7,
+    threshold: float = DEFAULT_THRESHOLD,
     *,
     block_bytes: int = DEFAULT_BLOCK_BYTES,
     workers: int | None = None,

@@ -44,7 +44,8 @@ from typing import TypeVar
 
 import numpy as np
 
-DEFAULT_BLOCK_BYTES = 8 << 20  # per worker: ~600 x 3,400; big tiles amortise packing Q in sgemm
+from fol_infer.rerank.settings import DEFAULT_BLOCK_BYTES, DEFAULT_THRESHOLD
+
 MIN_TILE_ROWS = 8  # below this many candidate rows per tile, split the query side instead
 _F32 = np.dtype(np.float32)
 T = TypeVar("T")
@@ -235,7 +236,7 @@ def _as_f32(a: np.ndarray) -> np.ndarray:
 def count_mutual_matches_many_cpu(
     queries: Sequence[np.ndarray],
     candidate_lists: Sequence[Sequence[np.ndarray]],
-    threshold: float = 0.7,
+    threshold: float = DEFAULT_THRESHOLD,
     *,
     block_bytes: int = DEFAULT_BLOCK_BYTES,
     workers: int | None = None,

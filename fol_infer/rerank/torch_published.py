@@ -17,12 +17,13 @@ from typing import Any
 import numpy as np
 
 from fol_infer.rerank.cpu import threshold_f32
+from fol_infer.rerank.settings import DEFAULT_THRESHOLD
 
 
 def count_mutual_matches_many_torch(
     queries: Sequence[np.ndarray],
     candidate_lists: Sequence[Sequence[np.ndarray]],
-    threshold: float = 0.7,
+    threshold: float = DEFAULT_THRESHOLD,
     *,
     device: str = "cpu",
 ) -> list[np.ndarray]:

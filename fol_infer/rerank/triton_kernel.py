@@ -44,6 +44,7 @@ import numpy as np
 
 from fol_infer.errors import BackendUnavailableError, UsageError
 from fol_infer.rerank.cpu import threshold_f32
+from fol_infer.rerank.settings import DEFAULT_THRESHOLD
 
 if TYPE_CHECKING:
     import torch
@@ -284,7 +285,7 @@ def count_pairs(
     candidates: PackedTokens,
     pair_query: torch.Tensor | np.ndarray,
     pair_candidate: torch.Tensor | np.ndarray,
-    threshold: float = 0.7,
+    threshold: float = DEFAULT_THRESHOLD,
     *,
     config: KernelConfig | None = None,
     max_pairs_per_launch: int | None = None,
@@ -379,7 +380,7 @@ def count_mutual_matches_grid(
     queries: PackedTokens,
     candidates: PackedTokens,
     rows: torch.Tensor | np.ndarray,
-    threshold: float = 0.7,
+    threshold: float = DEFAULT_THRESHOLD,
     **kwargs: Any,
 ) -> torch.Tensor:
     """(Q, K) int32 counts where rows[q, k] is the candidates' set of query q's k-th candidate
@@ -400,7 +401,7 @@ def count_mutual_matches_grid(
 def count_mutual_matches_many_triton(
     queries: Sequence[np.ndarray | torch.Tensor],
     candidate_lists: Sequence[Sequence[np.ndarray | torch.Tensor]],
-    threshold: float = 0.7,
+    threshold: float = DEFAULT_THRESHOLD,
     *,
     config: KernelConfig | None = None,
     max_pairs_per_launch: int | None = None,

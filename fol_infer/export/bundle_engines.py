@@ -1,0 +1,136 @@
+"""The build-trt step on a bundle: one TensorRT engine per graph, recorded in its manifest.
+
+Arguments are checked before TensorRT is imported, so a typo fails fast on any machine. The
+engines are built in a temporary folder inside the bundle and replace the old ones only when
+all are built; the manifest is then rewritten atomically.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from fol_infer.choices import EngineBuildMode, Precision
+from fol_infer.errors import UsageError
+from fol_infer.export.engines import EngineRecord, Profile
+from fol_infer.progress import Progress, silent
+
+
+def build_bundle_engines(
+    bundle_dir: str | Path,
+    precision: Precision | str = Precision.FP16,
+    max_batch: int = 32,
+    workspace_gib: float | None = None,
+    timing_cache: str | Path | None = None,
+    progress: Progress | None = None,
+    opt_batch: int | None = None,
+    strongly_typed: bool = False,
+) -> dict[str, EngineRecord]:
+    """Build, write and record one engine per graph; returns the new records by graph name.
+
+    fp16 keeps the precision plan's nodes fp32: per-layer constraints on TensorRT 10, a
+    mixed-precision graph built strongly typed on TensorRT 11 (or on 10 with `strongly_typed`).
+    """
+    from fol_infer.bundle import Bundle
+    from fol_infer.export.engines import current_gpu, engine_file, rebuild_command, set_records
+    from fol_infer.export.precision import plan_file, write_mixed
+    from fol_infer.export.trt_build import (
+        BuildOptions,
+        EngineSession,
+        build_engine,
+        major,
+        require_tensorrt,
+    )
+
+    say = progress or silent
+    precision = Precision.parse(precision, "--precision")
+    profile = Profile.for_batch(max_batch, opt_batch)
+    if workspace_gib is not None and not workspace_gib > 0:
+        raise UsageError(f"--workspace must be a positive number of GiB, not {workspace_gib}")
+    cache = Path(timing_cache) if timing_cache is not None else None
+    if cache is not None and cache.is_dir():
+        raise UsageError(f"--timing-cache {cache} is a folder: give a file path")
+    bundle = Bundle.open(bundle_dir, verify="full")
+    version = require_tensorrt()
+    gpu = current_gpu()
+    mode: EngineBuildMode
+    if precision == Precision.FP32:
+        mode = "fp32"
+    else:
+        mode = "strongly-typed" if strongly_typed or major(version) >= 11 else "constraints"
+    records: dict[str, EngineRecord] = {}
+    with tempfile.TemporaryDirectory(prefix=".trt-build-", dir=bundle.folder) as tmp:
+        for graph, spec in bundle.manifest.graphs.items():
+            source = bundle.path(graph)
+            plan = None
+            if mode == "strongly-typed":
+                say(f"writing the mixed-precision {graph} graph")
+                source = Path(tmp) / source.name
+                plan = write_mixed(bundle.path(graph), source)
+            elif mode == "constraints":
+                plan = plan_file(source)
+            options = BuildOptions(
+                precision=precision,
+                strongly_typed=mode == "strongly-typed",
+                batch=(profile.min, profile.opt, profile.max),
+                workspace_gib=workspace_gib,
+                timing_cache=cache,
+            )
+            fp32 = (
+                {n: plan.outputs[n] for n in plan.fp32} if plan and mode == "constraints" else None
+            )
+            shapes = {t.name: [int(d) for d in t.shape[1:]] for t in spec.inputs}
+            start = time.perf_counter()
+            result = build_engine(source, shapes, options, fp32, say)
+            if mode == "constraints":
+                say(f"{graph}: {result.pinned_layers} layers constrained to fp32")
+            if result.unmatched:
+                say(
+                    f"note: {len(result.unmatched)} fp32 {graph} nodes have no layer of their own "
+                    f"(folded by the parser), e.g. {', '.join(result.unmatched[:3])}"
+                )
+            records[graph] = EngineRecord(
+                graph=graph,
+                file=engine_file(graph, precision),
+                sha256=hashlib.sha256(result.engine).hexdigest(),
+                bytes=len(result.engine),
+                onnx_sha256=spec.sha256,
+                tensorrt=version,
+                gpu=gpu.name,
+                compute_capability=gpu.compute_capability,
+                precision=precision,
+                mode=mode,
+                profile=profile,
+                workspace_gib=workspace_gib,
+                fp32_nodes=len(plan.fp32) if plan else 0,
+                built=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            )
+            built = Path(tmp) / records[graph].file
+            built.write_bytes(result.engine)
+            rebuild = rebuild_command(bundle.folder, records[graph])
+            session = EngineSession(result.engine, built, rebuild)
+            try:  # it loads back here; the built layers' precisions are kept for inspection
+                built.with_suffix(".layers.json").write_text(session.layer_info())
+            finally:
+                session.close()
+            took = time.perf_counter() - start
+            say(f"{built.name}: {len(result.engine) / 2**20:.1f} MiB in {took:.0f} s")
+        for record in records.values():  # all built: only now replace the old engines
+            for name in (record.file, Path(record.file).with_suffix(".layers.json").name):
+                os.replace(Path(tmp) / name, bundle.folder / name)
+    old = {r.get("file") for r in bundle.manifest.engines.values()} - {
+        r.file for r in records.values()
+    }
+    set_records(bundle.manifest, records)
+    bundle.manifest.write(bundle.folder)
+    for name in old:
+        for stale in (
+            bundle.folder / str(name),
+            (bundle.folder / str(name)).with_suffix(".layers.json"),
+        ):
+            stale.unlink(missing_ok=True)
+    return records

@@ -1,0 +1,50 @@
+"""The re-ranking settings, in one frozen object checked once.
+
+The threshold is the paper's one knob: a token pair counts as a match only when its cosine
+similarity is above it. `Retriever`, ``fol-infer query --threshold`` and ``fol-infer bench
+--threshold`` build a `RerankSettings`; every backend reads its threshold from there.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from numbers import Real
+from typing import Any
+
+from fol_infer.choices import RerankBackend
+from fol_infer.errors import UsageError
+
+DEFAULT_THRESHOLD = 0.7  # the published value (spec section 7)
+DEFAULT_BLOCK_BYTES = 8 << 20  # CPU tile per worker: ~600 x 3,400; amortises packing Q in sgemm
+
+
+@dataclass(frozen=True)
+class RerankSettings:
+    """How candidates are re-ranked: threshold, backend, CPU tile size and worker threads.
+
+    ``workers`` None means `fol_infer.rerank.cpu.default_workers()`.
+    """
+
+    threshold: float = DEFAULT_THRESHOLD
+    backend: RerankBackend = field(default=RerankBackend.AUTO)
+    block_bytes: int = DEFAULT_BLOCK_BYTES
+    workers: int | None = None
+
+    def __post_init__(self) -> None:
+        threshold: Any = self.threshold
+        if not isinstance(threshold, Real) or not math.isfinite(float(threshold)):
+            raise UsageError(
+                f"re-ranking threshold must be a finite number (e.g. 0.7), got {threshold!r}"
+            )
+        object.__setattr__(self, "threshold", float(threshold))
+        backend = RerankBackend.parse(self.backend, "re-ranking backend")
+        object.__setattr__(self, "backend", backend)
+        if int(self.block_bytes) < 1:
+            raise UsageError(f"re-ranking block must be at least 1 byte, got {self.block_bytes}")
+        if self.workers is not None and int(self.workers) < 1:
+            raise UsageError(f"re-ranking workers must be at least 1, got {self.workers}")
+
+    def to_json(self) -> dict[str, Any]:
+        """What reports and query JSON record about the re-ranking."""
+        return {"threshold": self.threshold, "backend": str(self.backend)}
