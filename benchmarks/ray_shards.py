@@ -1,7 +1,7 @@
 """Maps on Ray against the in-process map: fan-out overhead per query, build throughput.
 
     python benchmarks/ray_shards.py [--arch vits14] [--resolution 224] [--places 24] \
-        [--shards 4] [--build-shards 8] [--queries 20] [--json OUT]
+        [--shards 4,8] [--build-shards 8] [--queries 20] [--json OUT]
 
 Uses an UNTRAINED seeded checkpoint and a synthetic database: the figures are about speed.
 Query side: one map of `--shards` shards, served in this process (`ShardSet.open`) and by one
@@ -66,8 +66,14 @@ def build_rates(bundle: Bundle, db: Path, work: Path, shards: int, batch: int) -
     return rates
 
 
-def fan_out(bundle: Bundle, map_dir: Path, queries: list[Path], rerank_k: int) -> dict[str, float]:
-    """Median ms per query of the search and of the re-rank scoring, local vs Ray actors."""
+def fan_out(
+    bundle: Bundle, map_dir: Path, queries: list[Path], rerank_k: int, query_tokens: int
+) -> dict[str, float]:
+    """Median ms per query of the search and of the re-rank scoring, local vs Ray actors.
+
+    Queries keep their first `query_tokens` tokens, so that the scoring itself is cheap and
+    its fan-out cost shows; a pause between calls lets one side's idle BLAS threads stop
+    spinning before the other side is timed (2 cores)."""
     import ray
 
     rerank = RerankSettings(backend=RerankBackend.CPU)
@@ -75,7 +81,7 @@ def fan_out(bundle: Bundle, map_dir: Path, queries: list[Path], rerank_k: int) -
         encoded = []
         for q in queries:
             out = encoder.encode(preprocess(q, bundle.resolution)[None])
-            encoded.append((out.descriptors, out.token_list()))
+            encoded.append((out.descriptors, [t[:query_tokens] for t in out.token_list()]))
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     times: dict[str, list[float]] = {}
     try:
@@ -84,6 +90,7 @@ def fan_out(bundle: Bundle, map_dir: Path, queries: list[Path], rerank_k: int) -
             _one_query(shard_set, *encoded[0], rerank_k, rerank)
         for descriptors, tokens in encoded:
             for name, shard_set in (("local", local), ("ray", remote)):
+                time.sleep(0.2)
                 search_ms, score_ms = _one_query(shard_set, descriptors, tokens, rerank_k, rerank)
                 times.setdefault(f"{name}_search_ms", []).append(search_ms)
                 times.setdefault(f"{name}_score_ms", []).append(score_ms)
@@ -120,11 +127,12 @@ def main() -> None:
     parser.add_argument("--resolution", type=int, default=224)
     parser.add_argument("--places", type=int, default=24)
     parser.add_argument("--distractors", type=int, default=24)
-    parser.add_argument("--shards", type=int, default=4, help="shards of the served map")
+    parser.add_argument("--shards", default="4,8", help="shards of the served maps")
     parser.add_argument("--build-shards", type=int, default=8, help="shards of the build runs")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--queries", type=int, default=20)
-    parser.add_argument("--rerank-k", type=int, default=4)
+    parser.add_argument("--rerank-k", type=int, default=10)
+    parser.add_argument("--query-tokens", type=int, default=64)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
@@ -143,10 +151,16 @@ def main() -> None:
         queries = sorted((data / "images" / "test" / "queries").glob("*.jpg"))[: args.queries]
         report["images"] = len(list(db.rglob("*.jpg")))
         report["build"] = build_rates(bundle, db, work, args.build_shards, args.batch)
-        with open_encoder(bundle) as encoder:  # type: ignore[attr-defined]
-            settings = BuildSettings(batch=args.batch)
-            build_map(bundle, db, work / "served", LocalRunner(encoder), settings, args.shards)
-        report["query"] = fan_out(bundle, work / "served", queries, args.rerank_k)
+        report["query"] = {}
+        for shards in map(int, args.shards.split(",")):
+            served = work / f"served-{shards}"
+            with open_encoder(bundle) as encoder:  # type: ignore[attr-defined]
+                settings = BuildSettings(batch=args.batch)
+                build_map(bundle, db, served, LocalRunner(encoder), settings, shards)
+            print(f"fan-out over {shards} shards:")
+            report["query"][f"{shards}_shards"] = fan_out(  # type: ignore[index]
+                bundle, served, queries, args.rerank_k, args.query_tokens
+            )
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
 

@@ -34,9 +34,16 @@ from fol_infer.shard_set import (
 
 
 class ShardServer:
-    """What runs inside a shard's actor."""
+    """What runs inside a shard's actor. `threads`: FAISS's OpenMP threads, one by default:
+    a node runs several shard actors, and one OpenMP team per actor would oversubscribe its
+    cores (raise it for a node that serves one large Flat shard)."""
 
-    def __init__(self, folder: str, manifest: MapManifest, entry: ShardEntry) -> None:
+    def __init__(
+        self, folder: str, manifest: MapManifest, entry: ShardEntry, threads: int = 1
+    ) -> None:
+        import faiss
+
+        faiss.omp_set_num_threads(threads)
         self.database = open_shard(Path(folder), manifest, entry, None, "auto")
 
     def paths(self) -> list[str]:
@@ -65,9 +72,11 @@ class RayShardSet(ShardSet):
         bundle: Bundle | None,
         address: str = "auto",
         timeout_s: float = 30.0,
+        search_threads: int = 1,
         **actor_options: Any,
     ) -> None:
         self._ray = require_ray()
+        self.search_threads = search_threads
         self.folder, self.timeout_s = folder, timeout_s
         self.manifest = read_manifest(folder, bundle)
         self.owns_cluster = connect(address)
@@ -84,7 +93,9 @@ class RayShardSet(ShardSet):
     def _actor(self, i: int) -> Any:
         if self._actors[i] is None:
             entry = self.entries[i]
-            self._actors[i] = self._actor_class.remote(str(self.folder), self.manifest, entry)
+            self._actors[i] = self._actor_class.remote(
+                str(self.folder), self.manifest, entry, self.search_threads
+            )
         return self._actors[i]
 
     def _fan_out(
