@@ -104,6 +104,23 @@ class Manifest:
         }
         return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
 
+    def output_width(self, graph: str, output: str) -> int:
+        """Last dimension of a graph output as exported: the width a runtime must store."""
+        for tensor in self.graphs[graph].outputs:
+            if tensor.name == output and isinstance(tensor.shape[-1], int):
+                return tensor.shape[-1]
+        raise BundleError(f"the manifest's {graph} graph has no output {output!r} of fixed width")
+
+    @property
+    def descriptor_dim(self) -> int:
+        """Width of the global descriptor (8448 for every published FoL model)."""
+        return self.output_width("global", "global")
+
+    @property
+    def token_dim(self) -> int:
+        """Width of a re-ranking token (128 for every published FoL model)."""
+        return self.output_width("local", "tokens")
+
     @property
     def arch_name(self) -> str:
         return str(self.arch["name"])

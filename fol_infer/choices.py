@@ -83,3 +83,4 @@ IndexMode = Literal["new", "append", "force"]  # how `build_index` treats an exi
 # How an engine got its precision: plain fp32, TensorRT 10 per-layer constraints on an fp32
 # graph, or a strongly typed build of a mixed-precision graph (TensorRT 11, or 10 on request).
 EngineBuildMode = Literal["fp32", "constraints", "strongly-typed"]
+DeviceMemory = Literal["auto", "cuda-python", "torch"]  # who allocates TensorRT's GPU memory

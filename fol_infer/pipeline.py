@@ -22,7 +22,7 @@ import numpy as np
 from fol_infer.backends import open_encoder
 from fol_infer.backends.base import Encoder
 from fol_infer.bundle import Bundle
-from fol_infer.choices import EncoderBackend, RerankBackend
+from fol_infer.choices import EncoderBackend
 from fol_infer.errors import UsageError
 from fol_infer.images import ImageSource, preprocess, source_name
 from fol_infer.rerank import RerankSettings, rerank_order
@@ -124,13 +124,11 @@ class Retriever:
             self.shards = ShardSet.open(index, bundle=self.bundle)
         self.allow_partial = allow_partial
         rerank = rerank or RerankSettings()
-        cpu_only = (RerankBackend.AUTO, RerankBackend.CPU)
-        if self.shards.token_format == "int8-exact" and rerank.backend not in cpu_only:
+        try:
+            rerank.check_tokens(self.shards.token_format, str(index))
+        except UsageError:
             self.shards.close()
-            raise UsageError(
-                f"{index} keeps int8-exact tokens, which the certified CPU re-ranker scores; "
-                f"the {rerank.backend!s} re-ranker cannot: use auto or cpu, or an fp16 index"
-            )
+            raise
         self._owns_encoder = encoder is None
         try:
             self.encoder = encoder or open_encoder(

@@ -115,3 +115,19 @@ def test_bench_takes_a_token_format(tiny_bundle: Path, dataset: Path, tmp_path: 
     assert code == 2 and "re-ranked on the CPU" in log
     code, log = bench(tiny_bundle, dataset, "--tokens", "int4")
     assert code == 2 and "fp16, int8, int8-exact" in log
+
+
+def test_bench_threshold_is_used_and_recorded(
+    tiny_bundle: Path, dataset: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "r.json"
+    code, log = bench(
+        tiny_bundle, dataset, "--json", out, "--warmup", "0", "--threshold", "1.5",
+        "--engine", "onnx",  # the product brief's spelling of --backend
+    )  # fmt: skip
+    assert code == 0, log
+    report = json.loads(out.read_text())
+    assert report["inputs"]["threshold"] == 1.5 and report["inputs"]["engine"] == "onnx"
+    assert "threshold 1.5" in log
+    # No token pair is above 1.5, so re-ranking keeps the global order: equal recall.
+    assert report["recall"]["reranked"] == report["recall"]["global"]

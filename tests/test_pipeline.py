@@ -209,3 +209,29 @@ def test_a_given_encoder_is_used_and_left_open(
         image = preprocess(queries[0], bundle.resolution)[None]
         descriptor = encoder.encode(image).descriptors[0]  # still open after the retriever
     np.testing.assert_allclose(descriptor, first.descriptor, rtol=1e-5, atol=1e-6)
+
+
+def test_threshold_reaches_the_reranker_from_retriever_and_query_cli(
+    tiny_bundle: Path, index_dir: Path, queries: list[Path]
+) -> None:
+    for threshold in (-1.0, 1.5):  # every mutual pair counts / none can (cosine <= 1)
+        settings = RerankSettings(threshold=threshold, backend=RerankBackend.CPU)
+        with Retriever(tiny_bundle, index_dir, rerank=settings) as retriever:
+            (result,) = retriever.query([queries[0]], top_k=4, rerank_k=4)
+            image = preprocess(queries[0], retriever.bundle.resolution)[None]
+            tokens = retriever.encoder.encode(image).token_list()[0]
+            candidates = [h.db_index for h in result.global_hits]
+            stored = retriever.shards.databases[0].tokens.get(candidates)  # type: ignore[attr-defined]
+        expected = count_mutual_matches(tokens, stored, threshold=threshold, backend="cpu")
+        assert result.reranked is not None and result.threshold == threshold
+        assert sorted(h.matches for h in result.reranked) == sorted(expected.tolist())
+        if threshold > 1:
+            assert all(h.matches == 0 for h in result.reranked)
+        else:
+            assert sum(h.matches for h in result.reranked) > 0
+    answer = CliRunner().invoke(
+        app, ["query", str(index_dir), str(queries[0]), "--json", "--threshold", "1.5"]
+    )
+    assert answer.exit_code == 0, answer.output
+    doc = json.loads(answer.output[answer.output.index("[") :])
+    assert doc[0]["threshold"] == 1.5 and all(h["matches"] == 0 for h in doc[0]["reranked"])

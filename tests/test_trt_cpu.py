@@ -3,16 +3,15 @@
 The precision plan and the mixed-precision pass run on the real exported graphs (the pass in
 onnxruntime), the manifest records and their refusals, profiles, and the messages for a
 missing TensorRT, a missing GPU and a bad batch are checked here; the TensorRT calls
-themselves are type-checked against tensorrt-stubs. One test builds real engines and is
-skipped unless TensorRT and a GPU are present.
+themselves are type-checked against tensorrt-stubs (`test_typecheck.py`); the layer pins in
+`test_trt_pins.py`, the runtime's CUDA handling in `test_trt_runtime.py`, and real engines on a
+GPU in `test_trt_gpu.py`.
 """
 
 from __future__ import annotations
 
-import ast
 import ctypes
 import importlib.util
-import re
 import shutil
 import subprocess
 import sys
@@ -25,14 +24,9 @@ import pytest
 
 from fol_infer.bundle import Bundle
 from fol_infer.errors import BackendUnavailableError, BundleError, UsageError
-from fol_infer.export import engines, precision, trt_build
+from fol_infer.export import engines, layer_pins, precision, trt_build
 from fol_infer.export.engines import EngineRecord, GpuInfo, Profile
 from fol_infer.parity import TOLERANCES
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # Python 3.10: mypy's own dependency
-    import tomli as tomllib
 
 REPO = Path(__file__).resolve().parents[1]
 onnx = pytest.importorskip("onnx", reason="the precision plan reads ONNX graphs (pip install onnx)")
@@ -446,10 +440,10 @@ def test_failure_messages_name_the_node_and_the_remedy() -> None:
 def test_layers_map_back_to_onnx_nodes() -> None:
     outputs = {"mul_27": "node_mul_27"}
     fused = "[ONNX Layer: node_exp]\x1f[ONNX Layer: node_sum_2]"
-    assert trt_build.layer_nodes(fused, "x", [], outputs) == {"node_exp", "node_sum_2"}
-    assert trt_build.layer_nodes("", "node_mul_27", [], outputs) == {"node_mul_27"}
-    assert trt_build.layer_nodes("", "(Unnamed Layer* 3)", ["mul_27"], outputs) == {"node_mul_27"}
-    assert trt_build.layer_nodes("", "(Unnamed Layer* 4)", ["other"], outputs) == set()
+    assert layer_pins.layer_nodes(fused, "x", [], outputs) == {"node_exp", "node_sum_2"}
+    assert layer_pins.layer_nodes("", "node_mul_27", [], outputs) == {"node_mul_27"}
+    assert layer_pins.layer_nodes("", "(Unnamed Layer* 3)", ["mul_27"], outputs) == {"node_mul_27"}
+    assert layer_pins.layer_nodes("", "(Unnamed Layer* 4)", ["other"], outputs) == set()
 
 
 def test_device_arrays_describe_themselves_for_zero_copy_consumers() -> None:
@@ -459,98 +453,3 @@ def test_device_arrays_describe_themselves_for_zero_copy_consumers() -> None:
     cai = a.__cuda_array_interface__
     assert cai["data"] == (0x7F00, False) and cai["shape"] == (2, 8448)
     assert np.dtype(cai["typestr"]) == np.float32 and cai["version"] == 3 and cai["stream"] == 77
-
-
-# --- the TensorRT calls, type-checked against the real API -----------------------------------
-
-
-def repaired_stubs(dst: Path) -> Path:
-    """tensorrt-stubs copied with its few unparsable signatures (`in` as a name) made generic."""
-    found = importlib.util.find_spec("tensorrt_stubs")
-    if found is None or found.origin is None:
-        pytest.skip("tensorrt-stubs is not installed (pip install --no-deps tensorrt-stubs)")
-    site = Path(found.origin).parents[1]
-    signature = re.compile(r"^(\s*)def (\w+)\(.*$")
-    for package in ("tensorrt", "tensorrt_bindings"):
-        for stub in sorted((site / package).glob("*.pyi")):
-            lines = stub.read_text().splitlines()
-            for _ in range(len(lines)):
-                try:
-                    ast.parse("\n".join(lines))
-                    break
-                except SyntaxError as exc:
-                    match = signature.match(lines[(exc.lineno or 1) - 1])
-                    if match is None:
-                        pytest.skip(f"{stub} has a syntax error this test cannot repair: {exc}")
-                    indent, name = match.groups()
-                    lines[(exc.lineno or 1) - 1] = (
-                        f"{indent}def {name}(*args: typing.Any) -> typing.Any:"
-                    )
-            (dst / package).mkdir(parents=True, exist_ok=True)
-            (dst / package / stub.name).write_text("\n".join(lines) + "\n")
-    return dst
-
-
-def mypy(tmp_path: Path, *files: str) -> subprocess.CompletedProcess[str]:
-    pytest.importorskip("mypy", reason="mypy is a dev dependency")
-    stubs = repaired_stubs(tmp_path / "stubs")
-    settings = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["mypy"]
-    lines = ["[mypy]", *(f"{k} = {v}" for k, v in settings.items()), f"mypy_path = {stubs}"]
-    lines += ["follow_imports = silent"]  # judge these files, not their imports
-    for module in ("tensorrt", "tensorrt.*", "tensorrt_bindings", "tensorrt_bindings.*"):
-        lines += [f"[mypy-{module}]", "ignore_errors = True"]
-    (tmp_path / "mypy.ini").write_text("\n".join(lines) + "\n")
-    command = [sys.executable, "-m", "mypy", "--config-file", str(tmp_path / "mypy.ini")]
-    command += ["--cache-dir", str(tmp_path / "cache"), *files]
-    return subprocess.run(command, cwd=REPO, capture_output=True, text=True)
-
-
-def test_package_type_checks_against_tensorrt_stubs(tmp_path: Path) -> None:
-    """mypy over the whole package; the TensorRT modules against the real API's stubs."""
-    wrong = tmp_path / "wrong.py"  # checked in the same run: proves the stubs are in force
-    wrong.write_text(
-        "import tensorrt as trt\n"
-        "def f(n: trt.INetworkDefinition) -> None:\n"
-        "    n.get_layer('a')\n"
-        "    trt.BuilderFlag.FP17\n"
-    )
-    result = mypy(tmp_path, "fol_infer", str(wrong))
-    errors = [line for line in result.stdout.splitlines() if ": error:" in line]
-    assert not [e for e in errors if e.startswith("fol_infer")], result.stdout + result.stderr
-    assert any('has no attribute "FP17"' in e for e in errors), result.stdout + result.stderr
-    assert any(
-        '"get_layer" of "INetworkDefinition" has incompatible type "str"' in e for e in errors
-    )
-
-
-# --- on a GPU with TensorRT only ---------------------------------------------------------------
-
-
-@pytest.mark.gpu
-def test_engines_build_and_match_the_reference_on_a_gpu(
-    tiny_bundle_322: Path, tmp_path: Path
-) -> None:
-    if not tensorrt_installed():
-        pytest.skip("TensorRT is not installed (needs an NVIDIA GPU)")
-    try:
-        engines.current_gpu()
-    except BackendUnavailableError as exc:
-        pytest.skip(str(exc))
-    from fol_infer.backends.trt import TrtEncoder
-    from fol_infer.export.bundle_engines import build_bundle_engines
-    from fol_infer.parity import load_reference, verify
-
-    copy = tmp_path / "bundle"
-    shutil.copytree(tiny_bundle_322, copy)
-    records = build_bundle_engines(copy, "fp16", max_batch=2, timing_cache=tmp_path / "cache")
-    assert {r.precision for r in records.values()} == {"fp16"}
-    bundle = Bundle.open(copy)
-    with TrtEncoder(bundle, cuda_graph=True) as encoder:
-        report = verify(bundle, encoder, "fp16")
-        assert report.passed, report.failures
-        images = load_reference(bundle)["images"]
-        device = encoder.encode_device(images)  # type: ignore[attr-defined]
-        encoder.synchronize()  # type: ignore[attr-defined]
-        assert device["tokens"].shape[0] == len(images)
-        with pytest.raises(UsageError, match="above"):
-            encoder.encode(np.concatenate([images] * 2))

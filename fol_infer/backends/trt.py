@@ -1,29 +1,28 @@
 """The TensorRT backend: a bundle's engines on one CUDA stream, outputs optionally left on the GPU.
 
-Device memory comes from cuda-python when it is importable (the Jetson path: no torch there)
-and from torch's CUDA allocator otherwise. Buffers are allocated once for the engines' largest
-batch: pinned host buffers for the copies, and device buffers shared by tensor name, so the
-local engine reads the global engine's features and region scores where they were written. An
-optional CUDA graph replays the enqueues of each batch size. `encode_device` skips the copies
-back and hands out `DeviceArray`s (``__cuda_array_interface__``: torch.as_tensor, CuPy and
-Numba read them without a copy) for the GPU re-ranker and GPU FAISS. Every TensorRT call goes
-through `fol_infer.export.trt_build`. Not yet run on hardware.
+Device memory comes from `cuda_memory` (cuda-python, else torch's CUDA). Buffers are allocated
+once for the engines' largest batch: pinned host buffers for the copies, and device buffers
+shared by tensor name, so the local engine reads the global engine's features and region
+scores where they were written. An optional CUDA graph replays the enqueues of each batch
+size. `encode_device` skips the copies back and hands out `DeviceArray`s
+(``__cuda_array_interface__``: torch.as_tensor, CuPy and Numba read them without a copy) for
+the GPU re-ranker and GPU FAISS. Every TensorRT call goes through `fol_infer.export.trt_build`.
+Not yet run on hardware.
 """
 
 from __future__ import annotations
 
-import ctypes
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
 from fol_infer.backends.base import Encoder, EncoderOutput, GlobalOutput, LocalOutput
+from fol_infer.backends.cuda_memory import GraphCaptureFailed, log, open_memory
 from fol_infer.bundle import Bundle
-from fol_infer.choices import Precision
-from fol_infer.errors import BackendUnavailableError, BundleError, EngineError, UsageError
+from fol_infer.choices import DeviceMemory, Precision
+from fol_infer.errors import BundleError
 from fol_infer.export.engines import (
     check_batch,
     check_record,
@@ -37,7 +36,6 @@ FIELDS = {
     "global": "descriptors",
     "count": "counts",
 }  # output name -> dataclass field, if not equal
-MEMORY = ("auto", "cuda-python", "torch")
 
 
 @dataclass(frozen=True)
@@ -64,167 +62,6 @@ class DeviceArray:
         }
 
 
-class _Memory(Protocol):
-    stream: int
-
-    def device(self, nbytes: int) -> int: ...
-    def pinned(self, nbytes: int) -> np.ndarray: ...
-    def h2d(self, dst: int, src: np.ndarray, nbytes: int) -> None: ...
-    def d2h(self, dst: np.ndarray, src: int, nbytes: int) -> None: ...
-    def sync(self) -> None: ...
-    def capture(self, enqueue: Callable[[], None]) -> object: ...
-    def launch(self, graph: object) -> None: ...
-    def close(self) -> None: ...
-
-
-class _CudaPython:
-    """cuda-python's runtime API (`cuda.bindings.runtime`, `cuda.cudart` before 12.6)."""
-
-    def __init__(self, device: int) -> None:
-        try:
-            from cuda.bindings import runtime as rt
-        except ImportError:
-            from cuda import cudart as rt
-        self._rt = rt
-        self._call(rt.cudaSetDevice(device))
-        self._stream = self._call(rt.cudaStreamCreateWithFlags(rt.cudaStreamNonBlocking))
-        self.stream = int(self._stream)
-        self._device: list[int] = []
-        self._host: list[int] = []
-        self._graphs: list[tuple[Any, Any]] = []
-
-    def _call(self, result: tuple[Any, ...]) -> Any:
-        if result[0] != self._rt.cudaError_t.cudaSuccess:
-            _, name = self._rt.cudaGetErrorName(result[0])
-            raise EngineError(f"CUDA error {name.decode()}: is the GPU out of memory?")
-        return result[1] if len(result) == 2 else result[1:]
-
-    def device(self, nbytes: int) -> int:
-        ptr = int(self._call(self._rt.cudaMalloc(nbytes)))
-        self._device.append(ptr)
-        return ptr
-
-    def pinned(self, nbytes: int) -> np.ndarray:
-        ptr = int(self._call(self._rt.cudaMallocHost(nbytes)))
-        self._host.append(ptr)
-        return np.ctypeslib.as_array((ctypes.c_ubyte * nbytes).from_address(ptr))
-
-    def h2d(self, dst: int, src: np.ndarray, nbytes: int) -> None:
-        kind = self._rt.cudaMemcpyKind.cudaMemcpyHostToDevice
-        self._call(self._rt.cudaMemcpyAsync(dst, src.ctypes.data, nbytes, kind, self.stream))
-
-    def d2h(self, dst: np.ndarray, src: int, nbytes: int) -> None:
-        kind = self._rt.cudaMemcpyKind.cudaMemcpyDeviceToHost
-        self._call(self._rt.cudaMemcpyAsync(dst.ctypes.data, src, nbytes, kind, self.stream))
-
-    def sync(self) -> None:
-        self._call(self._rt.cudaStreamSynchronize(self.stream))
-
-    def capture(self, enqueue: Callable[[], None]) -> object:
-        mode = self._rt.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal
-        self._call(self._rt.cudaStreamBeginCapture(self.stream, mode))
-        try:
-            enqueue()
-        finally:
-            graph = self._call(self._rt.cudaStreamEndCapture(self.stream))
-        runnable = self._call(self._rt.cudaGraphInstantiate(graph, 0))
-        self._graphs.append((runnable, graph))
-        return runnable
-
-    def launch(self, graph: object) -> None:
-        self._call(self._rt.cudaGraphLaunch(graph, self.stream))
-
-    def close(self) -> None:
-        rt = self._rt
-        for runnable, graph in self._graphs:
-            rt.cudaGraphExecDestroy(runnable)
-            rt.cudaGraphDestroy(graph)
-        for ptr in self._device:
-            rt.cudaFree(ptr)
-        for ptr in self._host:
-            rt.cudaFreeHost(ptr)
-        rt.cudaStreamDestroy(self._stream)
-        self._graphs, self._device, self._host = [], [], []
-
-
-class _TorchCuda:
-    """torch's CUDA allocator and streams, where torch is installed and cuda-python is not."""
-
-    def __init__(self, device: int) -> None:
-        import torch
-
-        if not torch.cuda.is_available():
-            raise BackendUnavailableError(
-                "torch sees no CUDA GPU: install cuda-python or a CUDA torch"
-            )
-        self._torch = torch
-        self._dev = torch.device("cuda", device)
-        torch.cuda.set_device(self._dev)
-        self._stream = torch.cuda.Stream(device=self._dev)
-        self.stream = int(self._stream.cuda_stream)
-        self._tensors: dict[int, Any] = {}  # address -> owning tensor (device and pinned)
-        self._graphs: list[Any] = []
-
-    def device(self, nbytes: int) -> int:
-        t = self._torch.empty(nbytes, dtype=self._torch.uint8, device=self._dev)
-        self._tensors[t.data_ptr()] = t
-        return int(t.data_ptr())
-
-    def pinned(self, nbytes: int) -> np.ndarray:
-        t = self._torch.empty(nbytes, dtype=self._torch.uint8, pin_memory=True)
-        self._tensors[t.data_ptr()] = t
-        return np.asarray(t.numpy())
-
-    def _copy(self, dst: int, src: int, nbytes: int) -> None:
-        with self._torch.cuda.stream(self._stream):
-            self._tensors[dst][:nbytes].copy_(self._tensors[src][:nbytes], non_blocking=True)
-
-    def h2d(self, dst: int, src: np.ndarray, nbytes: int) -> None:
-        self._copy(dst, src.ctypes.data, nbytes)
-
-    def d2h(self, dst: np.ndarray, src: int, nbytes: int) -> None:
-        self._copy(dst.ctypes.data, src, nbytes)
-
-    def sync(self) -> None:
-        self._stream.synchronize()
-
-    def capture(self, enqueue: Callable[[], None]) -> object:
-        graph = self._torch.cuda.CUDAGraph()
-        with self._torch.cuda.graph(graph, stream=self._stream):
-            enqueue()
-        self._graphs.append(graph)
-        return graph
-
-    def launch(self, graph: object) -> None:
-        with self._torch.cuda.stream(self._stream):
-            graph.replay()  # type: ignore[attr-defined]
-
-    def close(self) -> None:
-        self._graphs.clear()
-        self._tensors.clear()
-
-
-def open_memory(kind: str, device: int) -> _Memory:
-    """cuda-python first (no torch on Jetson), torch's CUDA otherwise."""
-    if kind not in MEMORY:
-        raise UsageError(f"memory must be one of {', '.join(MEMORY)}, not {kind!r}")
-    if kind in ("auto", "cuda-python"):
-        try:
-            return _CudaPython(device)
-        except ImportError:
-            if kind == "cuda-python":
-                raise BackendUnavailableError(
-                    "cuda-python is not installed: pip install cuda-python"
-                ) from None
-    try:
-        return _TorchCuda(device)
-    except ImportError:
-        raise BackendUnavailableError(
-            "the trt backend needs cuda-python (pip install cuda-python, 12.x for CUDA 12 and "
-            "13.x for CUDA 13) or a CUDA build of torch for device memory"
-        ) from None
-
-
 @dataclass
 class _Buffer:
     tensor: TensorInfo
@@ -246,7 +83,11 @@ class TrtEncoder(Encoder):
     name = "trt"
 
     def __init__(
-        self, bundle: Bundle, device: int = 0, cuda_graph: bool = False, memory: str = "auto"
+        self,
+        bundle: Bundle,
+        device: int = 0,
+        cuda_graph: bool = False,
+        memory: DeviceMemory = "auto",
     ) -> None:
         version = require_tensorrt()
         gpu = current_gpu(device)
@@ -318,7 +159,13 @@ class TrtEncoder(Encoder):
         key = (batch, graphs)
         if key not in self._graphs:
             enqueue()  # TensorRT applies shape changes on the first enqueue, outside capture
-            self._graphs[key] = self._mem.capture(enqueue)
+            self._mem.sync()  # the warm-up has finished before the capture starts (trtexec)
+            try:
+                self._graphs[key] = self._mem.capture(enqueue)
+            except GraphCaptureFailed as exc:  # the warm-up's results stand for this call
+                log.warning("CUDA graph capture failed (%s): running without CUDA graphs", exc)
+                self.cuda_graph = False
+                return
         self._mem.launch(self._graphs[key])
 
     def _outputs(self, graph: str) -> list[str]:
@@ -376,15 +223,17 @@ class TrtEncoder(Encoder):
         self._mem.sync()
 
     def close(self) -> None:
-        for session in self._sessions.values():
-            session.close()
-        self._sessions.clear()
-        self._graphs.clear()
-        self._buffers.clear()
+        """Wait for the stream, then release: freeing what a queued run uses is undefined."""
         mem = getattr(self, "_mem", None)
-        if mem is not None:
-            del self._mem
-            try:
-                mem.sync()  # nothing may still be writing into memory about to be freed
-            finally:
+        try:
+            if mem is not None:
+                mem.sync()
+        finally:
+            for session in self._sessions.values():
+                session.close()
+            self._sessions.clear()
+            self._graphs.clear()
+            self._buffers.clear()
+            if mem is not None:
+                del self._mem
                 mem.close()

@@ -8,17 +8,15 @@ into the same cache, keyed by its sha256 and the resolution.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from pathlib import Path
 
 from fol_infer.bundle import sha256_file
+from fol_infer.progress import Progress
 
 DEFAULT_ARCH = "vitb14"
 DEFAULT_SEED = 0
 # Small enough for the whole default run to take a few minutes on 2 CPU cores.
 DEFAULT_PLACES, DEFAULT_QUERIES_PER_PLACE, DEFAULT_DISTRACTORS, DEFAULT_DATA_SEED = 12, 1, 8, 0
-
-Say = Callable[[str], None]
 
 
 def cache_dir() -> Path:
@@ -26,7 +24,7 @@ def cache_dir() -> Path:
     return Path(root)
 
 
-def default_checkpoint(say: Say) -> Path:
+def default_checkpoint(say: Progress) -> Path:
     from fol_infer.model.checkpoint import make_checkpoint
 
     path = cache_dir() / "checkpoints" / f"untrained-{DEFAULT_ARCH}-seed{DEFAULT_SEED}.pth"
@@ -36,7 +34,7 @@ def default_checkpoint(say: Say) -> Path:
     return path
 
 
-def bundle_for(checkpoint: Path, resolution: str, say: Say) -> Path:
+def bundle_for(checkpoint: Path, resolution: str, say: Progress) -> Path:
     """Export `checkpoint` once per (content, resolution) into the cache."""
     from fol_infer.export.onnx import export_bundle
     from fol_infer.images import check_resolution
@@ -50,7 +48,7 @@ def bundle_for(checkpoint: Path, resolution: str, say: Say) -> Path:
     return folder
 
 
-def default_dataset(say: Say) -> Path:
+def default_dataset(say: Progress) -> Path:
     from fol_infer.bench.dataset import make_dataset
 
     name = (

@@ -11,7 +11,6 @@ import resource
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,14 +25,14 @@ from fol_infer.bundle import Bundle
 from fol_infer.choices import EncoderBackend, TokenFormat
 from fol_infer.errors import UsageError
 from fol_infer.images import DEFAULT_RESOLUTION
+from fol_infer.model.arch import MAX_TOKENS, TOKEN_DIM
 from fol_infer.pipeline import STAGES, QueryResult, Retriever
+from fol_infer.progress import Progress
 from fol_infer.rerank.settings import RerankSettings
 
 SCHEMA_VERSION = 1
 RERANK_DEPTHS = (1, 5, 10, 25, 50, 100)
-PUBLISHED_BYTES_PER_IMAGE = 3600 * 128 * 4
-
-Say = Callable[[str], None]
+PUBLISHED_BYTES_PER_IMAGE = MAX_TOKENS * TOKEN_DIM * 4  # zero-padded float32
 
 
 @dataclass
@@ -78,7 +77,7 @@ def _reranked_at_depth(result: QueryResult, depth: int) -> list[int]:
 
 
 class Bench:
-    def __init__(self, options: BenchOptions, say: Say) -> None:
+    def __init__(self, options: BenchOptions, say: Progress) -> None:
         self.options = options
         self.say = say
         self.report: dict[str, Any] = {

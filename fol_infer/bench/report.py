@@ -4,7 +4,8 @@ JSON schema, version 1 (keys always present unless marked optional):
 - schema "fol-infer-bench", schema_version 1, partial (true if interrupted), notes [str]
 - environment: fol_infer, python, platform, cpu, cpu_count, gpu (str|null), engine, libraries
 - inputs: engine, bundle, arch, resolution [h, w], trained, precision, dataset,
-  synthetic_dataset, database_images, query_images, rerank_k, batch, warmup, reranker
+  synthetic_dataset, database_images, query_images, rerank_k, batch, warmup, reranker,
+  threshold (the re-ranking threshold), tokens (the index's token format)
 - latency_ms: {stage: {p50, p90, p99, mean}} for preprocess, global, search, local, fetch,
   rerank, total and unattributed (total minus the stages: pipeline and bench bookkeeping)
 - throughput: database_images_per_s, batch, failed_images
@@ -20,18 +21,19 @@ JSON schema, version 1 (keys always present unless marked optional):
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from PIL import Image, ImageDraw
+
+from fol_infer.fileio import atomic_write_json
 
 STAGE_ORDER = ("preprocess", "global", "search", "local", "fetch", "rerank", "unattributed")
 COLORS = ("#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#aaaaaa")
 
 
 def write_json(report: dict[str, Any], path: Path) -> None:
-    path.write_text(json.dumps(report, indent=2) + "\n")
+    atomic_write_json(path, report)
 
 
 def _fmt(value: float | None, digits: int = 1) -> str:
@@ -56,7 +58,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"precision {inp.get('precision', '?')}",
         f"- dataset: {inp.get('database_images', '?')} database / "
         f"{inp.get('query_images', '?')} queries ({source}), "
-        f"re-rank K = {inp.get('rerank_k', '?')}",
+        f"re-rank K = {inp.get('rerank_k', '?')} with {inp.get('reranker', '?')} at threshold "
+        f"{inp.get('threshold', '?')}",
         f"- libraries: {libraries}",
         "",
     ]

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import wraps
 from typing import Annotated, Any, TypeVar
 
@@ -12,6 +13,7 @@ from rich.console import Console
 
 from fol_infer import __version__
 from fol_infer.errors import FolInferError
+from fol_infer.progress import Progress
 
 app = typer.Typer(
     name="fol-infer",
@@ -40,6 +42,13 @@ def friendly_errors(func: F) -> F:
             raise typer.Exit(130) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+@contextmanager
+def status(label: str) -> Iterator[Progress]:
+    """A spinner on stderr; the `Progress` it yields replaces its text (long library steps)."""
+    with console.status(label) as spinner:
+        yield lambda message: spinner.update(message)
 
 
 def untrained_banner(trained: bool) -> None:

@@ -10,7 +10,7 @@ import typer
 from fol_infer.choices import EncoderBackend, RerankBackend, TokenFormat
 from fol_infer.cli.app import app, console, friendly_errors, stdout
 from fol_infer.cli.options import RerankerOption, ThresholdOption, choice, tokens_option
-from fol_infer.errors import UsageError
+from fol_infer.fileio import atomic_write_bytes
 from fol_infer.images import DEFAULT_RESOLUTION
 from fol_infer.rerank.settings import DEFAULT_THRESHOLD, RerankSettings
 
@@ -32,17 +32,19 @@ def bench(
         Path | None, typer.Option(help="Bundle folder (else exported from --checkpoint).")
     ] = None,
     checkpoint: Annotated[
-        Path | None, typer.Option(help="Checkpoint [an UNTRAINED seeded ViT-B/14].")
+        Path | None, typer.Option(help="Checkpoint (default: an UNTRAINED seeded ViT-B/14).")
     ] = None,
     dataset: Annotated[
-        Path | None, typer.Option(help="Dataset root in the standard layout [synthetic].")
+        Path | None, typer.Option(help="Dataset root in the standard layout (default: synthetic).")
     ] = None,
     resolution: Annotated[
         str, typer.Option(help="Resolution when exporting from a checkpoint.")
     ] = str(DEFAULT_RESOLUTION),
-    rerank_k: Annotated[int, typer.Option(help="Global candidates re-ranked per query.")] = 100,
-    batch: Annotated[int, typer.Option(help="Batch size for database encoding.")] = 8,
-    warmup: Annotated[int, typer.Option(help="Warm-up queries before timing.")] = 2,
+    rerank_k: Annotated[
+        int, typer.Option(min=1, help="Global candidates re-ranked per query.")
+    ] = 100,
+    batch: Annotated[int, typer.Option(min=1, help="Batch size for database encoding.")] = 8,
+    warmup: Annotated[int, typer.Option(min=0, help="Warm-up queries before timing.")] = 2,
     reranker: RerankerOption = RerankBackend.AUTO,
     threshold: ThresholdOption = DEFAULT_THRESHOLD,
     tokens: Annotated[
@@ -63,11 +65,8 @@ def bench(
 
     if bundle is not None and checkpoint is not None and backend != EncoderBackend.TORCH:
         console.print("note: --bundle given; --checkpoint is used only for the PyTorch reference")
-    if rerank_k < 1 or batch < 1 or warmup < 0:
-        raise UsageError("--rerank-k and --batch must be >= 1, --warmup >= 0")
-    if tokens == TokenFormat.INT8_EXACT and reranker not in (RerankBackend.AUTO, RerankBackend.CPU):
-        raise UsageError("--tokens int8-exact is re-ranked on the CPU: use --reranker auto or cpu")
     rerank = RerankSettings(threshold, reranker)
+    rerank.check_tokens(tokens, "an index of --tokens int8-exact")
     if bundle is None and checkpoint is None:
         console.print(
             "[bold yellow]embedded default:[/bold yellow] UNTRAINED seeded ViT-B/14 at "
@@ -90,7 +89,7 @@ def bench(
     if json_out:
         write_json(report, json_out)
     if markdown_out:
-        markdown_out.write_text(markdown(report))
+        atomic_write_bytes(markdown_out, markdown(report).encode())
     if plot:
         png(report, plot)
     if interrupted:

@@ -114,7 +114,8 @@ def query(
     index_dir: Annotated[Path, typer.Argument(help="Index folder.")],
     paths: Annotated[list[Path], typer.Argument(help="Query images or folders.")],
     bundle_dir: Annotated[
-        Path | None, typer.Option("--bundle", help="Bundle folder [the one that built the index].")
+        Path | None,
+        typer.Option("--bundle", help="Bundle folder (default: the one that built the index)."),
     ] = None,
     top_k: Annotated[int, typer.Option(help="Results per query.")] = 10,
     rerank_k: Annotated[int, typer.Option(help="Global candidates to re-rank.")] = 100,
@@ -139,12 +140,13 @@ def query(
     """Retrieve database images for each query (from an index or a map), re-ranked by
     region-token matches."""
     from fol_infer.images import find_images
+    from fol_infer.index.database import recorded_bundle
     from fol_infer.pipeline import Retriever
     from fol_infer.rerank.settings import RerankSettings
-    from fol_infer.shard_set import ShardSet, read_manifest
+    from fol_infer.shard_set import ShardSet
 
     if bundle_dir is None:
-        bundle_dir = Path(read_manifest(index_dir, None).bundle_name)
+        bundle_dir = recorded_bundle(index_dir)
     files = find_images(paths)
     if not files:
         raise UsageError("no query images found")

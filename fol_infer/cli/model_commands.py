@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from fol_infer.choices import EncoderBackend, Precision
-from fol_infer.cli.app import app, console, friendly_errors, stdout, untrained_banner
+from fol_infer.cli.app import app, console, friendly_errors, status, stdout, untrained_banner
 from fol_infer.cli.options import BackendOption, CheckpointOption, choice
 from fol_infer.errors import UsageError
 from fol_infer.images import DEFAULT_RESOLUTION
@@ -41,7 +41,8 @@ def make_checkpoint(
 def export(
     checkpoint: Annotated[Path, typer.Argument(help="FoL checkpoint (.pth).")],
     out: Annotated[
-        Path | None, typer.Option("--out", "-o", help="Bundle folder [engines/<arch>-<res>].")
+        Path | None,
+        typer.Option("--out", "-o", help="Bundle folder (default: engines/<arch>-<res>)."),
     ] = None,
     resolution: Annotated[
         str, typer.Option(help="Input size: N or HxW, multiples of 14, >= 210.")
@@ -67,15 +68,9 @@ def export(
     from fol_infer.export.opcheck import check_bundle
 
     start = time.perf_counter()
-    with console.status("exporting") as spinner:
+    with status("exporting") as say:
         bundle = export_bundle(
-            checkpoint,
-            out,
-            resolution,
-            opset=opset,
-            force=force,
-            trust_checkpoint=trust_checkpoint,
-            progress=lambda msg: spinner.update(msg),
+            checkpoint, out, resolution, opset, force, trust_checkpoint, progress=say
         )
     reports = check_bundle(bundle)
     console.print(f"wrote {bundle} in {time.perf_counter() - start:.0f} s")
@@ -97,7 +92,8 @@ def verify(
     backend: BackendOption = EncoderBackend.ONNX,
     checkpoint: CheckpointOption = None,
     precision: Annotated[
-        Precision | None, choice(Precision, "Tolerances [the engine's precision].", "--precision")
+        Precision | None,
+        choice(Precision, "Tolerances (default: the engine's precision).", "--precision"),
     ] = None,
 ) -> None:
     """Re-run reference.npz through a backend; compare with PyTorch (exit 1 on failure)."""

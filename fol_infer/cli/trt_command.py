@@ -14,7 +14,7 @@ import typer
 from rich.table import Table
 
 from fol_infer.choices import Precision
-from fol_infer.cli.app import app, console, friendly_errors, stdout
+from fol_infer.cli.app import app, console, friendly_errors, status, stdout
 from fol_infer.cli.options import choice
 
 
@@ -34,10 +34,10 @@ def build_trt(
         int, typer.Option(help="Largest batch the engines take (profile 1..N).")
     ] = 32,
     opt_batch: Annotated[
-        int | None, typer.Option(help="Batch TensorRT tunes for [max-batch].")
+        int | None, typer.Option(help="Batch TensorRT tunes for (default: --max-batch).")
     ] = None,
     workspace: Annotated[
-        float | None, typer.Option(help="Builder workspace in GiB [TensorRT's default].")
+        float | None, typer.Option(help="Builder workspace in GiB (default: TensorRT's).")
     ] = None,
     timing_cache: Annotated[
         Path | None, typer.Option(help="Timing cache file, read and updated: faster rebuilds.")
@@ -65,16 +65,17 @@ def build_and_report(
     from fol_infer.export.bundle_engines import build_bundle_engines
 
     start = time.perf_counter()
-    with console.status("building TensorRT engines") as spinner:
+    with status("building TensorRT engines") as say:
         records = build_bundle_engines(
             bundle_dir,
             precision,
             max_batch,
             workspace,
             timing_cache,
-            progress=lambda msg: spinner.update(msg),
-            opt_batch=opt_batch,
-            strongly_typed=strongly_typed,
+            say,
+            opt_batch,
+            strongly_typed,
+            notes=lambda line: console.print(line, markup=False, highlight=False),
         )
     table = Table(title=f"{bundle_dir}: TensorRT engines ({time.perf_counter() - start:.0f} s)")
     for column in ("graph", "file", "MiB", "precision", "batch", "fp32 nodes", "TensorRT", "GPU"):

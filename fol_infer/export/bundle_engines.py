@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import json
 import os
 import tempfile
 import time
@@ -17,6 +18,7 @@ from pathlib import Path
 from fol_infer.choices import EngineBuildMode, Precision
 from fol_infer.errors import UsageError
 from fol_infer.export.engines import EngineRecord, Profile
+from fol_infer.fileio import fsync_dir
 from fol_infer.progress import Progress, silent
 
 
@@ -29,14 +31,25 @@ def build_bundle_engines(
     progress: Progress | None = None,
     opt_batch: int | None = None,
     strongly_typed: bool = False,
+    notes: Progress | None = None,
 ) -> dict[str, EngineRecord]:
     """Build, write and record one engine per graph; returns the new records by graph name.
 
     fp16 keeps the precision plan's nodes fp32: per-layer constraints on TensorRT 10, a
     mixed-precision graph built strongly typed on TensorRT 11 (or on 10 with `strongly_typed`).
+    `notes` receives the lines worth keeping (what was pinned, a refused timing cache); on
+    TensorRT 10 the pins are also written beside each engine (`.pins.json`).
     """
     from fol_infer.bundle import Bundle
-    from fol_infer.export.engines import current_gpu, engine_file, rebuild_command, set_records
+    from fol_infer.export.engines import (
+        LAYERS_SUFFIX,
+        PINS_SUFFIX,
+        current_gpu,
+        engine_file,
+        engine_files,
+        rebuild_command,
+        set_records,
+    )
     from fol_infer.export.precision import plan_file, write_mixed
     from fol_infer.export.trt_build import (
         BuildOptions,
@@ -47,6 +60,7 @@ def build_bundle_engines(
     )
 
     say = progress or silent
+    note = notes or say
     precision = Precision.parse(precision, "--precision")
     profile = Profile.for_batch(max_batch, opt_batch)
     if workspace_gib is not None and not workspace_gib > 0:
@@ -86,13 +100,8 @@ def build_bundle_engines(
             shapes = {t.name: [int(d) for d in t.shape[1:]] for t in spec.inputs}
             start = time.perf_counter()
             result = build_engine(source, shapes, options, fp32, say)
-            if mode == "constraints":
-                say(f"{graph}: {result.pinned_layers} layers constrained to fp32")
-            if result.unmatched:
-                say(
-                    f"note: {len(result.unmatched)} fp32 {graph} nodes have no layer of their own "
-                    f"(folded by the parser), e.g. {', '.join(result.unmatched[:3])}"
-                )
+            for line in result.notes:
+                note(line)
             records[graph] = EngineRecord(
                 graph=graph,
                 file=engine_file(graph, precision),
@@ -114,23 +123,27 @@ def build_bundle_engines(
             rebuild = rebuild_command(bundle.folder, records[graph])
             session = EngineSession(result.engine, built, rebuild)
             try:  # it loads back here; the built layers' precisions are kept for inspection
-                built.with_suffix(".layers.json").write_text(session.layer_info())
+                built.with_suffix(LAYERS_SUFFIX).write_text(session.layer_info())
             finally:
                 session.close()
+            if result.pins is not None:
+                pins = json.dumps(result.pins.to_dict(), indent=1)
+                built.with_suffix(PINS_SUFFIX).write_text(pins)
             took = time.perf_counter() - start
             say(f"{built.name}: {len(result.engine) / 2**20:.1f} MiB in {took:.0f} s")
         for record in records.values():  # all built: only now replace the old engines
-            for name in (record.file, Path(record.file).with_suffix(".layers.json").name):
-                os.replace(Path(tmp) / name, bundle.folder / name)
+            for name in engine_files(record.file):
+                if (Path(tmp) / name).exists():
+                    os.replace(Path(tmp) / name, bundle.folder / name)
+                else:  # no pins for this build: an older build's must not describe it
+                    (bundle.folder / name).unlink(missing_ok=True)
+        fsync_dir(bundle.folder)
     old = {r.get("file") for r in bundle.manifest.engines.values()} - {
         r.file for r in records.values()
     }
     set_records(bundle.manifest, records)
     bundle.manifest.write(bundle.folder)
     for name in old:
-        for stale in (
-            bundle.folder / str(name),
-            (bundle.folder / str(name)).with_suffix(".layers.json"),
-        ):
-            stale.unlink(missing_ok=True)
+        for stale in engine_files(str(name)):
+            (bundle.folder / stale).unlink(missing_ok=True)
     return records

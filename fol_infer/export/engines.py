@@ -82,6 +82,15 @@ def engine_file(graph: str, precision: str) -> str:
     return f"{graph}.{precision}.engine"
 
 
+LAYERS_SUFFIX, PINS_SUFFIX = ".layers.json", ".pins.json"
+
+
+def engine_files(engine: str) -> list[str]:
+    """An engine file and the records beside it: the inspector's layers, the fp32 pins."""
+    stem = Path(engine)
+    return [engine, stem.with_suffix(LAYERS_SUFFIX).name, stem.with_suffix(PINS_SUFFIX).name]
+
+
 def rebuild_command(folder: str | Path, record: EngineRecord) -> str:
     cmd = f"fol-infer build-trt {shlex.quote(str(folder))} --precision {record.precision}"
     cmd += f" --max-batch {record.profile.max}"

@@ -13,7 +13,6 @@ major version are read with getattr.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,12 +21,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from fol_infer.errors import BackendUnavailableError, BundleError, EngineError, FolInferError
+from fol_infer.export.layer_pins import LayerView, PinReport, TensorView, plan_pins
+from fol_infer.fileio import atomic_write_bytes
 from fol_infer.progress import Progress, silent
 
 if TYPE_CHECKING:
     import tensorrt as trt
 
-_ONNX_LAYER = re.compile(r"\[ONNX Layer: ([^\]\x1e\x1f]+)\]")
 _MEMORY_WORDS = ("workspace", "insufficient", "out of memory", "memoryallocation")
 JETSON_RELEASE = Path("/etc/nv_tegra_release")  # present on L4T (JetPack) systems only
 
@@ -110,18 +110,6 @@ def build_failure_message(path: Path, log: Sequence[str], workspace_gib: float |
     return f"TensorRT could not build an engine from {path.name}: {text}; {hint}"
 
 
-def layer_nodes(
-    metadata: str, layer_name: str, outputs: Sequence[str], node_of_output: Mapping[str, str]
-) -> set[str]:
-    """ONNX nodes a network layer came from: the parser's metadata, else names, else outputs."""
-    found = set(_ONNX_LAYER.findall(metadata))
-    if found:
-        return found
-    if layer_name in node_of_output.values():
-        return {layer_name}
-    return {node_of_output[o] for o in outputs if o in node_of_output}
-
-
 @dataclass(frozen=True)
 class BuildOptions:
     precision: str  # "fp32" or "fp16"
@@ -134,12 +122,25 @@ class BuildOptions:
 @dataclass
 class BuildResult:
     engine: bytes
-    pinned_layers: int = 0  # layers constrained to fp32 (TensorRT 10 constraints mode)
-    unmatched: list[str] = field(default_factory=list)  # fp32 nodes no layer came from
+    pins: PinReport | None = None  # TensorRT 10 constraints mode: what was pinned, and why not
+    notes: list[str] = field(default_factory=list)  # lines for the user (timing cache, pins)
+
+
+_LOGGER: Any = None
 
 
 def _logger() -> Any:
-    """A TensorRT logger that keeps warnings and errors for the messages raised here."""
+    """The process's one TensorRT logger, shared by every Builder, parser and Runtime.
+
+    A new logger per object is reported to crash TensorRT 10.3 on JetPack 6 (NVIDIA/TensorRT
+    #4134), and TensorRT keeps using the first one it was given anyway.
+
+    It keeps warnings and errors for the messages raised here; `take` hands over those seen
+    since the last call.
+    """
+    global _LOGGER
+    if _LOGGER is not None:
+        return _LOGGER
     import logging
 
     import tensorrt as trt
@@ -153,41 +154,75 @@ def _logger() -> Any:
 
         def log(self, severity: trt.ILogger.Severity, msg: str) -> None:
             if int(severity) <= int(trt.ILogger.Severity.WARNING):
-                self.lines.append(msg)
+                self.lines = [*self.lines[-99:], msg]
                 log.warning("TensorRT: %s", msg)
             elif log.isEnabledFor(logging.DEBUG):
                 log.debug("TensorRT: %s", msg)
 
-    return Capture()
+        def take(self) -> list[str]:
+            lines, self.lines = self.lines, []
+            return lines
+
+    _LOGGER = Capture()
+    return _LOGGER
 
 
-def _pin_fp32(
-    network: trt.INetworkDefinition, fp32: Mapping[str, Sequence[str]]
-) -> tuple[int, list[str]]:
-    """TensorRT 10: constrain every layer of the plan's fp32 nodes to compute and emit fp32."""
-    import tensorrt as trt
+def _view(tensor: trt.ITensor) -> TensorView:
+    shape = tensor.is_shape_tensor or not tensor.is_execution_tensor
+    return TensorView(tensor.name, tensor.dtype.name, shape)
 
-    node_of_output = {out: node for node, outs in fp32.items() for out in outs}
-    matched: set[str] = set()
-    pinned = 0
+
+def network_layers(network: trt.INetworkDefinition) -> list[LayerView]:
+    """The parsed network as `layer_pins` reads it: names, metadata, tensors and their types."""
+    views = []
     for i in range(network.num_layers):
         layer = network.get_layer(i)
-        outs = [layer.get_output(k) for k in range(layer.num_outputs)]
-        nodes = layer_nodes(
-            getattr(layer, "metadata", ""), layer.name, [t.name for t in outs], node_of_output
+        inputs = [layer.get_input(k) for k in range(layer.num_inputs)]
+        views.append(
+            LayerView(
+                index=i,
+                name=layer.name,
+                metadata=getattr(layer, "metadata", ""),  # 10.0+: the parser's node names
+                kind=layer.type.name,
+                inputs=tuple(_view(t) for t in inputs if t is not None),  # optional inputs
+                outputs=tuple(_view(layer.get_output(k)) for k in range(layer.num_outputs)),
+            )
         )
-        nodes &= fp32.keys()
-        floats = [
-            k for k, t in enumerate(outs) if t.dtype in (trt.DataType.FLOAT, trt.DataType.HALF)
-        ]
-        if not nodes or not floats:
-            continue
-        layer.precision = trt.DataType.FLOAT
-        for k in floats:
+    return views
+
+
+def _pin_fp32(network: trt.INetworkDefinition, fp32: Mapping[str, Sequence[str]]) -> PinReport:
+    """TensorRT 10: constrain the plan's layers to compute fp32 and emit fp32 where float."""
+    import tensorrt as trt
+
+    report = plan_pins(network_layers(network), fp32)
+    for pin in report.pins:
+        layer = network.get_layer(pin.layer)
+        if pin.precision:
+            layer.precision = trt.DataType.FLOAT
+        for k in pin.float_outputs:
             layer.set_output_type(k, trt.DataType.FLOAT)
-        matched |= nodes
-        pinned += 1
-    return pinned, sorted(set(fp32) - matched)
+    return report
+
+
+def attach_timing_cache(config: trt.IBuilderConfig, path: Path | None) -> str | None:
+    """Give the build a timing cache: `path`'s when it loads, else a new one and the reason.
+
+    A cache from another TensorRT version or GPU is refused either way TensorRT says it:
+    `create_timing_cache` returning None, or `set_timing_cache` returning False.
+    """
+    data = path.read_bytes() if path is not None and path.is_file() else b""
+    cache = config.create_timing_cache(data)
+    if cache is not None and config.set_timing_cache(cache, False):
+        return None
+    why = "cannot be read by this TensorRT" if cache is None else "was made for another GPU"
+    empty = config.create_timing_cache(b"") if data else None
+    if empty is None or not config.set_timing_cache(empty, False):
+        raise EngineError("TensorRT could not create an empty timing cache (see the log with -v)")
+    return (
+        f"timing cache {path} {why} (another TensorRT version, or damaged): starting a new one, "
+        "which replaces the file after the build"
+    )
 
 
 def build_engine(
@@ -213,6 +248,7 @@ def build_engine(
             f"TensorRT {version} has no per-layer precision constraints: build fp16 strongly typed"
         )
     logger = _logger()
+    logger.take()  # this build's errors only, for the message below
     builder = trt.Builder(logger)
     flags = 0
     strong = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)  # 11: always on
@@ -240,7 +276,8 @@ def build_engine(
     if constraints:
         config.set_flag(trt.BuilderFlag.FP16)
         config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
-        result.pinned_layers, result.unmatched = _pin_fp32(network, fp32_nodes or {})
+        result.pins = _pin_fp32(network, fp32_nodes or {})
+        result.notes += result.pins.lines(onnx_path.stem)
     low, opt, high = options.batch
     profile = builder.create_optimization_profile()
     for i in range(network.num_inputs):
@@ -251,18 +288,14 @@ def build_engine(
         )
     config.add_optimization_profile(profile)
     cache_path = options.timing_cache
-    cache = config.create_timing_cache(
-        cache_path.read_bytes() if cache_path and cache_path.is_file() else b""
-    )
-    if not config.set_timing_cache(cache, False):
-        say(f"timing cache {cache_path} is from another GPU or TensorRT: starting a new one")
-        config.set_timing_cache(config.create_timing_cache(b""), False)
+    if (why := attach_timing_cache(config, cache_path)) is not None:
+        result.notes.append(why)
     say(f"building the {options.precision} engine for {onnx_path.name} (minutes)")
     plan = builder.build_serialized_network(network, config)
     if plan is None:
-        raise EngineError(build_failure_message(onnx_path, logger.lines, options.workspace_gib))
+        raise EngineError(build_failure_message(onnx_path, logger.take(), options.workspace_gib))
     if cache_path is not None:
-        cache_path.write_bytes(bytes(config.get_timing_cache().serialize()))
+        atomic_write_bytes(cache_path, bytes(config.get_timing_cache().serialize()))
     result.engine = bytes(plan)
     return result
 
@@ -345,12 +378,18 @@ class EngineSession:
         if not context.execute_async_v3(stream):
             raise EngineError(f"TensorRT failed to run {self.path.name} (see the log with -v)")
 
-    def layer_info(self) -> str:
-        """TensorRT's JSON description of the built layers, their precisions included."""
+    def layer_info(self, batch: int = 1) -> str:
+        """TensorRT's JSON description of the built layers, their precisions included.
+
+        Formats are known for concrete shapes only ("N/A due to dynamic shapes" otherwise), so
+        the execution context is inspected with every input at `batch`.
+        """
         import tensorrt as trt
 
-        engine, _ = self._live()
+        engine, context = self._live()
+        self.set_batch(batch)
         inspector = engine.create_engine_inspector()
+        inspector.execution_context = context
         return inspector.get_engine_information(trt.LayerInformationFormat.JSON)
 
     def close(self) -> None:

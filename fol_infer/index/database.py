@@ -35,7 +35,6 @@ from fol_infer.index.global_index import GlobalIndex
 from fol_infer.index.metadata import IndexMetadata
 from fol_infer.index.token_store import TokenStore
 from fol_infer.loader import iter_batches
-from fol_infer.model.arch import GLOBAL_DIM
 from fol_infer.progress import Advance
 
 METADATA, DESCRIPTORS, TOKENS, FAISS_FILE = "index.json", "descriptors", "tokens", "global.faiss"
@@ -118,7 +117,7 @@ def _open_stores(
 def _faiss_from_descriptors(
     descriptors: TokenStore, factory: str, device: FaissDevice
 ) -> GlobalIndex:
-    index = GlobalIndex.create(GLOBAL_DIM, factory, device=device)
+    index = GlobalIndex.create(descriptors.dim, factory, device=device)
     _extend(index, descriptors, 0)
     return index
 
@@ -168,7 +167,7 @@ def build_index(
     report.folder = out
     if report.total == 0:
         raise UsageError(f"none of the {len(files)} files under {db_folder} could be read")
-    seal_index(work, GlobalIndex.create(GLOBAL_DIM, settings.factory, device="cpu"))
+    seal_index(work)
     if work != out:
         replace_folder(work, out)
     return report
@@ -201,9 +200,12 @@ def encode_into(
             settings=settings.to_dict()
             | {"resolution": list(bundle.resolution), "complete": False},
         )
-        descriptors = TokenStore.create(work / DESCRIPTORS, dtype="fp32", dim=GLOBAL_DIM)
+        manifest = bundle.manifest  # store widths as the graphs were exported
+        descriptors = TokenStore.create(
+            work / DESCRIPTORS, dtype="fp32", dim=manifest.descriptor_dim
+        )
         token_stores = [
-            TokenStore.create(work / name, dtype=dtype)
+            TokenStore.create(work / name, dtype=dtype, dim=manifest.token_dim)
             for name, dtype in _token_layout(settings.tokens)
         ]
         meta.save(work / METADATA)
@@ -237,19 +239,34 @@ def encode_into(
     return report
 
 
-def seal_index(work: Path, empty: GlobalIndex) -> None:
-    """Add the folder's descriptors to `empty` (a fresh or an already trained FAISS index
-    holding no vectors), save it as the folder's FAISS file and mark the index complete."""
+def seal_index(work: Path, empty: GlobalIndex | None = None) -> None:
+    """Add the folder's descriptors to `empty` (an already trained FAISS index holding no
+    vectors; default: a new one of the recorded factory), save it as the folder's FAISS file
+    and mark the index complete."""
     meta = IndexMetadata.load(work / METADATA)
     descriptors = TokenStore.open(work / DESCRIPTORS)
     try:
         _stores_match(meta, descriptors)
+        if empty is None:
+            empty = GlobalIndex.create(descriptors.dim, meta.settings["factory"], device="cpu")
         _extend(empty, descriptors, 0)
         empty.save(work / FAISS_FILE)
     finally:
         descriptors.close()
     meta.settings["complete"] = True
     meta.save(work / METADATA)
+
+
+def recorded_bundle(index_dir: str | Path) -> Path:
+    """The bundle folder an index (or a map) was built with, as its metadata records it."""
+    from fol_infer.index.shards import MapManifest, is_map
+
+    if is_map(Path(index_dir)):
+        return Path(MapManifest.load(Path(index_dir)).bundle_name)
+    path = Path(index_dir) / METADATA
+    if not path.is_file():
+        raise UsageError(f"{index_dir} is not an index (no {METADATA})")
+    return Path(IndexMetadata.load(path).bundle_name)
 
 
 def _check_settings(meta: IndexMetadata, settings: BuildSettings, folder: Path) -> None:

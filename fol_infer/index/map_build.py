@@ -45,7 +45,6 @@ from fol_infer.index.shards import (
     shard_name,
 )
 from fol_infer.index.token_store import TokenStore
-from fol_infer.model.arch import GLOBAL_DIM
 from fol_infer.progress import Advance
 
 MapMode = Literal["new", "append", "force"]
@@ -90,12 +89,8 @@ def run_shard_job(job: ShardJob, encoder: Encoder | None, progress: Advance | No
                 job.decode_threads,
             )
         if job.seal:
-            empty = (
-                GlobalIndex.open(job.quantizer, device="cpu")
-                if job.quantizer
-                else GlobalIndex.create(GLOBAL_DIM, job.settings.factory, device="cpu")
-            )
-            seal_index(folder, empty)
+            quantizer = job.quantizer
+            seal_index(folder, GlobalIndex.open(quantizer, device="cpu") if quantizer else None)
     return len(IndexMetadata.load(folder / METADATA).paths)
 
 
@@ -152,7 +147,8 @@ def build_map(
     manifest.save(work)
 
     pending = range(manifest.pending_from or 0, len(manifest.shards))
-    untrained = GlobalIndex.create(GLOBAL_DIM, settings.factory, device="cpu").is_trained
+    dim = bundle.manifest.descriptor_dim
+    untrained = GlobalIndex.create(dim, settings.factory, device="cpu").is_trained
     quantizer = work / QUANTIZER
     one_pass = untrained or quantizer.is_file()  # else: encode, train, then seal
     jobs = [
@@ -169,7 +165,7 @@ def build_map(
     ]
     runner.run(jobs, progress)
     if not one_pass:
-        _train_quantizer(work, manifest, settings.factory).save(quantizer)
+        _train_quantizer(work, manifest, settings.factory, dim).save(quantizer)
         seal = [
             ShardJob(j.bundle, j.root, j.folder, settings, quantizer=str(quantizer)) for j in jobs
         ]
@@ -200,7 +196,8 @@ def _prepare(
         raise UsageError(f"{out} exists and is not a map: choose another --out or pass --force")
     if not is_map(work):
         work.mkdir(parents=True, exist_ok=True)
-        probe = GlobalIndex.create(GLOBAL_DIM, settings.factory, device="cpu")
+        dim = bundle.manifest.descriptor_dim
+        probe = GlobalIndex.create(dim, settings.factory, device="cpu")
         manifest = MapManifest(
             root=str(root),
             bundle_sha256=bundle.manifest.fingerprint,
@@ -266,9 +263,9 @@ def _plan(
     return {first + i: [new[j] for j in r] for i, r in enumerate(ranges)}
 
 
-def _train_quantizer(work: Path, manifest: MapManifest, factory: str) -> GlobalIndex:
+def _train_quantizer(work: Path, manifest: MapManifest, factory: str, dim: int) -> GlobalIndex:
     """Train on descriptors in global order, in the chunks a single index adds them in."""
-    index = GlobalIndex.create(GLOBAL_DIM, factory, device="cpu")
+    index = GlobalIndex.create(dim, factory, device="cpu")
     buffered: list[np.ndarray] = []
     for entry in manifest.shards:
         meta = IndexMetadata.load(work / entry.name / METADATA)

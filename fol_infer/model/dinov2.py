@@ -152,7 +152,3 @@ class DinoV2(nn.Module):
         x = self.norm(x)
         saliency = cls_attn[:, :, 1:].sum(dim=1)
         return x[:, 1:], x[:, 0], saliency
-
-
-def grid_size(height: int, width: int) -> tuple[int, int]:
-    return height // PATCH_SIZE, width // PATCH_SIZE

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from fol_infer.errors import UsageError
+from fol_infer.model.arch import MAX_TOKENS, TOKEN_DIM
 
 BYTES_PER_FP16 = 2
 
@@ -52,7 +53,7 @@ def kernel_dim(dim: int) -> int:
     return max(16, 1 << max(0, dim - 1).bit_length())
 
 
-def images_per_gib(mean_tokens: float = 3400.0, dim: int = 128) -> int:
+def images_per_gib(mean_tokens: float = 3400.0, dim: int = TOKEN_DIM) -> int:
     """How many images a GiB of GPU memory holds as resident float16 tokens (+12 B of index)."""
     per_image = mean_tokens * kernel_dim(dim) * BYTES_PER_FP16 + 12
     return int(2**30 // per_image)
@@ -70,7 +71,7 @@ def _common_dim(sets: Sequence[np.ndarray | torch.Tensor]) -> int:
     dims = {int(s.shape[1]) for s in sets if s.shape[0] > 0}
     if len(dims) > 1:
         raise UsageError(f"token sets of different widths {sorted(dims)}: use one encoder")
-    return dims.pop() if dims else 128
+    return dims.pop() if dims else TOKEN_DIM
 
 
 def _fp16_rows(x: np.ndarray | torch.Tensor, dim: int, device: torch.device) -> torch.Tensor:
@@ -169,9 +170,9 @@ class ResidentTokens:
         count: int,
         *,
         device: torch.device | str = "cuda",
-        dim: int = 128,
+        dim: int = TOKEN_DIM,
         token_counts: np.ndarray | None = None,
-        max_tokens_per_image: int = 3600,
+        max_tokens_per_image: int = MAX_TOKENS,
         batch: int = 512,
     ) -> ResidentTokens:
         """Load ids 0..count-1 batch by batch, validating each batch once here (the kernel path
@@ -262,8 +263,8 @@ class PinnedStager:
         source: TokenSource,
         *,
         device: torch.device | str = "cuda",
-        dim: int = 128,
-        rows: int = 100 * 3600,
+        dim: int = TOKEN_DIM,
+        rows: int = 100 * MAX_TOKENS,
         check_finite: bool = True,
     ):
         self.source, self.dim, self.check_finite = source, dim, check_finite

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from numbers import Real
 from typing import Any
 
-from fol_infer.choices import RerankBackend
+from fol_infer.choices import RerankBackend, TokenFormat
 from fol_infer.errors import UsageError
 
 DEFAULT_THRESHOLD = 0.7  # the published value (spec section 7)
@@ -45,6 +45,12 @@ class RerankSettings:
         if self.workers is not None and int(self.workers) < 1:
             raise UsageError(f"re-ranking workers must be at least 1, got {self.workers}")
 
-    def to_json(self) -> dict[str, Any]:
-        """What reports and query JSON record about the re-ranking."""
-        return {"threshold": self.threshold, "backend": str(self.backend)}
+    def check_tokens(self, tokens: TokenFormat | str, where: str) -> None:
+        """Refuse a backend that cannot score `where`'s token format (before any work starts)."""
+        cpu_only = (RerankBackend.AUTO, RerankBackend.CPU)
+        if tokens == TokenFormat.INT8_EXACT and self.backend not in cpu_only:
+            raise UsageError(
+                f"{where} keeps int8-exact tokens, which are re-ranked on the CPU by the "
+                f"certified CPU re-ranker; the {self.backend} re-ranker cannot score them: "
+                "choose auto or cpu, or an fp16 index"
+            )
