@@ -107,6 +107,8 @@ class RayShardSet(ShardSet):
         todo = [i for i, a in enumerate(args) if a is not None]
         reasons: dict[int, str] = {}
         for _attempt in range(2):
+            if not todo:
+                break
             refs = {i: getattr(self._actor(i), method).remote(*args[i]) for i in todo}  # type: ignore[misc]
             ready, _ = self._ray.wait(
                 list(refs.values()), num_returns=len(refs), timeout=self.timeout_s
@@ -131,8 +133,6 @@ class RayShardSet(ShardSet):
                 self._ray.kill(self._actors[i], no_restart=True)
                 self._actors[i] = None
             todo = failed
-            if not todo:
-                break
         missing = [self.entries[i].name for i in todo]
         if todo and not allow_partial:
             i = todo[0]
