@@ -10,27 +10,24 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from fol_infer import __version__
+from fol_infer.choices import VerifyLevel
 from fol_infer.errors import BundleError
 from fol_infer.fileio import atomic_write_json
+from fol_infer.integrity import check_level, check_sha256
+from fol_infer.onnx_inputs import GraphInput, MalformedGraph, read_inputs
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
+FORMAT = "fol-infer-bundle"  # the manifest's marker: what `--force` may replace
 MAX_BATCH = 1024  # the dynamic batch range of an exported graph (and of engines built from it)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def preprocessing_spec() -> dict[str, Any]:
@@ -130,6 +127,7 @@ class Manifest:
             return [{"name": t.name, "shape": t.shape, "dtype": t.dtype} for t in ts]
 
         return {
+            "format": FORMAT,
             "schema_version": self.schema_version,
             "toolkit_version": self.toolkit_version,
             "created": self.created,
@@ -193,9 +191,19 @@ class Bundle:
             return self.folder / self.manifest.reference["file"]
         return self.folder / self.manifest.graphs[name].file
 
+    @property
+    def repair_command(self) -> str:
+        """The command that writes this bundle again from its checkpoint."""
+        h, w = self.resolution
+        ckpt = shlex.quote(str(self.manifest.checkpoint.get("path", "CHECKPOINT")))
+        out = shlex.quote(str(self.folder))
+        return f"fol-infer export {ckpt} --out {out} --resolution {h}x{w} --force"
+
     @classmethod
-    def open(cls, folder: str | Path, verify: str = "sizes") -> Bundle:
-        """Read and check a bundle. verify: "sizes" (fast) or "full" (sha256 of every file)."""
+    def open(cls, folder: str | Path, verify: VerifyLevel | str = "cached") -> Bundle:
+        """Read and check a bundle (`fol_infer.integrity` says what each level checks):
+        sizes, graph inputs against the manifest, and the graphs' sha256 unless "sizes"."""
+        level = check_level(verify)
         folder = Path(folder)
         manifest_path = folder / MANIFEST
         if not folder.is_dir():
@@ -222,21 +230,66 @@ class Bundle:
         except (KeyError, TypeError, ValueError, IndexError) as exc:
             raise BundleError(f"{manifest_path} is incomplete ({exc!r}); re-export") from None
         bundle = cls(folder=folder, manifest=manifest)
-        bundle.check_files(full=(verify == "full"))
+        bundle.check_files(level)
+        bundle.check_graph_inputs()
         return bundle
 
-    def check_files(self, full: bool) -> None:
-        entries = [(g.file, g.bytes, g.sha256) for g in self.manifest.graphs.values()]
+    def check_files(self, verify: VerifyLevel) -> None:
+        """Sizes of every file; sha256 of the graphs ("cached") or of every file ("full")."""
+        entries = [(g.file, g.bytes, g.sha256, verify) for g in self.manifest.graphs.values()]
         ref = self.manifest.reference
-        entries.append((ref["file"], int(ref["bytes"]), ref["sha256"]))
-        for name, size, digest in entries:
+        ref_level: VerifyLevel = "full" if verify == "full" else "sizes"
+        entries.append((ref["file"], int(ref["bytes"]), ref["sha256"], ref_level))
+        for name, size, _, _ in entries:
             path = self.folder / name
             if not path.is_file():
-                raise BundleError(f"bundle {self.folder} lacks {name}; re-export")
+                raise BundleError(f"bundle {self.folder} lacks {name}: {self.repair_command}")
             if path.stat().st_size != size:
                 raise BundleError(
                     f"{path} has {path.stat().st_size} bytes, the manifest says {size}: "
-                    "the file was changed or truncated; re-export"
+                    f"the file was changed or truncated; re-export: {self.repair_command}"
                 )
-            if full and sha256_file(path) != digest:
-                raise BundleError(f"{path} does not match its sha256 in the manifest; re-export")
+        for name, _, digest, level in entries:
+            repair = f"re-export the bundle: {self.repair_command}"
+            check_sha256(self.folder / name, digest, level, repair)
+
+    def check_graph_inputs(self) -> None:
+        """Each graph's declared inputs (read from the .onnx without its weights) against the
+        manifest's, and the image input against the manifest's resolution, so that an edited
+        manifest is refused here rather than deep inside a runtime."""
+        for name, spec in self.manifest.graphs.items():
+            path = self.folder / spec.file
+            try:
+                found = read_inputs(path)
+            except (OSError, MalformedGraph) as exc:
+                raise BundleError(
+                    f"{path} is not a readable ONNX graph ({exc}): {self.repair_command}"
+                ) from None
+            problem = _inputs_problem(spec.inputs, found)
+            if name == "global" and problem is None and found and len(found[0].shape) == 4:
+                h, w = found[0].shape[2:]
+                if (h, w) != tuple(self.resolution):
+                    problem = (
+                        f"it takes {h}x{w} images, the manifest's resolution is "
+                        f"{self.resolution[0]}x{self.resolution[1]}"
+                    )
+            if problem is not None:
+                raise BundleError(
+                    f"{self.folder / MANIFEST} disagrees with {path}: {problem} (the manifest "
+                    f"was edited or a graph replaced); re-export: {self.repair_command}"
+                )
+
+
+def _inputs_problem(declared: list[TensorSpec], found: list[GraphInput]) -> str | None:
+    """What differs between the manifest's inputs and the graph's, or None."""
+    if [t.name for t in declared] != [g.name for g in found]:
+        return f"inputs {[g.name for g in found]}, the manifest says {[t.name for t in declared]}"
+    for t, g in zip(declared, found):
+        fixed = [d if isinstance(d, int) else None for d in t.shape]
+        have = [d if isinstance(d, int) else None for d in g.shape]
+        if fixed != have or t.dtype != g.dtype:
+            return (
+                f"input {g.name!r} is {g.dtype} {list(g.shape)}, the manifest says "
+                f"{t.dtype} {t.shape}"
+            )
+    return None

@@ -76,7 +76,9 @@ class Precision(Choice):
 
 
 # Choices that never reach the command line: typed lists for the library's own arguments.
-VerifyLevel = Literal["sizes", "full"]  # sizes only, or also the sha256 of every file
+# What opening checks (fol_infer.integrity): sizes only; the hashes the verification cache
+# cannot vouch for (the default); or every hash, every time.
+VerifyLevel = Literal["sizes", "cached", "full"]
 FaissDevice = Literal["auto", "cpu", "gpu"]
 StoreDtype = Literal["fp32", "fp16", "int8"]  # one token store's row type
 IndexMode = Literal["new", "append", "force"]  # how `build_index` treats an existing folder

@@ -17,6 +17,7 @@ from fol_infer.backends.base import Encoder
 from fol_infer.fileio import atomic_writer
 from fol_infer.images import ImageSource
 from fol_infer.loader import Failure, iter_batches
+from fol_infer.model.arch import GLOBAL_DIM, MAX_TOKENS, TOKEN_DIM
 from fol_infer.progress import Advance
 
 
@@ -73,14 +74,10 @@ def encode_images(
             names.extend(str(sources[i]) for i in chunk.indices)
         if progress is not None:
             progress(len(chunk.indices) + len(chunk.failures))
-    if not names:
-        return Encoded(
-            np.empty((0, 0), np.float32),
-            np.empty((0, 0, 0), np.float32),
-            np.empty(0, np.int64),
-            [],
-            failures,
-        )
+    if not names:  # nothing decoded: empty arrays of the published widths
+        shapes = ((0, GLOBAL_DIM), (0, MAX_TOKENS, TOKEN_DIM))
+        descriptors, tokens = [np.empty(shapes[0], np.float32)], [np.empty(shapes[1], np.float32)]
+        counts = [np.empty(0, np.int64)]
     return Encoded(
         np.concatenate(descriptors), np.concatenate(tokens), np.concatenate(counts), names, failures
     )

@@ -39,5 +39,14 @@ class EngineError(FolInferError):
     """A TensorRT engine that failed to build or to run (out of memory, rejected shape)."""
 
 
+class DamagedFileError(UsageError):
+    """A file whose bytes differ from what was recorded when it was written (flipped bytes,
+    a partial copy): named with the command that repairs it, never served."""
+
+    def __init__(self, path: object, detail: str, repair: str) -> None:
+        super().__init__(f"{path} is damaged: {detail}. Repair: {repair}")
+        self.path, self.detail, self.repair = path, detail, repair
+
+
 class ShardUnavailableError(FolInferError):
     """A shard of a map that did not answer in time; the message names it and its ids."""

@@ -24,6 +24,12 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _user_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Keep the verification cache and generated defaults out of the user's ~/.cache."""
+    os.environ["FOL_INFER_CACHE"] = str(tmp_path_factory.mktemp("user-cache"))
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     pytest.importorskip("torch", reason="checkpoints need PyTorch (pip install '.[export]')")

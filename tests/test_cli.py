@@ -33,7 +33,7 @@ def test_make_checkpoint_export_verify_info(tmp_path: Path) -> None:
     assert code == 0, out
     assert "TensorRT-ready" in out and "NOT" not in out
     code, out = run("export", ckpt, "--out", bundle, "--resolution", "210")
-    assert code == 2 and "already exists" in out
+    assert code == 2 and "already holds a bundle: pass --force" in out
     code, out = run("verify", bundle, "--backend", "onnx")
     assert code == 0 and "passed" in out
     code, out = run("verify", bundle, "--backend", "torch")
@@ -45,7 +45,8 @@ def test_make_checkpoint_export_verify_info(tmp_path: Path) -> None:
 
 
 def test_verify_fails_with_exit_1_beyond_tolerance(tiny_bundle: Path, tmp_path: Path) -> None:
-    from fol_infer.bundle import Manifest, sha256_file
+    from fol_infer.bundle import Manifest
+    from fol_infer.integrity import sha256_file
 
     copy = tmp_path / "b"
     shutil.copytree(tiny_bundle, copy)

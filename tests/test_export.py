@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,7 @@ torch = pytest.importorskip("torch", reason="export tests need PyTorch")
 from onnx import TensorProto, helper  # noqa: E402
 
 from fol_infer.bundle import Bundle  # noqa: E402
-from fol_infer.errors import BundleError, UsageError  # noqa: E402
+from fol_infer.errors import BundleError, DamagedFileError, UsageError  # noqa: E402
 from fol_infer.export import onnx as onnx_export  # noqa: E402
 from fol_infer.export.opcheck import check_bundle, check_graph  # noqa: E402
 
@@ -40,7 +41,7 @@ def test_bundle_contents_and_manifest(tiny_bundle: Path, tiny_checkpoint: Path) 
     local = {o["name"]: (o["shape"], o["dtype"]) for o in m["graphs"]["local"]["outputs"]}
     assert local["tokens"] == (["batch", 3600, 128], "float32")
     assert local["count"] == (["batch"], "int32")
-    from fol_infer.bundle import sha256_file
+    from fol_infer.integrity import sha256_file
 
     assert m["checkpoint"]["sha256"] == sha256_file(tiny_checkpoint)
     Bundle.open(tiny_bundle, verify="full")
@@ -99,13 +100,25 @@ def test_bad_resolution_is_refused_before_any_work(
     assert list(tmp_path.iterdir()) == []
 
 
-def test_existing_folder_needs_force(tiny_checkpoint: Path, tmp_path: Path) -> None:
+def test_a_folder_that_is_not_a_bundle_is_never_replaced(
+    tiny_checkpoint: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "b"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    with pytest.raises(UsageError, match="--force"):
+    with pytest.raises(UsageError, match="is not a fol-infer bundle: choose another --out"):
         onnx_export.export_bundle(tiny_checkpoint, out, 210)
+    with pytest.raises(UsageError, match="refusing to replace .*not a fol-infer bundle"):
+        onnx_export.export_bundle(tiny_checkpoint, out, 210, force=True)
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
     assert (out / "keep.txt").read_text() == "mine"
+    ckpt_home = tmp_path / "models"  # --out the folder holding the checkpoint
+    ckpt_home.mkdir()
+    copy = ckpt_home / "tiny.pth"
+    shutil.copy(tiny_checkpoint, copy)
+    with pytest.raises(UsageError, match="it contains the checkpoint"):
+        onnx_export.export_bundle(copy, ckpt_home, 210, force=True)
+    assert copy.read_bytes() == tiny_checkpoint.read_bytes()
 
 
 def test_failed_export_leaves_nothing_behind(
@@ -143,7 +156,9 @@ def test_bundle_from_another_schema_or_tampered_is_refused(
     with open(copy / "local.onnx", "r+b") as f:
         f.seek(100)
         f.write(b"\x00\x01")
-    with pytest.raises(BundleError, match="sha256"):
+    with pytest.raises(
+        DamagedFileError, match="local.onnx is damaged: its sha256.*fol-infer export"
+    ):
         Bundle.open(copy, verify="full")
     (copy / "reference.npz").write_bytes(b"short")
     with pytest.raises(BundleError, match="bytes"):

@@ -9,7 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fol_infer.errors import BackendUnavailableError, IndexStoreError, UsageError
+from fol_infer.errors import (
+    BackendUnavailableError,
+    DamagedFileError,
+    IndexStoreError,
+    UsageError,
+)
 from fol_infer.fileio import atomic_writer
 from fol_infer.index import global_index
 from fol_infer.index.global_index import GlobalIndex, gpu_available
@@ -135,7 +140,7 @@ def test_open_refuses_damaged_files(tmp_path: Path, rng: np.random.Generator) ->
     flipped[len(data) // 2] ^= 0x10
     path.write_bytes(bytes(flipped))
     GlobalIndex.open(path, verify="sizes", device="cpu")  # sizes alone cannot see it
-    with pytest.raises(IndexStoreError, match="sha256"):
+    with pytest.raises(DamagedFileError, match="sha256"):
         GlobalIndex.open(path, verify="full")
 
     path.write_bytes(data.replace(b'"schema_version": 1', b'"schema_version": 7'))

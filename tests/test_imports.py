@@ -16,6 +16,8 @@ RUNTIME_MODULES = (
     "fol_infer.bench.harness",
     "fol_infer.export.opcheck",
     "fol_infer.export.precision",
+    "fol_infer.export.bundle_engines",
+    "fol_infer.encoding",
 )
 
 

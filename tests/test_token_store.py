@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from fol_infer.choices import StoreDtype
-from fol_infer.errors import IndexStoreError, UsageError
+from fol_infer.errors import DamagedFileError, IndexStoreError, UsageError
 from fol_infer.index import metadata, token_store
 from fol_infer.index.token_store import TokenStore, quantize_int8
 
@@ -182,7 +182,7 @@ def test_get_reads_only_the_requested_rows(tmp_path: Path, rng: np.random.Genera
     counts = np.full(6000, 3500, dtype=np.int64)
     real = {0: unit_rows(rng, 3500), 3141: unit_rows(rng, 3500), 5999: unit_rows(rng, 3500)}
     _write_sparse_store(tmp_path / "big", counts, real)
-    with TokenStore.open(tmp_path / "big") as store:
+    with TokenStore.open(tmp_path / "big", verify="sizes") as store:
         assert len(store) == 6000
         got = store.get([5999, 3141, 0, 17])
     for g, i in zip(got[:3], [5999, 3141, 0], strict=True):
@@ -266,7 +266,9 @@ def test_checksum_corruption_found_by_full_verify(
         f.seek(-1, os.SEEK_CUR)
         f.write(bytes([byte[0] ^ 0x40]))
     TokenStore.open(path, verify="sizes").close()  # sizes alone cannot see it
-    with pytest.raises(IndexStoreError, match=rf"{name} fails its checksum in commit 1"):
+    with pytest.raises(
+        DamagedFileError, match=rf"{name} is damaged: its crc32 differs in commit 1"
+    ):
         TokenStore.open(path, verify="full")
 
 

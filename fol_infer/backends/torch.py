@@ -11,8 +11,9 @@ from pathlib import Path
 import numpy as np
 
 from fol_infer.backends.base import Encoder, GlobalOutput, LocalOutput
-from fol_infer.bundle import Bundle, sha256_file
+from fol_infer.bundle import Bundle
 from fol_infer.errors import BackendUnavailableError, CheckpointError
+from fol_infer.integrity import sha256_file
 
 
 class TorchEncoder(Encoder):

@@ -7,21 +7,16 @@ into the same cache, keyed by its sha256 and the resolution.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-from fol_infer.bundle import sha256_file
+from fol_infer.integrity import sha256_file
 from fol_infer.progress import Progress
+from fol_infer.user_cache import cache_dir
 
 DEFAULT_ARCH = "vitb14"
 DEFAULT_SEED = 0
 # Small enough for the whole default run to take a few minutes on 2 CPU cores.
 DEFAULT_PLACES, DEFAULT_QUERIES_PER_PLACE, DEFAULT_DISTRACTORS, DEFAULT_DATA_SEED = 12, 1, 8, 0
-
-
-def cache_dir() -> Path:
-    root = os.environ.get("FOL_INFER_CACHE") or Path.home() / ".cache" / "fol-infer"
-    return Path(root)
 
 
 def default_checkpoint(say: Progress) -> Path:

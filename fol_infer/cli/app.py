@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import wraps
@@ -10,9 +11,11 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from fol_infer import __version__
 from fol_infer.errors import FolInferError
+from fol_infer.fsnames import printable
 from fol_infer.progress import Progress
 
 app = typer.Typer(
@@ -35,7 +38,8 @@ def friendly_errors(func: F) -> F:
         try:
             return func(*args, **kwargs)
         except FolInferError as exc:
-            console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+            message = escape(printable(str(exc)))
+            console.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             console.print("[yellow]interrupted[/yellow]")
@@ -63,6 +67,10 @@ def untrained_banner(trained: bool) -> None:
 def _main(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
 ) -> None:
+    for stream in (sys.stdout, sys.stderr):  # a name no codec can print must not end a run
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            reconfigure(errors="backslashreplace")
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",

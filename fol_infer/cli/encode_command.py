@@ -12,6 +12,7 @@ from fol_infer.cli.app import app, console, friendly_errors, untrained_banner
 from fol_infer.cli.options import BackendOption, BatchOption, CheckpointOption
 from fol_infer.cli.progress import progress_bar
 from fol_infer.errors import UsageError
+from fol_infer.fsnames import printable
 
 
 @app.command()
@@ -48,7 +49,8 @@ def encode(
     finally:
         encoder.close()
     for failure in encoded.failures:
-        console.print(f"[yellow]skipped[/yellow] {failure.reason}", highlight=False, soft_wrap=True)
+        reason = printable(failure.reason)
+        console.print(f"[yellow]skipped[/yellow] {reason}", highlight=False, soft_wrap=True)
     if not encoded.paths:
         raise UsageError("no image could be read; nothing written")
     encoded.save_npz(out)

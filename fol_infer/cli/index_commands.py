@@ -21,6 +21,7 @@ from fol_infer.cli.options import (
 )
 from fol_infer.cli.progress import progress_bar
 from fol_infer.errors import ImageError, UsageError
+from fol_infer.fsnames import printable
 from fol_infer.rerank.settings import DEFAULT_THRESHOLD
 
 
@@ -53,7 +54,8 @@ def index(
     force: Annotated[
         bool,
         typer.Option(
-            help="Rebuild an existing index (the old one stays until the new one is done)."
+            help="Rebuild an existing index (the old one stays until the new one is done). "
+            "Replaces only a fol-infer index, never other files or a folder holding the input."
         ),
     ] = False,
     shards: Annotated[
@@ -67,6 +69,10 @@ def index(
         int,
         typer.Option(min=1, help="Image-decoding threads per encoder (per Ray task with --ray)."),
     ] = 2,
+    wait: Annotated[
+        bool,
+        typer.Option(help="If another process is writing this index, wait for it (default: stop)."),
+    ] = False,
 ) -> None:
     """Index a database: global descriptors in FAISS, region tokens in a memory-mapped store.
 
@@ -89,22 +95,39 @@ def index(
     if shards is not None or ray is not None or (out / "map.json").is_file():
         from fol_infer.cli.map_commands import index_map
 
-        index_map(bundle, db_folder, out, settings, shards, mode, ray, backend, decode_threads)
+        index_map(
+            bundle, db_folder, out, settings, shards, mode, ray, backend, decode_threads, wait
+        )
         return
     encoder = open_encoder(bundle, backend, checkpoint=checkpoint)
+
+    def notice(message: str) -> None:
+        console.print(printable(message), highlight=False, soft_wrap=True)
+
     try:
         with progress_bar(console, "indexing", total=0) as advance:
-            report = build_index(bundle, encoder, db_folder, out, settings, mode, advance)
+            report = build_index(
+                bundle, encoder, db_folder, out, settings, mode, advance, wait, notice
+            )
     finally:
         encoder.close()
+    for path in report.retried:
+        note = "failed before and changed since, tried again"
+        console.print(f"[cyan]retried[/cyan] {printable(path)}: {note}", highlight=False)
     for path, reason in report.failures:
-        console.print(f"[yellow]skipped[/yellow] {path}: {reason}", highlight=False, soft_wrap=True)
+        console.print(
+            f"[yellow]skipped[/yellow] {printable(path)}: {printable(reason)}",
+            highlight=False,
+            soft_wrap=True,
+        )
     resumed = (
         f" (resumed after {report.resumed_from})" if report.resumed_from and mode == "new" else ""
     )
+    retried = f", {len(report.retried)} retried" if report.retried else ""
     console.print(
-        f"{out}: {report.total} images indexed, {report.added} added{resumed} at "
-        f"{report.images_per_second:.1f} img/s, {len(report.failures)} skipped"
+        f"{printable(str(out))}: {report.total} images indexed, {report.added} added{resumed} at "
+        f"{report.images_per_second:.1f} img/s, {len(report.failures)} skipped{retried}",
+        highlight=False,
     )
 
 
@@ -162,20 +185,23 @@ def query(
             try:
                 results.extend(retriever.query([path], top_k, rerank_k, rerank=not no_rerank))
             except ImageError as exc:  # one unreadable query must not lose the others
-                console.print(f"[yellow]skipped[/yellow] {exc}", highlight=False, soft_wrap=True)
+                message = printable(str(exc))
+                console.print(
+                    f"[yellow]skipped[/yellow] {message}", highlight=False, soft_wrap=True
+                )
     if as_json:
         print(json.dumps([r.to_json() for r in results], indent=2))
         return
     for r in results:
-        table = Table(title=r.query, title_justify="left")
+        table = Table(title=printable(r.query), title_justify="left")
         table.add_column("rank", justify="right")
         table.add_column("global (score)")
         if r.reranked is not None:
             table.add_column(f"re-ranked (matches above {r.threshold})")
         for i, hit in enumerate(r.global_hits):
-            row = [str(hit.rank), f"{hit.path} ({hit.score:.3f})"]
+            row = [str(hit.rank), f"{printable(hit.path)} ({hit.score:.3f})"]
             if r.reranked is not None:
                 rr = r.reranked[i] if i < len(r.reranked) else None
-                row.append(f"{rr.path} ({rr.matches})" if rr else "")
+                row.append(f"{printable(rr.path)} ({rr.matches})" if rr else "")
             table.add_row(*row)
         stdout.print(table)

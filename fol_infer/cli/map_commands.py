@@ -7,6 +7,7 @@ from pathlib import Path
 from fol_infer.bundle import Bundle
 from fol_infer.cli.app import console
 from fol_infer.cli.progress import progress_bar
+from fol_infer.fsnames import printable
 from fol_infer.index.database import BuildSettings
 from fol_infer.index.map_build import LocalRunner, MapMode, ShardRunner, build_map
 
@@ -21,10 +22,14 @@ def index_map(
     ray: str | None,
     backend: str,
     decode_threads: int,
+    wait: bool = False,
 ) -> None:
     """Build, resume or extend the map at `out` and print what was done."""
+
+    def notice(message: str) -> None:
+        console.print(printable(message), highlight=False, soft_wrap=True)
+
     runner: ShardRunner
-    close = None
     if ray is not None:
         from fol_infer.distributed.build import RayRunner
 
@@ -37,11 +42,17 @@ def index_map(
         runner, close = LocalRunner(encoder), encoder.close
     try:
         with progress_bar(console, "indexing", total=0) as advance:
-            report = build_map(bundle, db_folder, out, runner, settings, shards, mode, advance)
+            report = build_map(
+                bundle, db_folder, out, runner, settings, shards, mode, advance, wait, notice
+            )
     finally:
         close()
     for path, reason in report.failures:
-        console.print(f"[yellow]skipped[/yellow] {path}: {reason}", highlight=False, soft_wrap=True)
+        console.print(
+            f"[yellow]skipped[/yellow] {printable(path)}: {printable(reason)}",
+            highlight=False,
+            soft_wrap=True,
+        )
     console.print(
         f"{out}: map of {report.shards} shards, {report.total} images, {report.added} added at "
         f"{report.images_per_second:.1f} img/s, {len(report.failures)} skipped"

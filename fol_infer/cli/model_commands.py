@@ -48,7 +48,13 @@ def export(
         str, typer.Option(help="Input size: N or HxW, multiples of 14, >= 210.")
     ] = str(DEFAULT_RESOLUTION),
     opset: Annotated[int, typer.Option(help="ONNX opset (>= 17).")] = 18,
-    force: Annotated[bool, typer.Option(help="Replace an existing bundle folder.")] = False,
+    force: Annotated[
+        bool,
+        typer.Option(
+            help="Replace an existing bundle (only a fol-infer bundle or an empty folder, "
+            "never one holding the checkpoint)."
+        ),
+    ] = False,
     trust_checkpoint: Annotated[
         bool,
         typer.Option(help="Allow full unpickling of the checkpoint (runs code it holds)."),

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fol_infer.bundle import MAX_BATCH, GraphSpec, Manifest, TensorSpec, sha256_file
+from fol_infer.bundle import MAX_BATCH, GraphSpec, Manifest, TensorSpec
 from fol_infer.errors import UsageError
 from fol_infer.export.graphs import (
     GLOBAL_INPUTS,
@@ -29,7 +29,9 @@ from fol_infer.export.graphs import (
 from fol_infer.export.reference import reference_images
 from fol_infer.fileio import replace_folder
 from fol_infer.images import DEFAULT_RESOLUTION, check_resolution
+from fol_infer.integrity import sha256_file
 from fol_infer.model.checkpoint import LoadedCheckpoint, load_checkpoint
+from fol_infer.ownership import check_replaceable, occupied
 from fol_infer.progress import Progress, silent
 
 log = logging.getLogger(__name__)
@@ -111,11 +113,19 @@ def _reference_outputs(
     }
 
 
-def _place(tmp: Path, out: Path, force: bool) -> None:
+def _check_out(out: Path, force: bool, checkpoint: Path) -> None:
+    """Refuse an existing `out` without --force, and with it anything but a bundle."""
+    if not (out.exists() or out.is_symlink()):
+        return
+    if not force:
+        raise UsageError(occupied(out, "bundle"))
+    check_replaceable(out, "bundle", {"checkpoint": checkpoint})
+
+
+def _place(tmp: Path, out: Path, force: bool, checkpoint: Path) -> None:
     """Move the finished bundle into place; with force, replace the old one only now."""
     if out.exists():
-        if not force:  # re-checked: the folder may have appeared during the export
-            raise UsageError(f"{out} already exists: pass --force to replace it")
+        _check_out(out, force, checkpoint)  # again: the folder may have changed meanwhile
     replace_folder(tmp, out)
 
 
@@ -139,8 +149,7 @@ def export_bundle(
         else load_checkpoint(checkpoint, trust=trust_checkpoint)
     )
     out = Path(out) if out is not None else default_bundle_dir(loaded.arch.name, size)
-    if out.exists() and not force:
-        raise UsageError(f"{out} already exists: pass --force to replace it, or choose --out")
+    _check_out(out, force, loaded.path)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
@@ -181,7 +190,7 @@ def export_bundle(
             created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         )
         manifest.write(tmp)
-        _place(tmp, out, force)
+        _place(tmp, out, force, loaded.path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -9,17 +9,21 @@ Layout of INDEX_DIR:
 - ``global.faiss``  GlobalIndex, derived from ``descriptors/`` (rebuilt when behind)
 
 Commit order per batch: descriptors, tokens (int8 then float32), then ``index.json``, whose
-image count is the commit point. After a crash the stores may hold a batch more than the
-metadata; opening or resuming cuts them back to it. A new build is marked incomplete until its
-last batch, so an interrupted build is never served; re-running the same command resumes it.
-Appending keeps the index servable after every batch.
+image count is the commit point. After a crash, or while a writer is between commits, the
+stores may hold a batch more than the metadata: a writer resuming cuts them back to it, a
+reader leaves the extra rows unread. A new build is marked incomplete until its last batch, so
+an interrupted build is never served; re-running the same command resumes it. Appending keeps
+the index servable after every batch. Every write happens under the index's writer lock
+(`fol_infer.index.lock`); `--force` replaces only an index (`fol_infer.ownership`); a build
+that fails before its first commit leaves nothing behind.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,9 +36,11 @@ from fol_infer.errors import IndexStoreError, UsageError
 from fol_infer.fileio import replace_folder
 from fol_infer.images import find_images
 from fol_infer.index.global_index import GlobalIndex
+from fol_infer.index.lock import WriterLock
 from fol_infer.index.metadata import IndexMetadata
 from fol_infer.index.token_store import TokenStore
 from fol_infer.loader import iter_batches
+from fol_infer.ownership import check_replaceable, occupied
 from fol_infer.progress import Advance
 
 METADATA, DESCRIPTORS, TOKENS, FAISS_FILE = "index.json", "descriptors", "tokens", "global.faiss"
@@ -63,6 +69,7 @@ class BuildReport:
     failures: list[tuple[str, str]] = field(default_factory=list)
     resumed_from: int = 0
     seconds: float = 0.0
+    retried: list[str] = field(default_factory=list)  # failed before, changed since
 
     @property
     def images_per_second(self) -> float:
@@ -73,17 +80,18 @@ def _is_index(folder: Path) -> bool:
     return (folder / METADATA).is_file()
 
 
-def _stores_match(meta: IndexMetadata, *stores: TokenStore) -> None:
-    """Cut stores back to the metadata's commit point (a crash between commits)."""
+def _stores_match(meta: IndexMetadata, stores: list[TokenStore], writer: bool) -> None:
+    """Bring stores back to the metadata's commit point: a writer cuts what a crash left
+    past it; a reader only leaves it unread (a writer may be committing it right now)."""
     n = len(meta.paths)
     for store in stores:
         if len(store) < n:
             raise IndexStoreError(
                 f"{store.path} holds {len(store)} images but {METADATA} lists {n}: the index "
-                "is damaged; rebuild it with --force"
+                f"is damaged; rebuild it: {meta.rebuild_command(store.path.parent)}"
             )
         if len(store) > n:
-            store.truncate(n)
+            store.truncate(n) if writer else store.limit(n)
 
 
 def _token_layout(fmt: TokenFormat | str) -> list[tuple[str, StoreDtype]]:
@@ -95,18 +103,16 @@ def _token_layout(fmt: TokenFormat | str) -> list[tuple[str, StoreDtype]]:
 
 
 def _open_stores(
-    folder: Path,
-    fmt: TokenFormat | str,
-    meta: IndexMetadata,
-    verify: VerifyLevel = "sizes",
+    folder: Path, fmt: TokenFormat | str, meta: IndexMetadata, verify: VerifyLevel, writer: bool
 ) -> list[TokenStore]:
-    """The descriptor store, then the token stores, cut back to the metadata's commit point;
-    when one is refused, none is left open."""
+    """The descriptor store, then the token stores, at the metadata's commit point; when one
+    is refused, none is left open."""
     stores: list[TokenStore] = []
+    repair = meta.rebuild_command(folder)
     try:
         for name in [DESCRIPTORS, *(name for name, _ in _token_layout(fmt))]:
-            stores.append(TokenStore.open(folder / name, verify=verify))
-        _stores_match(meta, *stores)
+            stores.append(TokenStore.open(folder / name, verify=verify, repair=repair))
+        _stores_match(meta, stores, writer)
     except BaseException:
         for store in stores:
             store.close()
@@ -141,35 +147,32 @@ def build_index(
     settings: BuildSettings | None = None,
     mode: IndexMode = "new",
     progress: Advance | None = None,
+    wait: bool = False,
+    notice: Callable[[str], None] | None = None,
 ) -> BuildReport:
-    """Encode every image under `db_folder` into the index at `out` (see module doc)."""
+    """Encode every image under `db_folder` into the index at `out` (see module doc), holding
+    the index's writer lock throughout (`wait`: wait for another writer instead of refusing)."""
     settings = settings or BuildSettings()
     out, root = Path(out), Path(db_folder).resolve()
     files = find_images([root])
     if not files:
         raise UsageError(f"no images found under {db_folder} (looked for jpg, png, ...)")
-    work = out
-    if _is_index(out) and mode == "new":
-        meta = IndexMetadata.load(out / METADATA)
-        if meta.settings.get("complete", False):
-            raise UsageError(
-                f"{out} already holds an index: pass --append to add images or --force to rebuild"
-            )
-    elif out.exists() and not _is_index(out) and mode != "force" and any(out.iterdir()):
-        raise UsageError(f"{out} exists and is not an index: choose another --out or pass --force")
-    if mode == "force" and out.exists():
-        work = out.with_name(out.name + REBUILD_SUFFIX)
-        shutil.rmtree(work, ignore_errors=True)
-    if mode == "append" and not _is_index(out):
-        raise UsageError(f"--append: {out} is not an index yet; build it first")
-
-    report = encode_into(bundle, encoder, root, files, work, settings, progress)
+    with WriterLock(out, wait=wait, notice=notice):
+        work = _output_folder(out, mode, {"database folder": root, "bundle": bundle.folder})
+        existed = work.exists()
+        meta, stores = _open_or_create(work, bundle, root, settings)
+        try:
+            report = _encode_all(encoder, bundle, files, work, meta, stores, settings, progress)
+        except BaseException:
+            if not meta.paths:  # nothing committed: leave no half-made index behind
+                _discard(work, existed)
+            raise
+        finally:
+            for store in stores:
+                store.close()
+        if work != out:
+            replace_folder(work, out)
     report.folder = out
-    if report.total == 0:
-        raise UsageError(f"none of the {len(files)} files under {db_folder} could be read")
-    seal_index(work)
-    if work != out:
-        replace_folder(work, out)
     return report
 
 
@@ -183,78 +186,182 @@ def encode_into(
     progress: Advance | None = None,
     decode_threads: int = 2,
 ) -> BuildReport:
-    """Encode the `files` (under `root`) not yet in the index folder `work`, creating or
-    resuming it, one commit per batch; the FAISS file and the complete mark are `seal_index`'s.
-    """
-    if _is_index(work):
-        meta = IndexMetadata.load(work / METADATA)
-        meta.check_bundle(bundle.manifest.fingerprint, str(bundle.folder))
-        _check_settings(meta, settings, work)
-        descriptors, *token_stores = _open_stores(work, settings.tokens, meta)
-    else:
-        work.mkdir(parents=True, exist_ok=True)
-        meta = IndexMetadata(
-            root=str(root),
-            bundle_sha256=bundle.manifest.fingerprint,
-            bundle_name=str(bundle.folder),
-            settings=settings.to_dict()
-            | {"resolution": list(bundle.resolution), "complete": False},
-        )
-        manifest = bundle.manifest  # store widths as the graphs were exported
-        descriptors = TokenStore.create(
-            work / DESCRIPTORS, dtype="fp32", dim=manifest.descriptor_dim
-        )
-        token_stores = [
-            TokenStore.create(work / name, dtype=dtype, dim=manifest.token_dim)
-            for name, dtype in _token_layout(settings.tokens)
-        ]
-        meta.save(work / METADATA)
-
-    # Names stay relative to the first build's root; paths are resolved as that root was.
-    known = set(meta.paths) | {p for p, _ in meta.failures}
-    todo = [f.resolve() for f in files if meta.name_of(f.resolve()) not in known]
-    report = BuildReport(folder=work, added=0, total=len(meta.paths), resumed_from=len(meta.paths))
-    start = time.perf_counter()
-    try:
-        for batch in iter_batches(todo, bundle.resolution, settings.batch, workers=decode_threads):
-            failures = [(meta.name_of(f.source), f.reason) for f in batch.failures]
-            if batch.indices:
-                result = encoder.encode(batch.images)
-                descriptors.append([d[None] for d in result.descriptors])
-                token_lists = result.token_list()
-                for store in token_stores:
-                    store.append(token_lists)
-                meta.add_images([todo[i] for i in batch.indices])
-            meta.failures.extend(failures)
-            meta.save(work / METADATA)  # the commit point
-            report.added += len(batch.indices)
-            report.failures.extend(failures)
-            if progress:
-                progress(len(batch.indices) + len(failures), len(todo))
-    finally:
-        for store in (descriptors, *token_stores):
-            store.close()
-    report.total = len(meta.paths)
-    report.seconds = time.perf_counter() - start
-    return report
+    """Encode the `files` (under `root`) not yet in the index folder `work` (a map's shard),
+    creating or resuming it, one commit per batch, under its writer lock; the FAISS file and
+    the complete mark are `seal_index`'s."""
+    with WriterLock(work):
+        meta, stores = _open_or_create(work, bundle, root, settings)
+        try:
+            return _encode_all(
+                encoder, bundle, list(files), work, meta, stores, settings, progress,
+                decode_threads, seal=False,
+            )  # fmt: skip
+        finally:
+            for store in stores:
+                store.close()
 
 
 def seal_index(work: Path, empty: GlobalIndex | None = None) -> None:
     """Add the folder's descriptors to `empty` (an already trained FAISS index holding no
     vectors; default: a new one of the recorded factory), save it as the folder's FAISS file
-    and mark the index complete."""
-    meta = IndexMetadata.load(work / METADATA)
-    descriptors = TokenStore.open(work / DESCRIPTORS)
+    and mark the index complete, under its writer lock."""
+    with WriterLock(work):
+        meta = IndexMetadata.load(work / METADATA)
+        repair = meta.rebuild_command(work)
+        descriptors = TokenStore.open(work / DESCRIPTORS, verify="cached", repair=repair)
+        try:
+            _stores_match(meta, [descriptors], True)
+            if empty is None:
+                empty = GlobalIndex.create(descriptors.dim, meta.settings["factory"], "cpu")
+            _extend(empty, descriptors, 0)
+            empty.save(work / FAISS_FILE)
+        finally:
+            descriptors.close()
+        meta.settings["complete"] = True
+        meta.save(work / METADATA)
+
+
+def _output_folder(out: Path, mode: IndexMode, inputs: dict[str, Path]) -> Path:
+    """The folder to write into (a sibling for --force), after refusing what the mode may
+    not touch (`fol_infer.ownership`)."""
+    if mode == "append":
+        if not _is_index(out):
+            raise UsageError(f"--append: {out} is not an index yet; build it first")
+        return out
+    if mode == "force":
+        check_replaceable(out, "index", inputs)
+        if not out.exists():
+            return out
+        work = out.with_name(out.name + REBUILD_SUFFIX)
+        check_replaceable(work, "index", inputs)  # an interrupted --force's, or nothing
+        shutil.rmtree(work, ignore_errors=True)
+        return work
+    if _is_index(out):
+        if IndexMetadata.load(out / METADATA).settings.get("complete", False):
+            raise UsageError(
+                f"{out} already holds an index: pass --append to add images or --force to rebuild"
+            )
+        return out  # an interrupted build: resume it
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UsageError(occupied(out, "index"))
+    return out
+
+
+def _open_or_create(
+    work: Path, bundle: Bundle, root: Path, settings: BuildSettings
+) -> tuple[IndexMetadata, list[TokenStore]]:
+    """The metadata and stores (descriptors first) of an index to extend, or of a new one."""
+    if _is_index(work):
+        meta = IndexMetadata.load(work / METADATA)
+        meta.check_bundle(bundle.manifest.fingerprint, str(bundle.folder))
+        _check_settings(meta, settings, work)
+        return meta, _open_stores(work, settings.tokens, meta, "cached", writer=True)
+    work.mkdir(parents=True, exist_ok=True)
+    meta = IndexMetadata(
+        root=str(root),
+        bundle_sha256=bundle.manifest.fingerprint,
+        bundle_name=str(bundle.folder),
+        settings=settings.to_dict() | {"resolution": list(bundle.resolution), "complete": False},
+    )
+    manifest = bundle.manifest  # store widths as the graphs were exported
+    stores = [TokenStore.create(work / DESCRIPTORS, dtype="fp32", dim=manifest.descriptor_dim)]
     try:
-        _stores_match(meta, descriptors)
-        if empty is None:
-            empty = GlobalIndex.create(descriptors.dim, meta.settings["factory"], device="cpu")
-        _extend(empty, descriptors, 0)
-        empty.save(work / FAISS_FILE)
-    finally:
-        descriptors.close()
-    meta.settings["complete"] = True
-    meta.save(work / METADATA)
+        for name, dtype in _token_layout(settings.tokens):
+            stores.append(TokenStore.create(work / name, dtype=dtype, dim=manifest.token_dim))
+        meta.save(work / METADATA)
+    except BaseException:
+        for store in stores:
+            store.close()
+        raise
+    return meta, stores
+
+
+def _to_encode(files: list[Path], meta: IndexMetadata, report: BuildReport) -> list[Path]:
+    """Files not indexed yet: new ones, and recorded failures whose file changed since."""
+    known = set(meta.paths)
+    failed = {name for name, _ in meta.failures}
+    todo = []
+    for f in (f.resolve() for f in files):
+        name = meta.name_of(f)
+        if name in known:
+            continue
+        if name in failed:
+            if _stamp(f) == meta.failure_stamps.get(name):
+                continue
+            meta.forget_failure(name)
+            report.retried.append(name)
+        todo.append(f)
+    return todo
+
+
+def _stamp(path: Path | str) -> list[int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return [st.st_size, st.st_mtime_ns]
+
+
+def _encode_all(
+    encoder: Encoder,
+    bundle: Bundle,
+    files: list[Path],
+    work: Path,
+    meta: IndexMetadata,
+    stores: list[TokenStore],
+    settings: BuildSettings,
+    progress: Advance | None,
+    decode_threads: int = 2,
+    seal: bool = True,
+) -> BuildReport:
+    """Encode and commit batch by batch, then (with `seal`) write global.faiss and mark the
+    build complete."""
+    descriptors, *token_stores = stores
+    report = BuildReport(folder=work, added=0, total=len(meta.paths), resumed_from=len(meta.paths))
+    todo = _to_encode(files, meta, report)  # names stay relative to the first build's root
+    start = time.perf_counter()
+    for batch in iter_batches(todo, bundle.resolution, settings.batch, workers=decode_threads):
+        failures = [(meta.name_of(f.source), f.reason) for f in batch.failures]
+        if batch.indices:
+            result = encoder.encode(batch.images)
+            descriptors.append([d[None] for d in result.descriptors])
+            token_lists = result.token_list()
+            for store in token_stores:
+                store.append(token_lists)
+            meta.add_images([todo[i] for i in batch.indices])
+        meta.failures.extend(failures)
+        for f, (name, _) in zip(batch.failures, failures):
+            stamp = _stamp(f.source)
+            if stamp is not None:
+                meta.failure_stamps[name] = stamp
+        meta.save(work / METADATA)  # the commit point
+        report.added += len(batch.indices)
+        report.failures.extend(failures)
+        if progress:
+            progress(len(batch.indices) + len(failures), len(todo))
+    if seal:
+        if not meta.paths:
+            raise UsageError(f"none of the {len(files)} image files could be read")
+        _faiss_from_descriptors(descriptors, settings.factory, "cpu").save(work / FAISS_FILE)
+        meta.settings["complete"] = True
+        meta.save(work / METADATA)
+    report.total = len(meta.paths)
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _discard(work: Path, existed: bool) -> None:
+    """Remove what a build that committed nothing wrote: the folder if it made it, else only
+    the index's own entries (a user's empty folder stays)."""
+    if not existed:
+        shutil.rmtree(work, ignore_errors=True)
+        return
+    for name in (METADATA, DESCRIPTORS, TOKENS, EXACT_TOKENS, FAISS_FILE):
+        path = work / name
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def recorded_bundle(index_dir: str | Path) -> Path:
@@ -286,7 +393,7 @@ class Database:
         folder: str | Path,
         bundle: Bundle | None = None,
         device: FaissDevice = "auto",
-        verify: VerifyLevel = "sizes",
+        verify: VerifyLevel = "cached",
     ) -> None:
         self.folder = Path(folder)
         if not _is_index(self.folder):
@@ -308,7 +415,9 @@ class Database:
         self.token_format = TokenFormat.parse(
             self.meta.settings.get("tokens", "fp16"), "token format"
         )
-        descriptors, *stores = _open_stores(self.folder, self.token_format, self.meta, verify)
+        descriptors, *stores = _open_stores(
+            self.folder, self.token_format, self.meta, verify, writer=False
+        )
         self.tokens = stores[0]
         self.exact_tokens = stores[1] if len(stores) > 1 else None  # int8-exact only
         try:
@@ -325,7 +434,13 @@ class Database:
     ) -> GlobalIndex:
         """The saved FAISS index, caught up with descriptors appended since it was saved."""
         path, n = self.folder / FAISS_FILE, len(self.meta.paths)
-        index = GlobalIndex.open(path, verify=verify, device=device) if path.is_file() else None
+        repair = (
+            f"{self.meta.rebuild_command(self.folder, append=True)} (rebuilds it from the "
+            "stored descriptors, encoding only new images)"
+        )
+        index = None
+        if path.is_file():
+            index = GlobalIndex.open(path, verify=verify, device=device, repair=repair)
         if index is None or len(index) > n or index.factory != self.meta.settings["factory"]:
             index = _faiss_from_descriptors(descriptors, str(self.meta.settings["factory"]), device)
         elif len(index) < n:

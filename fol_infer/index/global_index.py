@@ -17,7 +17,8 @@ index (rebuilt after `add`); factories FAISS cannot put on a GPU (HNSW) stay on 
 File format (one file, written atomically: temp + fsync + os.replace):
 ``b"FOLGIDX1"``, u32 header length, JSON header (schema and toolkit version, factory, dim,
 ntotal, search parameters), the FAISS index bytes, u64 length of those bytes, and the sha256
-of everything before it. `open` checks the sizes always and the hash with ``verify="full"``.
+of everything before it. `open` checks the sizes always and the hash unless ``verify="sizes"``
+(with ``"cached"``, only when the verification cache cannot vouch for the file).
 """
 
 from __future__ import annotations
@@ -34,9 +35,10 @@ import numpy as np
 
 from fol_infer import __version__
 from fol_infer.choices import FaissDevice, VerifyLevel
-from fol_infer.errors import BackendUnavailableError, IndexStoreError, UsageError
+from fol_infer.errors import BackendUnavailableError, DamagedFileError, IndexStoreError, UsageError
 from fol_infer.fileio import atomic_writer
 from fol_infer.index.metadata import check_schema, store_error
+from fol_infer.integrity import VerificationCache, needs_hash
 from fol_infer.model.arch import GLOBAL_DIM
 
 SCHEMA_VERSION = 1
@@ -269,9 +271,16 @@ class GlobalIndex:
 
     @classmethod
     def open(
-        cls, path: Path | str, verify: VerifyLevel = "sizes", device: FaissDevice = "auto"
+        cls,
+        path: Path | str,
+        verify: VerifyLevel = "cached",
+        device: FaissDevice = "auto",
+        repair: str = "rebuild the index",
     ) -> GlobalIndex:
-        """Load a saved index; refuse a torn, damaged or other-schema file, naming it."""
+        """Load a saved index; refuse a torn, damaged or other-schema file, naming it. Unless
+        `verify` is "sizes", the file is hashed while FAISS reads it (no second read) and
+        checked against its footer, except where the verification cache vouches for it
+        (`fol_infer.integrity`)."""
         faiss = _faiss()
         path = Path(path)
         try:
@@ -282,39 +291,41 @@ class GlobalIndex:
             size = os.fstat(f.fileno()).st_size
             head = f.read(len(_MAGIC) + _U32.size)
             if len(head) < len(_MAGIC) + _U32.size or head[: len(_MAGIC)] != _MAGIC:
-                raise IndexStoreError(f"{path} is not a fol-infer global index: rebuild it")
+                raise IndexStoreError(f"{path} is not a fol-infer global index: {repair}")
             hlen = _U32.unpack_from(head, len(_MAGIC))[0]
+            raw_header = f.read(hlen)
             try:
-                header = json.loads(f.read(hlen))
+                header = json.loads(raw_header)
                 check_schema(header["schema_version"], SCHEMA_VERSION, path, "global index")
                 factory, dim, ntotal = str(header["factory"]), header["dim"], header["ntotal"]
                 params = dict(header["search_params"])
             except (ValueError, KeyError, TypeError):
-                raise IndexStoreError(f"{path} has a damaged header: rebuild the index") from None
+                raise DamagedFileError(path, "its header is unreadable", repair) from None
             f.seek(size - _TAIL)
-            payload = _U64.unpack(f.read(_U64.size))[0] if size >= _TAIL else -1
+            tail = f.read(_TAIL) if size >= _TAIL else b""
+            payload = _U64.unpack_from(tail)[0] if tail else -1
             if size != len(head) + hlen + payload + _TAIL:
                 raise IndexStoreError(
                     f"{path} has {size} bytes, its header and footer say "
-                    f"{len(head) + hlen + max(payload, 0) + _TAIL}: the file is torn; rebuild it"
+                    f"{len(head) + hlen + max(payload, 0) + _TAIL}: the file is torn; {repair}"
                 )
-            if verify == "full":
-                f.seek(0)
-                h = hashlib.sha256()
-                left = size - 32
-                while left:
-                    block = f.read(min(left, 64 << 20))
-                    h.update(block)
-                    left -= len(block)
-                if h.digest() != f.read(32):
-                    raise IndexStoreError(f"{path} fails its sha256 check: rebuild the index")
+            digest = tail[_U64.size :].hex()
+            hasher = hashlib.sha256(head + raw_header) if needs_hash(path, digest, verify) else None
             f.seek(len(head) + hlen)
+            reader = _bounded_reader(f, payload, hasher)
             try:
-                index = faiss.read_index(faiss.PyCallbackIOReader(_bounded_reader(f, payload)))
+                index = faiss.read_index(faiss.PyCallbackIOReader(reader))
             except RuntimeError:
-                raise IndexStoreError(f"{path}: FAISS cannot read it; rebuild the index") from None
+                raise DamagedFileError(path, "FAISS cannot read it", repair) from None
+            if hasher is not None:
+                while reader(1 << 22):  # whatever FAISS did not need to read
+                    pass
+                hasher.update(tail[: _U64.size])
+                if hasher.hexdigest() != digest:
+                    raise DamagedFileError(path, "its sha256 differs from its footer's", repair)
+                VerificationCache().remember(path, digest)
         if index.ntotal != ntotal or index.d != dim:
-            raise IndexStoreError(f"{path} disagrees with its own header: rebuild the index")
+            raise DamagedFileError(path, "it disagrees with its own header", repair)
         out = cls(index, factory, device, None)
         if params:
             out.set_search_params(**params)
@@ -363,13 +374,16 @@ class _HashingWriter:
         return self._h.digest()
 
 
-def _bounded_reader(f: IO[bytes], n: int) -> Callable[[int], bytes]:
-    """A read callback for FAISS that never reads past the index bytes into the footer."""
+def _bounded_reader(f: IO[bytes], n: int, hasher: Any = None) -> Callable[[int], bytes]:
+    """A read callback for FAISS that never reads past the index bytes into the footer, and
+    feeds what it reads to `hasher` when one is given."""
     left = [n]
 
     def read(size: int) -> bytes:
         data = f.read(min(size, left[0]))
         left[0] -= len(data)
+        if hasher is not None:
+            hasher.update(data)
         return data
 
     return read

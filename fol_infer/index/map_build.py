@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Protocol
@@ -35,6 +35,7 @@ from fol_infer.index.database import (
     seal_index,
 )
 from fol_infer.index.global_index import GlobalIndex
+from fol_infer.index.lock import WriterLock
 from fol_infer.index.metadata import IndexMetadata
 from fol_infer.index.shards import (
     QUANTIZER,
@@ -45,6 +46,7 @@ from fol_infer.index.shards import (
     shard_name,
 )
 from fol_infer.index.token_store import TokenStore
+from fol_infer.ownership import check_replaceable, occupied
 from fol_infer.progress import Advance
 
 MapMode = Literal["new", "append", "force"]
@@ -134,34 +136,57 @@ def build_map(
     shards: int | None = None,
     mode: MapMode = "new",
     progress: Advance | None = None,
+    wait: bool = False,
+    notice: Callable[[str], None] | None = None,
 ) -> MapReport:
-    """Build (or resume, or extend with `shards` new shards, default 1) the map at `out`."""
+    """Build (or resume, or extend with `shards` new shards, default 1) the map at `out`,
+    holding the map's writer lock throughout (each shard job also takes its shard's)."""
     settings = settings or BuildSettings()
-    out, start = Path(out), time.perf_counter()
-    files = find_images([Path(db_folder).resolve()])
+    out, root, start = Path(out), Path(db_folder).resolve(), time.perf_counter()
+    files = find_images([root])
     if not files:
         raise UsageError(f"no images found under {db_folder} (looked for jpg, png, ...)")
-    work, manifest = _prepare(bundle, out, Path(db_folder).resolve(), settings, mode)
-    before = manifest.images if manifest.pending_from else 0
-    todo = _plan(manifest, files, shards, settings.batch, out)
-    manifest.save(work)
+    with WriterLock(out, wait=wait, notice=notice):
+        work, manifest = _prepare(bundle, out, root, settings, mode)
+        before = manifest.images if manifest.pending_from else 0
+        todo = _plan(manifest, files, shards, settings.batch, out)
+        manifest.save(work)
+        _run_jobs(bundle, work, manifest, todo, runner, settings, progress)
+        failures = _finish(work, manifest)
+        if work != out:
+            replace_folder(work, out)
+    added = manifest.images - before
+    report = MapReport(out, added, manifest.images, len(manifest.shards), failures)
+    report.approximate = manifest.approximate
+    report.seconds = time.perf_counter() - start
+    return report
 
-    pending = range(manifest.pending_from or 0, len(manifest.shards))
+
+def _run_jobs(
+    bundle: Bundle,
+    work: Path,
+    manifest: MapManifest,
+    todo: dict[int, list[Path]],
+    runner: ShardRunner,
+    settings: BuildSettings,
+    progress: Advance | None,
+) -> None:
+    """One job per unfinished shard; trained factories: encode all, train, then seal all."""
     dim = bundle.manifest.descriptor_dim
     untrained = GlobalIndex.create(dim, settings.factory, device="cpu").is_trained
     quantizer = work / QUANTIZER
-    one_pass = untrained or quantizer.is_file()  # else: encode, train, then seal
+    one_pass = untrained or quantizer.is_file()
     jobs = [
         ShardJob(
             str(bundle.folder),
             manifest.root,
             str(work / manifest.shards[i].name),
             settings,
-            files=tuple(str(f) for f in todo[i]),
+            files=tuple(str(f) for f in files),
             quantizer=str(quantizer) if quantizer.is_file() else None,
             seal=one_pass,
         )
-        for i in pending
+        for i, files in todo.items()
     ]
     runner.run(jobs, progress)
     if not one_pass:
@@ -170,14 +195,6 @@ def build_map(
             ShardJob(j.bundle, j.root, j.folder, settings, quantizer=str(quantizer)) for j in jobs
         ]
         runner.run(seal, None)
-    failures = _finish(work, manifest)
-    if work != out:
-        replace_folder(work, out)
-    added = manifest.images - before
-    report = MapReport(out, added, manifest.images, len(manifest.shards), failures)
-    report.approximate = manifest.approximate
-    report.seconds = time.perf_counter() - start
-    return report
 
 
 def _prepare(
@@ -189,11 +206,15 @@ def _prepare(
     if mode == "append" and not is_map(out):
         raise UsageError(f"--append: {out} is not a map yet; build it first")
     work = out
-    if mode == "force" and out.exists():
-        work = out.with_name(out.name + REBUILD_SUFFIX)
-        shutil.rmtree(work, ignore_errors=True)
-    elif out.exists() and not is_map(out) and any(out.iterdir()):
-        raise UsageError(f"{out} exists and is not a map: choose another --out or pass --force")
+    if mode == "force":
+        inputs = {"database folder": root, "bundle": bundle.folder}
+        check_replaceable(out, "map", inputs)
+        if out.exists():
+            work = out.with_name(out.name + REBUILD_SUFFIX)
+            check_replaceable(work, "map", inputs)  # an interrupted --force's, or nothing
+            shutil.rmtree(work, ignore_errors=True)
+    elif out.exists() and not is_map(out) and (not out.is_dir() or any(out.iterdir())):
+        raise UsageError(occupied(out, "map"))
     if not is_map(work):
         work.mkdir(parents=True, exist_ok=True)
         dim = bundle.manifest.descriptor_dim

@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +28,7 @@ from fol_infer.errors import IndexStoreError
 from fol_infer.fileio import atomic_write_json
 
 SCHEMA_VERSION = 1
-_FORMAT = "fol-infer-index-metadata"
+FORMAT = "fol-infer-index-metadata"
 
 
 def store_error(exc: OSError, doing: str, path: Path | str) -> IndexStoreError:
@@ -106,8 +107,9 @@ class IndexMetadata:
 
     `paths` are POSIX paths relative to `root` (the database root at build time).
     `failures` lists images that could not be encoded, as (relative path, reason); they have
-    no id. `settings` holds the build settings (resolution, factory, token dtype, ...) as
-    JSON values.
+    no id. `failure_stamps` keeps each failed file's [size, mtime_ns] when it failed, so that
+    an append retries a file that changed since (re-copied). `settings` holds the build
+    settings (resolution, factory, token dtype, ...) as JSON values.
     """
 
     root: str
@@ -116,6 +118,7 @@ class IndexMetadata:
     settings: dict[str, Any] = field(default_factory=dict)
     paths: list[str] = field(default_factory=list)
     failures: list[tuple[str, str]] = field(default_factory=list)
+    failure_stamps: dict[str, list[int]] = field(default_factory=dict)
     toolkit_version: str = __version__
     schema_version: int = SCHEMA_VERSION
 
@@ -139,6 +142,19 @@ class IndexMetadata:
         """Append images in id order, named by `name_of`."""
         self.paths.extend(self.name_of(p) for p in paths)
 
+    def forget_failure(self, name: str) -> None:
+        """Drop a recorded failure (its file is about to be tried again)."""
+        self.failures = [f for f in self.failures if f[0] != name]
+        self.failure_stamps.pop(name, None)
+
+    def rebuild_command(self, folder: Path | str, append: bool = False) -> str:
+        """The command that rebuilds this index (``--force``: re-encodes every image) or, with
+        `append`, rebuilds only what derives from the stored descriptors (global.faiss)."""
+        tokens, factory = self.settings.get("tokens", "fp16"), self.settings.get("factory", "Flat")
+        words = ["fol-infer", "index", self.bundle_name or "BUNDLE", self.root, "--out", folder]
+        words += ["--append" if append else "--force", "--tokens", tokens, "--faiss", factory]
+        return " ".join(shlex.quote(os.fsdecode(w)) for w in words)
+
     def check_bundle(self, sha256: str, name: str = "") -> None:
         """Refuse to serve an index with a bundle other than the one that built it."""
         check_bundle(self.bundle_sha256, self.bundle_name, sha256, name, "index")
@@ -146,7 +162,7 @@ class IndexMetadata:
     def save(self, path: Path | str) -> None:
         """Write atomically (see module doc)."""
         obj = {
-            "format": _FORMAT,
+            "format": FORMAT,
             "schema_version": self.schema_version,
             "toolkit_version": self.toolkit_version,
             "root": self.root,
@@ -155,13 +171,14 @@ class IndexMetadata:
             "settings": self.settings,
             "paths": self.paths,
             "failures": [list(f) for f in self.failures],
+            "failure_stamps": self.failure_stamps,
         }
         write_json_atomic(path, obj, "saving index metadata to")
 
     @classmethod
     def load(cls, path: Path | str) -> IndexMetadata:
         obj = read_json(path, "index metadata")
-        if obj.get("format") != _FORMAT:
+        if obj.get("format") != FORMAT:
             raise IndexStoreError(f"{path} is not fol-infer index metadata: rebuild the index")
         check_schema(obj.get("schema_version"), SCHEMA_VERSION, path, "index metadata")
         try:
@@ -172,6 +189,10 @@ class IndexMetadata:
                 settings=dict(obj["settings"]),
                 paths=[str(p) for p in obj["paths"]],
                 failures=[(str(p), str(r)) for p, r in obj["failures"]],
+                failure_stamps={
+                    str(p): [int(v) for v in stamp]
+                    for p, stamp in dict(obj.get("failure_stamps", {})).items()
+                },
                 toolkit_version=str(obj["toolkit_version"]),
                 schema_version=int(obj["schema_version"]),
             )

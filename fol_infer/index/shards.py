@@ -29,7 +29,7 @@ from fol_infer.index.metadata import check_bundle, check_schema, read_json, writ
 
 MANIFEST, QUANTIZER = "map.json", "quantizer.faiss"
 SCHEMA_VERSION = 1
-_FORMAT = "fol-infer-map"
+FORMAT = "fol-infer-map"
 PAD_SCORE = np.float32(-np.finfo(np.float32).max)  # FAISS's score for a missing inner-product hit
 
 
@@ -93,14 +93,14 @@ class MapManifest:
             )
 
     def save(self, folder: Path) -> None:
-        obj = {"format": _FORMAT} | asdict(self)
+        obj = {"format": FORMAT} | asdict(self)
         write_json_atomic(folder / MANIFEST, obj, "saving the map manifest to")
 
     @classmethod
     def load(cls, folder: Path) -> MapManifest:
         path = folder / MANIFEST
         obj = read_json(path, "map manifest")
-        if obj.get("format") != _FORMAT:
+        if obj.get("format") != FORMAT:
             raise IndexStoreError(f"{path} is not a fol-infer map manifest: rebuild the map")
         check_schema(obj.get("schema_version"), SCHEMA_VERSION, path, "map manifest")
         try:

@@ -35,7 +35,10 @@ tokens) are committed one after another can bring them back to a common point af
 append-only home for global descriptors, from which a FAISS index can be rebuilt or extended.
 
 `open(..., verify="sizes")` checks that every file holds its committed bytes, the segment
-list's crc and that ends are consistent; ``verify="full"`` also re-hashes every segment.
+list's crc and that ends are consistent; ``"cached"`` (the default) also checks the crc32 of
+``ends.bin`` (8 bytes per image); ``"full"`` re-hashes every segment of every file. Rows are
+too large to hash at open: every read checks that the rows it returns are finite and names
+the image and file otherwise (`repair` says what rebuilds the store).
 """
 
 from __future__ import annotations
@@ -53,9 +56,10 @@ import numpy as np
 
 from fol_infer import __version__
 from fol_infer.choices import StoreDtype, VerifyLevel
-from fol_infer.errors import IndexStoreError, UsageError
+from fol_infer.errors import DamagedFileError, IndexStoreError, UsageError
 from fol_infer.fileio import fsync_dir
 from fol_infer.index.metadata import check_schema, read_json, store_error, write_json_atomic
+from fol_infer.integrity import all_finite, check_level
 from fol_infer.model.arch import TOKEN_DIM
 
 try:
@@ -64,7 +68,7 @@ except ImportError:  # pragma: no cover - Windows: no advisory lock, single writ
     fcntl = None  # type: ignore[assignment]
 
 SCHEMA_VERSION = 1
-_FORMAT = "fol-infer-token-store"
+FORMAT = "fol-infer-token-store"
 TOKENS, SCALES, ENDS, SEGMENTS, COMMIT, LOCK = (
     "tokens.bin",
     "scales.bin",
@@ -110,8 +114,9 @@ class _View:
 class TokenStore:
     """Variable-length token lists per image id, on disk (see the module doc for the format)."""
 
-    def __init__(self, path: Path, record: dict[str, Any], ends: np.ndarray):
+    def __init__(self, path: Path, record: dict[str, Any], ends: np.ndarray, repair: str):
         self.path = path
+        self.repair = repair
         self.dtype: StoreDtype = record["dtype"]
         self.dim = int(record["dim"])
         self.toolkit_version = str(record["toolkit_version"])
@@ -148,13 +153,14 @@ class TokenStore:
         return cls.open(path)
 
     @classmethod
-    def open(cls, path: Path | str, verify: VerifyLevel = "sizes") -> TokenStore:
+    def open(
+        cls, path: Path | str, verify: VerifyLevel = "cached", repair: str = "rebuild it"
+    ) -> TokenStore:
         """Open the last commit; refuse a store that is damaged or of another schema."""
         path = Path(path)
-        if verify not in ("sizes", "full"):
-            raise UsageError(f"verify must be 'sizes' or 'full', not {verify!r}")
+        check_level(verify)
         rec = read_json(path / COMMIT, "token store")
-        if rec.get("format") != _FORMAT:
+        if rec.get("format") != FORMAT:
             raise IndexStoreError(f"{path / COMMIT} is not a token store record: rebuild it")
         check_schema(rec.get("schema_version"), SCHEMA_VERSION, path, "token store")
         if rec.get("dtype") not in _STORED:
@@ -176,9 +182,9 @@ class TokenStore:
             len(ends) and (ends[-1] != rec["tokens"] or np.any(np.diff(ends, prepend=0) < 0))
         ):
             raise IndexStoreError(f"{path / ENDS} disagrees with {path / COMMIT}: rebuild it")
-        if verify == "full":
-            _verify_segments(path, rec, segments)
-        return cls(path, rec, ends)
+        if verify != "sizes":
+            _verify_segments(path, rec, segments, repair, ends_only=verify == "cached")
+        return cls(path, rec, ends, repair)
 
     # ----------------------------------------------------------------- write
     def append(self, token_lists: Sequence[np.ndarray]) -> range:
@@ -285,7 +291,7 @@ class TokenStore:
         self._live()
         self._take_process_lock()
         if read_json(self.path / COMMIT, "token store") != self._record:
-            fresh = TokenStore.open(self.path)
+            fresh = TokenStore.open(self.path, repair=self.repair)
             self._record, self._view = fresh._record, fresh._view
         return self._live()
 
@@ -317,14 +323,16 @@ class TokenStore:
         """Each id's tokens as a (n_i, dim) array of `read_dtype`, reading only those rows."""
         view = self._live()
         out_dtype, out = self.read_dtype, []
-        for s, e in self._spans(view, ids):
+        for i, (s, e) in zip(ids, self._spans(view, ids)):
             if e == s or view.tokens is None:
                 out.append(np.zeros((0, self.dim), out_dtype))
-            elif view.scales is not None:
-                scale = np.asarray(view.scales[s:e])[:, None]
-                out.append(np.multiply(view.tokens[s:e], scale, dtype=np.float32))
+                continue
+            if view.scales is not None:
+                scale = self._finite(np.asarray(view.scales[s:e]), int(i), SCALES)[:, None]
+                rows = np.multiply(view.tokens[s:e], scale, dtype=np.float32)
             else:
-                out.append(np.array(view.tokens[s:e]))
+                rows = np.array(view.tokens[s:e])
+            out.append(self._finite(rows, int(i), TOKENS))
         return out
 
     def get_quantized(self, ids: Sequence[int] | np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -334,11 +342,12 @@ class TokenStore:
         if self.dtype != "int8":
             raise UsageError(f"{self.path} stores {self.dtype} tokens, not int8")
         out = []
-        for s, e in self._spans(view, ids):
+        for i, (s, e) in zip(ids, self._spans(view, ids)):
             if e == s or view.tokens is None or view.scales is None:
                 out.append((np.zeros((0, self.dim), np.int8), np.zeros(0, np.float32)))
             else:
-                out.append((np.array(view.tokens[s:e]), np.array(view.scales[s:e])))
+                scales = self._finite(np.array(view.scales[s:e]), int(i), SCALES)
+                out.append((np.array(view.tokens[s:e]), scales))
         return out
 
     def get_rows(self, image_id: int, rows: np.ndarray) -> np.ndarray:
@@ -352,8 +361,27 @@ class TokenStore:
             return np.zeros((0, self.dim), self.read_dtype)
         picked = view.tokens[s + rows]
         if view.scales is not None:
-            return np.multiply(picked, view.scales[s + rows][:, None], dtype=np.float32)
-        return np.asarray(picked, self.read_dtype)
+            scales = self._finite(np.asarray(view.scales[s + rows]), image_id, SCALES)
+            picked = np.multiply(picked, scales[:, None], dtype=np.float32)
+        return self._finite(np.asarray(picked, self.read_dtype), image_id, TOKENS)
+
+    def _finite(self, rows: np.ndarray, image_id: int, name: str) -> np.ndarray:
+        """`rows`, refused when damaged bytes made them NaN or infinite (never served)."""
+        if not all_finite(rows):
+            detail = f"image {int(image_id)}'s rows hold NaN or infinite values"
+            raise DamagedFileError(self.path / name, detail, self.repair)
+        return rows
+
+    def limit(self, n_images: int) -> None:
+        """Serve only the first `n_images` (a reader's view of a store whose writer committed
+        more than the index metadata yet); writes nothing, unlike `truncate`."""
+        with self._write_lock:
+            view = self._live()
+            if not 0 <= n_images <= len(view.ends):
+                raise UsageError(f"cannot limit {self.path} to {n_images} images: it holds fewer")
+            if n_images < len(view.ends):
+                ends = view.ends[:n_images].copy()
+                self._view = _View(self.path, self._stored, self.dim, ends, self._scaled)
 
     def _spans(self, view: _View, ids: Sequence[int] | np.ndarray) -> list[tuple[int, int]]:
         """(first row, end row) of each image id; IndexError names an id out of range."""
@@ -411,7 +439,7 @@ class TokenStore:
 # --------------------------------------------------------------------- helpers
 def _record(dtype: str, dim: int, images: int, tokens: int, segments: int, crc: int) -> dict:
     return {
-        "format": _FORMAT,
+        "format": FORMAT,
         "schema_version": SCHEMA_VERSION,
         "toolkit_version": __version__,
         "dtype": dtype,
@@ -450,11 +478,16 @@ def _crc_range(f: IO[bytes], start: int, stop: int) -> int:
     return crc
 
 
-def _verify_segments(path: Path, rec: dict[str, Any], segments: bytes) -> None:
-    """Re-hash every committed segment of every data file; name the first that differs."""
+def _verify_segments(
+    path: Path, rec: dict[str, Any], segments: bytes, repair: str, ends_only: bool
+) -> None:
+    """Re-hash every committed segment of every data file (of ends.bin only with
+    `ends_only`); name the first that differs."""
     # (file, crc slot in the segment record, count slot it is sized by, bytes per unit)
-    files = [(TOKENS, 2, 1, int(rec["dim"]) * _STORED[rec["dtype"]].itemsize), (ENDS, 4, 0, 8)]
-    if rec["dtype"] == "int8":
+    files = [(ENDS, 4, 0, 8)]
+    if not ends_only:
+        files.append((TOKENS, 2, 1, int(rec["dim"]) * _STORED[rec["dtype"]].itemsize))
+    if rec["dtype"] == "int8" and not ends_only:
         files.append((SCALES, 3, 1, 4))
     for name, crc_slot, count_slot, unit in files:
         with open(path / name, "rb") as f:
@@ -463,7 +496,5 @@ def _verify_segments(path: Path, rec: dict[str, Any], segments: bytes) -> None:
                 lo, hi = prev * unit, seg[count_slot] * unit
                 prev = seg[count_slot]
                 if _crc_range(f, lo, hi) != seg[crc_slot]:
-                    raise IndexStoreError(
-                        f"{path / name} fails its checksum in commit {k} (bytes {lo}-{hi}): "
-                        "the token store is damaged; rebuild it"
-                    )
+                    detail = f"its crc32 differs in commit {k} (bytes {lo}-{hi})"
+                    raise DamagedFileError(path / name, detail, repair)

@@ -176,7 +176,7 @@ def make_checkpoint(arch: str, seed: int, out: str | Path) -> Path:
 
 def describe_checkpoint(path: str | Path, trust: bool = False) -> dict[str, object]:
     """What `fol-infer info` says of a checkpoint, without building the model."""
-    from fol_infer.bundle import sha256_file
+    from fol_infer.integrity import sha256_file
 
     path = Path(path)
     raw = _read_pickle(path, trust)

@@ -35,7 +35,8 @@ class RerankSettings:
         threshold: Any = self.threshold
         if not isinstance(threshold, Real) or not math.isfinite(float(threshold)):
             raise UsageError(
-                f"re-ranking threshold must be a finite number (e.g. 0.7), got {threshold!r}"
+                f"re-ranking threshold must be a finite number (e.g. {DEFAULT_THRESHOLD}), "
+                f"got {threshold!r}"
             )
         object.__setattr__(self, "threshold", float(threshold))
         backend = RerankBackend.parse(self.backend, "re-ranking backend")

@@ -1,0 +1,193 @@
+"""Cost of the integrity checks at open: a ViT-B/14 bundle at 322 and a 10,000-image index.
+
+    python benchmarks/integrity_open.py [--images 10000] [--repeats 5] [--json OUT]
+
+Bundle: the bench's UNTRAINED seeded ViT-B/14 at 322 (made and exported once into
+``$FOL_INFER_CACHE``, else ``~/.cache/fol-infer``, as ``fol-infer bench`` does). Index: built
+synthetically through the library's own store APIs (no image is encoded): `--images` random
+unit global descriptors in ``descriptors/`` and in a Flat ``global.faiss`` (the real sizes:
+8448 float32 per image), and 16 fp16 tokens per image in ``tokens/``. Token rows are not read
+at open at any level but "full", so their count does not enter the other figures.
+
+Each open is timed at every level in the same process, round after round (levels interleaved,
+median of `--repeats` rounds), with the verification cache in a temporary folder:
+- without checks: what opening cost before these checks existed: for the bundle,
+  ``verify="sizes"`` with the graph-input check switched off; for the index, ``verify="sizes"``
+  itself (the same figure is printed on both rows);
+- sizes: ``verify="sizes"`` (for the bundle: plus the graph inputs read against the manifest);
+- cold: ``verify="cached"`` with the verification cache emptied first (the first open of
+  these files: graphs / global.faiss hashed);
+- warm: ``verify="cached"`` with the cache vouching for the files (every later open);
+- full: ``verify="full"`` (every file hashed, every token-store commit crc-checked).
+Files are in the OS page cache throughout (they were just written or read), so "cold" is the
+cost of hashing, not of the disk. For scale, the bundle rows also give the time to create the
+ONNX Runtime sessions, which every real open pays.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from fol_infer.bench.defaults import bundle_for, default_checkpoint
+from fol_infer.bench.environment import cpu_model
+from fol_infer.bundle import Bundle
+from fol_infer.index.database import DESCRIPTORS, FAISS_FILE, METADATA, TOKENS, Database
+from fol_infer.index.global_index import GlobalIndex
+from fol_infer.index.metadata import IndexMetadata
+from fol_infer.index.token_store import TokenStore
+from fol_infer.integrity import CACHE_FILE
+from fol_infer.model.arch import GLOBAL_DIM
+from fol_infer.user_cache import cache_dir
+
+CHUNK = 500
+LEVELS = ("without checks", "sizes", "cold", "warm", "full")  # see the module doc
+
+
+def synthetic_index(folder: Path, n: int, seed: int = 0) -> None:
+    """An index of `n` images written through the stores' own APIs (see the module doc)."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True)
+    faiss_index = GlobalIndex.create(GLOBAL_DIM, "Flat", device="cpu")
+    with (
+        TokenStore.create(folder / DESCRIPTORS, dtype="fp32", dim=GLOBAL_DIM) as descriptors,
+        TokenStore.create(folder / TOKENS, dtype="fp16") as tokens,
+    ):
+        for start in range(0, n, CHUNK):
+            m = min(CHUNK, n - start)
+            x = rng.standard_normal((m, GLOBAL_DIM), dtype=np.float32)
+            x /= np.linalg.norm(x, axis=1, keepdims=True)
+            descriptors.append([row[None] for row in x])
+            faiss_index.add(x)
+            t = rng.standard_normal((m, 16, 128), dtype=np.float32)
+            tokens.append(list(t / np.linalg.norm(t, axis=2, keepdims=True)))
+    faiss_index.save(folder / FAISS_FILE)
+    IndexMetadata(
+        root=str(folder.parent / "images"),
+        bundle_sha256="0" * 64,
+        bundle_name="synthetic",
+        settings={"factory": "Flat", "tokens": "fp16", "batch": CHUNK, "complete": True},
+        paths=[f"img{i:06d}.jpg" for i in range(n)],
+    ).save(folder / METADATA)
+
+
+def elapsed_ms(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) * 1e3
+
+
+def forget_verified() -> None:
+    (cache_dir() / CACHE_FILE).unlink(missing_ok=True)
+
+
+def time_levels(steps: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median ms per level; levels interleaved within each round, the cache emptied before
+    "cold" (so "warm", right after it, finds the files vouched for)."""
+    samples: dict[str, list[float]] = {level: [] for level in steps}
+    steps["warm"]()  # the page cache and the imports
+    for _ in range(repeats):
+        for level, fn in steps.items():
+            if level == "cold":
+                forget_verified()
+            samples[level].append(elapsed_ms(fn))
+    return {level: statistics.median(v) for level, v in samples.items()}
+
+
+def levels(open_at: Callable[[str], object], unchecked: Callable[[], object]) -> dict:  # type: ignore[type-arg]
+    steps = {"without checks": unchecked, "sizes": lambda: open_at("sizes")}
+    steps |= {"cold": lambda: open_at("cached"), "warm": lambda: open_at("cached")}
+    return steps | {"full": lambda: open_at("full")}
+
+
+def bundle_unchecked(folder: Path) -> Bundle:
+    """Opening as it was before the checks: sizes only, graph inputs not read."""
+    original = Bundle.check_graph_inputs
+    Bundle.check_graph_inputs = lambda self: None  # type: ignore[method-assign]
+    try:
+        return Bundle.open(folder, verify="sizes")
+    finally:
+        Bundle.check_graph_inputs = original  # type: ignore[method-assign]
+
+
+def open_database(folder: Path, verify: str) -> None:
+    Database(folder, device="cpu", verify=verify).close()  # type: ignore[arg-type]
+
+
+def session_ms(bundle: Bundle) -> float:
+    from fol_infer.backends.onnx import OnnxEncoder
+
+    start = time.perf_counter()
+    OnnxEncoder(bundle).close()
+    return (time.perf_counter() - start) * 1e3
+
+
+def report(name: str, ms: dict[str, float], size_mb: float, extra: float = 0.0) -> dict:  # type: ignore[type-arg]
+    """Print and return the figures; `extra` (ms) is what every open pays besides (the ONNX
+    Runtime sessions of a bundle), added to both sides of the second ratio."""
+    base = ms["without checks"]
+    ratios = {k: v / base for k, v in ms.items()}
+    with_extra = {k: (v + extra) / (base + extra) for k, v in ms.items()}
+    print(f"\n{name} ({size_mb:.0f} MB hashed when cold)")
+    head = "  level            open (ms)   / unchecked" + (
+        "   / unchecked + sessions" * bool(extra)
+    )
+    print(head)
+    for level in LEVELS:
+        line = f"  {level:15s} {ms[level]:9.1f}   {ratios[level]:10.2f}x"
+        print(line + (f"   {with_extra[level]:10.3f}x" if extra else ""))
+    out = {"ms": ms, "ratio_to_unchecked": ratios, "mb_hashed_cold": size_mb}
+    return out | ({"ratio_with_sessions": with_extra} if extra else {})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--images", type=int, default=10_000)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+
+    checkpoint = default_checkpoint(print)  # the bench's cache, before it is redirected
+    bundle_dir = bundle_for(checkpoint, "322", print)
+    with tempfile.TemporaryDirectory(prefix="integrity-open-") as tmp:
+        os.environ["FOL_INFER_CACHE"] = str(Path(tmp) / "user-cache")  # verified.json only
+        bundle = Bundle.open(bundle_dir)
+        graphs_mb = sum(g.bytes for g in bundle.manifest.graphs.values()) / 1e6
+        steps = levels(
+            lambda v: Bundle.open(bundle_dir, verify=v), lambda: bundle_unchecked(bundle_dir)
+        )
+        bundle_ms = time_levels(steps, args.repeats)
+        sessions = session_ms(bundle)
+        print(f"building a synthetic {args.images}-image index in {tmp}")
+        index_dir = Path(tmp) / "index"
+        synthetic_index(index_dir, args.images)
+        faiss_mb = (index_dir / FAISS_FILE).stat().st_size / 1e6
+        steps = levels(lambda v: open_database(index_dir, v), lambda: None)
+        del steps["without checks"]  # verify="sizes" is how an index opened before the checks
+        index_ms = time_levels(steps, args.repeats)
+        index_ms = {"without checks": index_ms["sizes"]} | index_ms
+    results = {
+        "machine": {"cpu": cpu_model(), "python": platform.python_version()},
+        "repeats": args.repeats,
+        "bundle": report("ViT-B/14 bundle at 322", bundle_ms, graphs_mb, sessions)
+        | {"onnxruntime_sessions_ms": sessions},
+        "index": report(f"{args.images}-image index (Flat)", index_ms, faiss_mb)
+        | {"images": args.images},
+    }
+    print(f"\nfor scale: creating the two ONNX Runtime sessions took {sessions:.0f} ms")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
