@@ -10,6 +10,7 @@ thread-safe, and no call mutates shared state.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -56,18 +57,30 @@ class QueryResult:
     timings_ms: dict[str, float] = field(default_factory=dict)  # this query's share per stage
     descriptor: np.ndarray | None = field(default=None, repr=False)  # (8448,) global descriptor
     threshold: float | None = None  # the re-ranking threshold the matches were counted at
+    database_root: str = ""  # absolute; hit paths are relative to it (or absolute themselves)
     missing_shards: list[str] = field(default_factory=list)  # allow_partial: shards not heard
 
     @property
     def partial(self) -> bool:
         return bool(self.missing_shards)
 
+    def file_of(self, path: str) -> str:
+        """The absolute file of a hit's path: opens from any working directory."""
+        return os.path.join(self.database_root, path)
+
     def to_json(self) -> dict[str, Any]:
-        """The documented JSON shape of `fol-infer query --json`."""
+        """The documented JSON shape of `fol-infer query --json`: each hit's ``path`` is the
+        index's name for the image, ``file`` its absolute path; ``partial`` and
+        ``missing_shards`` only when shards of a map did not answer (``allow_partial``)."""
+
+        def hits(found: Sequence[GlobalHit] | Sequence[RerankHit] | None) -> list[dict[str, Any]]:
+            return [vars(h) | {"file": self.file_of(h.path)} for h in found or []]
+
         doc: dict[str, Any] = {
             "query": self.query,
-            "global": [vars(h) for h in self.global_hits],
-            "reranked": [vars(h) for h in self.reranked] if self.reranked is not None else [],
+            "database_root": self.database_root,
+            "global": hits(self.global_hits),
+            "reranked": hits(self.reranked),
             "threshold": self.threshold,
         }
         if self.partial:
@@ -138,6 +151,7 @@ class Retriever:
             self.shards.close()
             raise
         self.rerank = rerank
+        self._root = os.path.abspath(self.shards.manifest.root)
 
     def query(
         self,
@@ -199,7 +213,9 @@ class Retriever:
             threshold = self.rerank.threshold if rerank else None
             name = source_name(source, q)
             results.append(
-                QueryResult(name, hits, reranked, share, descriptor, threshold, list(missing))
+                QueryResult(
+                    name, hits, reranked, share, descriptor, threshold, self._root, list(missing)
+                )
             )
         return results
 

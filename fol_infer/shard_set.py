@@ -58,6 +58,10 @@ class ShardSet(ABC):
     def __len__(self) -> int:
         return self.manifest.images
 
+    def absolute_path(self, db_index: int) -> Path:
+        """An image's file: its recorded path under the database root."""
+        return Path(self.manifest.root) / self.paths[db_index]
+
     @abstractmethod
     def search(self, descriptors: np.ndarray, k: int, allow_partial: bool = False) -> Hits:
         """Global top-k of each (nq, dim) descriptor over all shards, merged exactly."""

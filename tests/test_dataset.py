@@ -20,10 +20,11 @@ from fol_infer.bench.dataset import (
     open_dataset,
     plan_dataset,
 )
-from fol_infer.bench.recall import positives, recall_at
+from fol_infer.bench.recall import recall_at
 from fol_infer.cli.app import app
 from fol_infer.errors import UsageError
 from fol_infer.images import load_rgb
+from fol_infer.positions import positives
 
 SMALL = (96, 128)  # (height, width): fast, still every drawing step
 LABEL = re.compile(r"@(place\d+|distractor\d+)")
@@ -59,7 +60,7 @@ def test_same_seed_same_bytes_other_seed_other_bytes(synthetic: Path, tmp_path: 
 def test_layout_counts_and_images(synthetic: Path) -> None:
     ds = open_dataset(synthetic)
     plan = plan_dataset(6, 3, 4, seed=5, size=SMALL)
-    assert ds.synthetic and ds.utm_unavailable is None
+    assert ds.synthetic and ds.positions_unavailable is None
     assert ds.layout.database_dir == synthetic / "images" / "test" / "database"
     assert len(ds.queries) == 6 * 3 == sum(v.query for v in plan.views)
     assert len(ds.database) == len(plan.views) - len(ds.queries)
@@ -79,9 +80,10 @@ def test_positives_are_exactly_the_own_place_database_views(synthetic: Path) -> 
         own = [i for i, p in enumerate(ds.database) if place(p) == place(query)]
         assert own and found.tolist() == own
     # Different places and distractors lie far apart, not just beyond 25 m.
-    assert ds.database_utm is not None
+    assert ds.database_positions is not None
+    utm = ds.database_positions.coords
     labels = np.array([place(p) for p in ds.database])
-    gaps = np.hypot(*(ds.database_utm[:, None, :] - ds.database_utm[None, :, :]).transpose(2, 0, 1))
+    gaps = np.hypot(*(utm[:, None, :] - utm[None, :, :]).transpose(2, 0, 1))
     assert gaps[labels[:, None] != labels[None, :]].min() >= 200
 
 
@@ -157,9 +159,9 @@ def test_names_without_utm_open_but_recall_is_unavailable(tmp_path: Path) -> Non
     write_images(tmp_path / "queries", ["@10.0@21.0@q@.jpg", "IMG_0001.jpg"])
     ds = open_dataset(tmp_path)
     assert len(ds.database) == 2 and len(ds.queries) == 2
-    assert ds.positives() is None and ds.database_utm is None and ds.query_utm is None
-    assert ds.utm_unavailable is not None
-    assert "1 of 2 query" in ds.utm_unavailable and "IMG_0001.jpg" in ds.utm_unavailable
+    assert ds.positives() is None and ds.database_positions is None and ds.query_positions is None
+    assert ds.positions_unavailable is not None
+    assert "1 of 2 query" in ds.positions_unavailable and "IMG_0001.jpg" in ds.positions_unavailable
 
 
 # ---------------------------------------------------------------- ground truth and recall

@@ -18,7 +18,8 @@ from fol_infer.errors import (
 from fol_infer.fileio import atomic_writer
 from fol_infer.index import global_index
 from fol_infer.index.global_index import GlobalIndex, gpu_available
-from fol_infer.index.metadata import IndexMetadata, parse_utm
+from fol_infer.index.metadata import IndexMetadata
+from fol_infer.positions import parse_utm
 
 DIM = 64
 

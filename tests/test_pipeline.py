@@ -59,10 +59,10 @@ def test_results_follow_the_spec_and_the_json_shape(
     assert [h.db_index for h in result.reranked] == [candidates[j] for j in best]
     assert [h.matches for h in result.reranked] == [int(expected[j]) for j in best]
     doc = result.to_json()
-    assert set(doc) == {"query", "global", "reranked", "threshold"}
+    assert set(doc) == {"query", "database_root", "global", "reranked", "threshold"}
     assert doc["threshold"] == DEFAULT_THRESHOLD and global_only.to_json()["threshold"] is None
-    assert set(doc["global"][0]) == {"rank", "db_index", "path", "score"}
-    assert set(doc["reranked"][0]) == {"rank", "db_index", "path", "matches"}
+    assert set(doc["global"][0]) == {"rank", "db_index", "path", "file", "score"}
+    assert set(doc["reranked"][0]) == {"rank", "db_index", "path", "file", "matches"}
 
 
 def test_paths_pil_and_arrays_give_the_same_answer(
@@ -141,8 +141,7 @@ def test_query_cli_json_and_unreadable_query(
         ],
     )
     assert result.exit_code == 0, result.output
-    start = result.output.index("[")
-    doc = json.loads(result.output[start:])
+    doc = json.loads(result.stdout)  # notes and skipped images go to stderr
     assert len(doc) == 1 and doc[0]["query"] == str(queries[0])
     assert len(doc[0]["global"]) == 2 and len(doc[0]["reranked"]) == 2
     assert "broken.jpg" in result.output
@@ -194,7 +193,7 @@ def test_index_cli_takes_int8_exact_and_names_the_formats(
     ]
     answer = CliRunner().invoke(app, ["query", str(tmp_path / "idx"), str(queries[0]), "--json"])
     assert answer.exit_code == 0, answer.output
-    doc = json.loads(answer.output[answer.output.index("[") :])
+    doc = json.loads(answer.stdout)  # notes and warnings go to stderr
     assert len(doc[0]["reranked"]) == 3
 
 
@@ -233,5 +232,5 @@ def test_threshold_reaches_the_reranker_from_retriever_and_query_cli(
         app, ["query", str(index_dir), str(queries[0]), "--json", "--threshold", "1.5"]
     )
     assert answer.exit_code == 0, answer.output
-    doc = json.loads(answer.output[answer.output.index("[") :])
+    doc = json.loads(answer.stdout)  # notes and warnings go to stderr
     assert doc[0]["threshold"] == 1.5 and all(h["matches"] == 0 for h in doc[0]["reranked"])

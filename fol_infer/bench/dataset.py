@@ -9,8 +9,8 @@ Some downloaders stop a level lower (the MSLS formatter writes ``msls/val/{datab
 and links ``msls/test`` to it), so `open_dataset` also accepts a root holding ``test/database``
 and ``test/queries``, or ``database/`` and ``queries/`` directly. Images are found with
 `fol_infer.images.find_images` (every image extension, hidden files skipped, sorted by path)
-and their coordinates read from their file names; names without coordinates do not stop a
-run: the dataset opens and says why recall cannot be computed.
+and their positions read from a CSV or their file names (`fol_infer.positions`); images
+without one do not stop a run: the dataset opens and says why recall cannot be computed.
 
 `make_dataset` draws a small synthetic dataset in the same layout, so the whole benchmark can
 run where no real dataset is at hand. It exercises the pipeline; it says nothing about FoL's
@@ -27,11 +27,17 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from fol_infer.bench.recall import RADIUS_M, positives
 from fol_infer.errors import UsageError
 from fol_infer.fileio import replace_folder
 from fol_infer.images import find_images
-from fol_infer.index.metadata import parse_utm
+from fol_infer.positions import (
+    RADIUS_M,
+    Positions,
+    PositionTable,
+    missing_note,
+    positions_of,
+    positives,
+)
 from fol_infer.progress import Advance
 
 # ---------------------------------------------------------------- opening a dataset
@@ -84,42 +90,46 @@ def _missing(root: Path) -> str:
 
 @dataclass(frozen=True)
 class Dataset:
-    """Database and query images, sorted, and their UTM coordinates when the names carry them.
+    """Database and query images, sorted, and their positions (file names or a CSV).
 
-    `utm_unavailable` is None when every name has coordinates; otherwise it says why recall
-    cannot be computed and both UTM arrays are None. `synthetic` marks `make_dataset` output.
+    `positions_unavailable` is None when every image has a position; otherwise it says why
+    recall cannot be computed (how many images lack one, and which) and both position sets
+    are None. `synthetic` marks `make_dataset` output.
     """
 
     layout: DatasetLayout
     database: list[Path]
     queries: list[Path]
-    database_utm: np.ndarray | None
-    query_utm: np.ndarray | None
-    utm_unavailable: str | None
+    database_positions: Positions | None
+    query_positions: Positions | None
+    positions_unavailable: str | None
     synthetic: bool
 
     def positives(self, radius: float = RADIUS_M) -> list[np.ndarray] | None:
-        """Database indices within `radius` metres of each query; None without coordinates."""
-        if self.database_utm is None or self.query_utm is None:
+        """Database indices within `radius` metres of each query; None without positions."""
+        if self.database_positions is None or self.query_positions is None:
             return None
-        return positives(self.database_utm, self.query_utm, radius)
+        return positives(self.database_positions, self.query_positions, radius)
 
 
-def open_dataset(root: Path | str) -> Dataset:
-    """Open a dataset in the standard layout (see module doc); `UsageError` when unusable."""
+def open_dataset(root: Path | str, table: PositionTable | None = None) -> Dataset:
+    """Open a dataset in the standard layout (see module doc); `UsageError` when unusable.
+
+    Positions come from `table` (a CSV, see `fol_infer.positions`) and else from file names.
+    """
     layout = DatasetLayout.find(root)
     database = _images(layout.database_dir)
     queries = _images(layout.queries_dir)
-    db_utm, db_why = _utm(database, "database")
-    q_utm, q_why = _utm(queries, "query")
+    db_positions, db_why = _positions(database, "database", table)
+    q_positions, q_why = _positions(queries, "query", table)
     why = db_why or q_why
     return Dataset(
         layout=layout,
         database=database,
         queries=queries,
-        database_utm=None if why else db_utm,
-        query_utm=None if why else q_utm,
-        utm_unavailable=why,
+        database_positions=None if why else db_positions,
+        query_positions=None if why else q_positions,
+        positions_unavailable=why,
         synthetic=any(_is_synthetic(d) for d in _readme_folders(layout)),
     )
 
@@ -131,17 +141,23 @@ def _images(folder: Path) -> list[Path]:
     return found
 
 
-def _utm(paths: list[Path], what: str) -> tuple[np.ndarray | None, str | None]:
-    """(N, 2) coordinates, or None and a reason naming how many names lack them, and one."""
-    coords = [parse_utm(p) for p in paths]
-    lacking = [p for p, c in zip(paths, coords, strict=True) if c is None]
-    if lacking:
+def _positions(
+    paths: list[Path], what: str, table: PositionTable | None
+) -> tuple[Positions | None, str | None]:
+    """Every image's position, or None and a reason naming how many lack one, and which."""
+    found, missing = positions_of(paths, table)
+    if not missing:
+        return found, None
+    if table is None:
         return None, (
-            f"{len(lacking)} of {len(paths)} {what} file names carry no UTM coordinates "
-            f"(e.g. {lacking[0].name}; expected @<utm_east>@<utm_north>@...), "
-            "so there is no ground truth and recall is unavailable"
+            f"{len(missing)} of {len(paths)} {what} file names carry no UTM coordinates "
+            f"(e.g. {Path(missing[0]).name}; expected @<utm_east>@<utm_north>@..., or give "
+            "--positions FILE), so there is no ground truth and recall is unavailable"
         )
-    return np.array(coords, dtype=np.float64), None
+    return None, (
+        f"{missing_note(missing, len(paths), what)} (in {table.source} or their names), "
+        "so there is no ground truth and recall is unavailable"
+    )
 
 
 def _readme_folders(layout: DatasetLayout) -> list[Path]:

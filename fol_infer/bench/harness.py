@@ -27,6 +27,7 @@ from fol_infer.errors import UsageError
 from fol_infer.images import DEFAULT_RESOLUTION
 from fol_infer.model.arch import MAX_TOKENS, TOKEN_DIM
 from fol_infer.pipeline import STAGES, QueryResult, Retriever
+from fol_infer.positions import RADIUS_M, read_positions_csv
 from fol_infer.progress import Progress
 from fol_infer.rerank.settings import RerankSettings
 
@@ -47,6 +48,8 @@ class BenchOptions:
     warmup: int = 2
     rerank: RerankSettings = field(default_factory=RerankSettings)
     tokens: TokenFormat = TokenFormat.FP16
+    positions: Path | None = None  # a CSV of positions (else the file names' UTM)
+    positive_radius: float = RADIUS_M
 
 
 def percentiles(values: list[float]) -> dict[str, float]:
@@ -103,13 +106,14 @@ class Bench:
                 "UNTRAINED seeded checkpoint: latencies are real, "
                 "recall says nothing about FoL's accuracy"
             )
-        dataset = open_dataset(opts.dataset or defaults.default_dataset(self.say))
+        table = read_positions_csv(opts.positions) if opts.positions else None
+        dataset = open_dataset(opts.dataset or defaults.default_dataset(self.say), table)
         if dataset.synthetic:
             notes.append(
                 "synthetic dataset (fol-infer make-dataset): it exercises the pipeline only"
             )
-        if dataset.utm_unavailable:
-            notes.append(f"recall unavailable: {dataset.utm_unavailable}")
+        if dataset.positions_unavailable:
+            notes.append(f"recall unavailable: {dataset.positions_unavailable}")
         n_db = len(dataset.database)
         if opts.rerank_k > n_db:
             notes.append(
@@ -132,6 +136,8 @@ class Bench:
             "reranker": str(opts.rerank.backend),
             "threshold": opts.rerank.threshold,
             "tokens": str(opts.tokens),
+            "positions": str(opts.positions) if opts.positions else "file names",
+            "positive_radius_m": opts.positive_radius,
         }
         return bundle, dataset
 
@@ -209,14 +215,14 @@ class Bench:
         return results
 
     def _recall(self, dataset: Dataset, results: list[QueryResult]) -> None:
-        positives = dataset.positives()
+        positives = dataset.positives(self.options.positive_radius)
         n_db = len(dataset.database)
         global_rank = np.array([[h.db_index for h in r.global_hits] for r in results])
         reranked = np.array([r.ranking() for r in results])
         self.report["recall"] = {
             "global": _recall_block(global_rank, positives, n_db),
             "reranked": _recall_block(reranked, positives, n_db),
-            "unavailable": dataset.utm_unavailable,
+            "unavailable": dataset.positions_unavailable,
         }
         deepest = self.report["inputs"]["rerank_k"]
         depths = sorted({k for k in RERANK_DEPTHS if k <= deepest} | {deepest})

@@ -3,14 +3,12 @@
 Facts taken from the published code (chenshunpeng/FoL: ``datasets.py`` and ``test_FoL.py``):
 
 - positives: database images within 25 m of the query, UTM Euclidean distance, boundary
-  included (sklearn's ``radius_neighbors`` keeps ``distance <= radius``);
+  included (sklearn's ``radius_neighbors`` keeps ``distance <= radius``): computed in
+  `fol_infer.positions.positives`, which also takes lat/lon positions;
 - Recall@N: share of *all* queries, in percent, with a positive among the first N predictions.
   A query with no positive within the radius stays in the denominator and can only miss;
 - predictions are ``min(max(N), database size)`` long and ``pred[:N]`` is read, so R@N with N
   beyond the database is taken over the whole (completely ranked) database.
-
-No KD-tree: the database is sorted by easting once and each query checks only the band of
-easting within the radius, exactly, so memory stays O(database) however many queries there are.
 """
 
 from __future__ import annotations
@@ -19,37 +17,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-RADIUS_M = 25.0
 RECALL_NS: tuple[int, ...] = (1, 5, 10, 25, 100)
-
-
-def positives(
-    db_utm: np.ndarray, query_utm: np.ndarray, radius: float = RADIUS_M
-) -> list[np.ndarray]:
-    """Per query, the sorted int64 indices of database images at most `radius` metres away."""
-    db = _check_utm(db_utm, "db_utm")
-    queries = _check_utm(query_utm, "query_utm")
-    if not (np.isfinite(radius) and radius >= 0):
-        raise ValueError(f"radius must be a finite distance >= 0, got {radius}")
-    order = np.argsort(db[:, 0], kind="stable")
-    east = db[order, 0]
-    lo = np.searchsorted(east, queries[:, 0] - radius, side="left")
-    hi = np.searchsorted(east, queries[:, 0] + radius, side="right")
-    out = []
-    for (qe, qn), a, b in zip(queries, lo, hi, strict=True):
-        band = order[a:b]
-        distance = np.hypot(db[band, 0] - qe, db[band, 1] - qn)
-        out.append(np.sort(band[distance <= radius]).astype(np.int64))
-    return out
-
-
-def _check_utm(utm: np.ndarray, name: str) -> np.ndarray:
-    arr = np.asarray(utm, dtype=np.float64)
-    if arr.ndim != 2 or arr.shape[1] != 2:
-        raise ValueError(f"{name} must be (N, 2) east/north, got shape {arr.shape}")
-    if not np.isfinite(arr).all():
-        raise ValueError(f"{name} has NaN or infinite coordinates")
-    return arr
 
 
 def recall_at(

@@ -1,4 +1,4 @@
-"""Render a benchmark report: JSON (the schema below), a Markdown summary, a PNG chart.
+"""Render a benchmark report: JSON (the schema below), a Markdown summary, a chart.
 
 JSON schema, version 1 (keys always present unless marked optional):
 - schema "fol-infer-bench", schema_version 1, partial (true if interrupted), notes [str]
@@ -24,12 +24,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, ImageDraw
-
 from fol_infer.fileio import atomic_write_json
-
-STAGE_ORDER = ("preprocess", "global", "search", "local", "fetch", "rerank", "unattributed")
-COLORS = ("#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#aaaaaa")
+from fol_infer.viz.bench_charts import STAGE_ORDER, chart_series, draw_bench
 
 
 def write_json(report: dict[str, Any], path: Path) -> None:
@@ -124,64 +120,6 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def png(report: dict[str, Any], path: Path, width: int = 1100, height: int = 420) -> None:
-    """Left: p50 latency per stage (stacked bar); right: recall vs re-rank depth K."""
-    image = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(image)
-    title = f"fol-infer bench - {report.get('inputs', {}).get('engine', '?')} engine"
-    if not report.get("inputs", {}).get("trained", True):
-        title += " (UNTRAINED weights)"
-    draw.text((20, 10), title, fill="black")
-    _latency_panel(draw, report.get("latency_ms", {}), (20, 40, width // 2 - 20, height - 20))
-    _recall_panel(
-        draw, report.get("recall_vs_rerank_k", {}), (width // 2 + 20, 40, width - 20, height - 20)
-    )
-    image.save(path)
-
-
-def _latency_panel(
-    draw: ImageDraw.ImageDraw, latency: dict[str, Any], box: tuple[int, int, int, int]
-) -> None:
-    x0, y0, x1, y1 = box
-    draw.text((x0, y0), "p50 latency per query stage (ms, batch 1)", fill="black")
-    values = [(s, latency[s]["p50"]) for s in STAGE_ORDER if s in latency]
-    total = sum(max(v, 0.0) for _, v in values) or 1.0
-    bar_top, bar_bottom = y0 + 30, y0 + 80
-    x = float(x0)
-    for (_, value), color in zip(values, COLORS):
-        w = (x1 - x0) * max(value, 0.0) / total
-        draw.rectangle((x, bar_top, x + w, bar_bottom), fill=color)
-        x += w
-    for i, ((stage, value), color) in enumerate(zip(values, COLORS)):
-        y = bar_bottom + 20 + 22 * i
-        draw.rectangle((x0, y, x0 + 14, y + 14), fill=color)
-        draw.text((x0 + 22, y), f"{stage}: {value:.1f} ms", fill="black")
-
-
-def _recall_panel(
-    draw: ImageDraw.ImageDraw, curve: dict[str, Any], box: tuple[int, int, int, int]
-) -> None:
-    x0, y0, x1, y1 = box
-    draw.text((x0, y0), "re-ranked recall vs re-rank depth K", fill="black")
-    ks = curve.get("K", [])
-    series = [(n, curve.get(n, []), c) for n, c in (("1", COLORS[0]), ("5", COLORS[1]))]
-    px0, py0, px1, py1 = x0 + 40, y0 + 30, x1 - 10, y1 - 30
-    draw.rectangle((px0, py0, px1, py1), outline="black")
-    for pct in (0, 50, 100):
-        y = py1 - (py1 - py0) * pct / 100
-        draw.text((x0, y - 6), f"{pct}%", fill="black")
-    if not ks or all(v is None for _, vals, _ in series for v in vals):
-        draw.text((px0 + 10, py0 + 10), "recall unavailable", fill="black")
-        return
-    xs = [px0 + (px1 - px0) * i / max(len(ks) - 1, 1) for i in range(len(ks))]
-    for x, k in zip(xs, ks):
-        draw.text((x - 6, py1 + 8), str(k), fill="black")
-    for _, values, color in series:
-        points = [(x, py1 - (py1 - py0) * v / 100) for x, v in zip(xs, values) if v is not None]
-        if len(points) > 1:
-            draw.line(points, fill=color, width=3)
-        for x, y in points:
-            draw.ellipse((x - 3, y - 3, x + 3, y + 3), fill=color)
-    for i, (name, _, color) in enumerate(series):  # legend, top left of the plot
-        draw.line((px0 + 10, py0 + 14 + 18 * i, px0 + 30, py0 + 14 + 18 * i), fill=color, width=3)
-        draw.text((px0 + 36, py0 + 8 + 18 * i), f"R@{name}", fill="black")
+def chart(report: dict[str, Any], path: Path) -> None:
+    """p50 latency per stage and recall vs re-rank depth (`fol_infer.viz.bench_charts`)."""
+    draw_bench(chart_series([report], [path.stem]), path)

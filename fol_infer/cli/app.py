@@ -63,18 +63,52 @@ def untrained_banner(trained: bool) -> None:
         )
 
 
+class _StderrHandler(logging.Handler):
+    """Writes to whatever ``sys.stderr`` is at emit time (a test runner may swap it)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            print(self.format(record), file=sys.stderr)
+        except Exception:  # logging must never break the command
+            self.handleError(record)
+
+
+class _PlainFormatter(logging.Formatter):
+    """'note: ...' and 'warning: ...', without logger names: they speak to the user."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        prefix = "note" if record.levelno < logging.WARNING else record.levelname.lower()
+        return f"{prefix}: {record.getMessage()}"
+
+
+def configure_logging(verbose: bool) -> None:
+    """Quiet by default: the toolkit's notes and warnings, other libraries' warnings only.
+    ``--verbose``: everything at debug level, every library, with logger names."""
+    ours = logging.getLogger("fol_infer")
+    ours.handlers = [h for h in ours.handlers if not isinstance(h, _StderrHandler)]
+    if verbose:
+        ours.setLevel(logging.NOTSET)
+        logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
+        logging.getLogger().setLevel(logging.DEBUG)
+        return
+    handler = _StderrHandler()
+    handler.setFormatter(_PlainFormatter())
+    ours.addHandler(handler)
+    ours.setLevel(logging.INFO)
+
+
 @app.callback()
 def _main(
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
+    verbose: Annotated[
+        bool,
+        typer.Option("--verbose", "-v", help="Debug logging, with other libraries' messages."),
+    ] = False,
 ) -> None:
     for stream in (sys.stdout, sys.stderr):  # a name no codec can print must not end a run
         reconfigure = getattr(stream, "reconfigure", None)
         if reconfigure is not None:
             reconfigure(errors="backslashreplace")
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.WARNING,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(verbose)
 
 
 @app.command()

@@ -9,9 +9,17 @@ import typer
 
 from fol_infer.choices import EncoderBackend, RerankBackend, TokenFormat
 from fol_infer.cli.app import app, console, friendly_errors, stdout
-from fol_infer.cli.options import RerankerOption, ThresholdOption, choice, tokens_option
+from fol_infer.cli.options import (
+    PositionsOption,
+    RadiusOption,
+    RerankerOption,
+    ThresholdOption,
+    choice,
+    tokens_option,
+)
 from fol_infer.fileio import atomic_write_bytes
 from fol_infer.images import DEFAULT_RESOLUTION
+from fol_infer.positions import RADIUS_M
 from fol_infer.rerank.settings import DEFAULT_THRESHOLD, RerankSettings
 
 
@@ -56,13 +64,21 @@ def bench(
     markdown_out: Annotated[
         Path | None, typer.Option("--markdown", help="Write a Markdown summary here.")
     ] = None,
-    plot: Annotated[Path | None, typer.Option(help="Write a PNG chart here.")] = None,
+    plot: Annotated[
+        Path | None, typer.Option(help="Write a chart here (.png or .svg; the viz extra).")
+    ] = None,
+    positions: PositionsOption = None,
+    positive_radius: RadiusOption = RADIUS_M,
 ) -> None:
     """Benchmark an encoder backend end to end; with no arguments, on an embedded UNTRAINED
     default."""
     from fol_infer.bench.harness import Bench, BenchOptions
-    from fol_infer.bench.report import markdown, png, write_json
+    from fol_infer.bench.report import chart, markdown, write_json
 
+    if plot is not None:
+        from fol_infer.viz.figure import check_out
+
+        check_out(plot)  # before the run, not after it
     if bundle is not None and checkpoint is not None and backend != EncoderBackend.TORCH:
         console.print("note: --bundle given; --checkpoint is used only for the PyTorch reference")
     rerank = RerankSettings(threshold, reranker)
@@ -75,7 +91,18 @@ def bench(
             soft_wrap=True,
         )
     options = BenchOptions(
-        backend, bundle, checkpoint, dataset, resolution, rerank_k, batch, warmup, rerank, tokens
+        backend,
+        bundle,
+        checkpoint,
+        dataset,
+        resolution,
+        rerank_k,
+        batch,
+        warmup,
+        rerank,
+        tokens,
+        positions,
+        positive_radius,
     )
     runner = Bench(options, say=lambda msg: console.print(f"[dim]{msg}[/dim]", soft_wrap=True))
     interrupted = False
@@ -91,6 +118,6 @@ def bench(
     if markdown_out:
         atomic_write_bytes(markdown_out, markdown(report).encode())
     if plot:
-        png(report, plot)
+        chart(report, plot)
     if interrupted:
         raise typer.Exit(130)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
@@ -14,6 +14,7 @@ from fol_infer.cli.app import app, console, friendly_errors, stdout, untrained_b
 from fol_infer.cli.options import (
     BackendOption,
     CheckpointOption,
+    PositionsOption,
     RayOption,
     RerankerOption,
     ThresholdOption,
@@ -22,7 +23,11 @@ from fol_infer.cli.options import (
 from fol_infer.cli.progress import progress_bar
 from fol_infer.errors import ImageError, UsageError
 from fol_infer.fsnames import printable
+from fol_infer.positions import PositionTable, missing_note, read_positions_csv
 from fol_infer.rerank.settings import DEFAULT_THRESHOLD
+
+if TYPE_CHECKING:
+    from fol_infer.pipeline import QueryResult
 
 
 @app.command()
@@ -73,6 +78,7 @@ def index(
         bool,
         typer.Option(help="If another process is writing this index, wait for it (default: stop)."),
     ] = False,
+    positions: PositionsOption = None,
 ) -> None:
     """Index a database: global descriptors in FAISS, region tokens in a memory-mapped store.
 
@@ -88,6 +94,7 @@ def index(
         raise UsageError("--append and --force exclude each other")
     if not db_folder.is_dir():
         raise UsageError(f"database folder not found: {db_folder}")
+    table = read_positions_csv(positions) if positions else None  # bad rows fail before work
     bundle = Bundle.open(bundle_dir)
     untrained_banner(bundle.manifest.trained)
     settings = BuildSettings(factory=faiss, tokens=tokens, batch=batch)
@@ -129,6 +136,46 @@ def index(
         f"{report.images_per_second:.1f} img/s, {len(report.failures)} skipped{retried}",
         highlight=False,
     )
+    if table is not None:
+        _record_positions(out, table)
+
+
+def _record_positions(out: Path, table: PositionTable) -> None:
+    """Keep the CSV's positions with the index; name the images that have none."""
+    from fol_infer.index.database import Database
+    from fol_infer.index.positions_store import record_positions
+
+    with Database(out) as database:
+        names = database.paths
+        absolute = [database.absolute_path(i) for i in range(len(names))]
+    missing = record_positions(out, names, absolute, table)
+    source = printable(str(table.source))
+    console.print(f"positions from {source}: {len(names) - len(missing)} of {len(names)}")
+    if missing:
+        console.print(
+            f"[yellow]{missing_note(missing, len(names), 'database')}[/yellow]",
+            highlight=False,
+            soft_wrap=True,
+        )
+
+
+def _write_outputs(
+    results: list[QueryResult],
+    files: list[Path],
+    given: list[Path],
+    pairs_out: Path | None,
+    csv_out: Path | None,
+) -> None:
+    """The files the next tool reads (`fol_infer.outputs`); skipped queries are left out."""
+    from fol_infer.outputs import csv_text, pairs_text, query_names, write_text
+
+    if pairs_out is not None:
+        by_file = dict(zip(map(str, files), query_names(files, given)))
+        write_text(pairs_out, pairs_text(results, [by_file[r.query] for r in results]))
+        console.print(f"wrote {printable(str(pairs_out))} (hloc retrieval pairs)")
+    if csv_out is not None:
+        write_text(csv_out, csv_text(results))
+        console.print(f"wrote {printable(str(csv_out))}")
 
 
 @app.command()
@@ -148,7 +195,20 @@ def query(
     backend: BackendOption = EncoderBackend.ONNX,
     reranker: RerankerOption = RerankBackend.AUTO,
     threshold: ThresholdOption = DEFAULT_THRESHOLD,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    as_json: Annotated[
+        bool,
+        typer.Option("--json", help="Print JSON (each hit's path and its absolute file)."),
+    ] = False,
+    pairs_out: Annotated[
+        Path | None,
+        typer.Option(
+            "--pairs-out",
+            help="Write hloc retrieval pairs here: 'query database' per line, final order.",
+        ),
+    ] = None,
+    csv_out: Annotated[
+        Path | None, typer.Option("--csv", help="Write one CSV row per (query, rank) here.")
+    ] = None,
     ray: RayOption = None,
     allow_partial: Annotated[
         bool,
@@ -189,6 +249,7 @@ def query(
                 console.print(
                     f"[yellow]skipped[/yellow] {message}", highlight=False, soft_wrap=True
                 )
+    _write_outputs(results, files, paths, pairs_out, csv_out)
     if as_json:
         print(json.dumps([r.to_json() for r in results], indent=2))
         return

@@ -67,3 +67,17 @@ RayOption = Annotated[
 def tokens_option(help: str) -> Any:
     """``--tokens``: the index's token format (the help differs between index and bench)."""
     return choice(TokenFormat, help, "--tokens")
+
+
+PositionsOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--positions",
+        help="CSV of image positions: path,easting,northing (UTM metres) or path,lat,lon "
+        "(degrees); paths relative to the CSV's folder [the @east@north@ in file names].",
+    ),
+]
+RadiusOption = Annotated[
+    float,
+    typer.Option(help="A database image within this many metres of a query is a positive."),
+]

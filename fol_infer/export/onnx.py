@@ -11,6 +11,8 @@ import logging
 import shutil
 import tempfile
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -79,7 +81,7 @@ def _export(
 ) -> None:
     batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
     params = sum(p.numel() * p.element_size() for p in module.parameters())
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _quiet_exporter():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
             module,
@@ -94,6 +96,22 @@ def _export(
     if program is None:  # pragma: no cover - dynamo=True always returns a program
         raise RuntimeError("torch.onnx.export returned no program")
     program.save(str(path), external_data=params > EXTERNAL_DATA_BYTES)
+
+
+@contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """Hold torch's exporter logs (e.g. "torchvision is not installed. Skipping ...", about
+    ops FoL never uses) to errors, unless debug logging (``--verbose``) is on."""
+    exporter = logging.getLogger("torch.onnx")
+    if log.isEnabledFor(logging.DEBUG):
+        yield
+        return
+    level = exporter.level
+    exporter.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        exporter.setLevel(level)
 
 
 def _reference_outputs(

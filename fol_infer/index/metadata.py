@@ -2,7 +2,7 @@
 
 `IndexMetadata` is one small JSON file: the database images (paths relative to the database
 root, so a moved database still opens), their UTM coordinates when the file names carry them
-(spec section 8: ``@<utm_east>@<utm_north>@...``), the sha256 of the bundle manifest that
+(`fol_infer.positions.parse_utm`), the sha256 of the bundle manifest that
 encoded them, the build settings, and the images that failed and why.
 
 Crash safety: every file of the index that is rewritten as a whole (this metadata, the token
@@ -26,6 +26,7 @@ import numpy as np
 from fol_infer import __version__
 from fol_infer.errors import IndexStoreError
 from fol_infer.fileio import atomic_write_json
+from fol_infer.positions import parse_utm
 
 SCHEMA_VERSION = 1
 FORMAT = "fol-infer-index-metadata"
@@ -85,20 +86,6 @@ def check_bundle(built_sha256: str, built_name: str, sha256: str, name: str, wha
             f"this {what} was built by {built} but the engine is {given}: "
             f"use the bundle that built it or rebuild the {what} with this one"
         )
-
-
-def parse_utm(path: str | os.PathLike[str]) -> tuple[float, float] | None:
-    """(east, north) from a name like ``@0543256.96@4178906.29@...``, or None without them."""
-    parts = Path(path).name.split("@")
-    if len(parts) < 3:
-        return None
-    try:
-        east, north = float(parts[1]), float(parts[2])
-    except ValueError:
-        return None
-    if not (np.isfinite(east) and np.isfinite(north)):
-        return None
-    return east, north
 
 
 @dataclass

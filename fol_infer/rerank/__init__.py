@@ -43,6 +43,7 @@ _GPU_INSTALL_HINT = (
 )
 _log = logging.getLogger(__name__)
 _fallback_noted = False  # the auto -> cpu notice is logged once per process
+NO_NVIDIA_GPU = "no NVIDIA GPU found"
 
 Many = Callable[[list[np.ndarray], list[list[np.ndarray]], RerankSettings], list[np.ndarray]]
 
@@ -161,7 +162,14 @@ def _backend(name: RerankBackend) -> Many:
     global _fallback_noted
     if not _fallback_noted:
         _fallback_noted = True
-        _log.warning("re-ranking on the CPU: the triton backend is unavailable (%s)", reason)
+        if reason == NO_NVIDIA_GPU:  # the expected case on a CPU machine: a note, not a warning
+            _log.info("re-ranking on the CPU (no NVIDIA GPU on this machine)")
+        else:
+            _log.warning(
+                "re-ranking on the CPU: this machine has an NVIDIA GPU but the triton kernel "
+                "cannot run (%s)",
+                reason,
+            )
     return _cpu
 
 
@@ -189,7 +197,7 @@ def _triton_unavailable_reason() -> str | None:
     failure there (compiler, driver) means 'not working', and the auto notice says why.
     """
     if os.name == "posix" and not _nvidia_device_node():
-        return "no NVIDIA GPU found"
+        return NO_NVIDIA_GPU
     try:
         from fol_infer.rerank.triton_kernel import (
             count_mutual_matches_many_triton,

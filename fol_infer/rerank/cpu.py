@@ -44,7 +44,7 @@ from typing import TypeVar
 
 import numpy as np
 
-from fol_infer.rerank.settings import DEFAULT_BLOCK_BYTES, DEFAULT_THRESHOLD
+from fol_infer.rerank.settings import DEFAULT_BLOCK_BYTES, DEFAULT_THRESHOLD, RerankSettings
 
 MIN_TILE_ROWS = 8  # below this many candidate rows per tile, split the query side instead
 _F32 = np.dtype(np.float32)
@@ -136,9 +136,18 @@ def score_pair(
     view (3 to 20 % measured, more on small tiles). ``buf`` is the worker's flat float32
     scratch of at least ``block_bytes`` bytes.
     """
+    rows, _, _ = _mutual(q_t, r, thr, buf, block_bytes)
+    return int(rows.size)
+
+
+def _mutual(
+    q_t: np.ndarray, r: np.ndarray, thr: np.float32, buf: np.ndarray, block_bytes: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The counted pairs: query rows i, their candidate tokens j(i), and S[i, j(i)]."""
     nq, nr = q_t.shape[1], r.shape[0]
     if nq == 0 or nr == 0:
-        return 0
+        empty = np.zeros(0, np.intp)
+        return empty, empty, np.zeros(0, np.float32)
     tr, tq = tile_shape(nq, nr, block_bytes)
     q_best = np.full(nq, -np.inf, np.float32)
     q_arg = np.zeros(nq, np.intp)
@@ -153,7 +162,21 @@ def score_pair(
             row_max = _update_lines(r_best[r0:r1], r_arg[r0:r1], s, q0)
             _update_columns(q_best[q0:q1], q_arg[q0:q1], s, row_max, r0, thr)
     rows = np.flatnonzero(q_best > thr)
-    return int(np.count_nonzero(r_arg[q_arg[rows]] == rows))
+    rows = rows[r_arg[q_arg[rows]] == rows]
+    return rows, q_arg[rows], q_best[rows]
+
+
+def mutual_pairs(
+    query: np.ndarray, candidate: np.ndarray, settings: RerankSettings
+) -> tuple[np.ndarray, np.ndarray]:
+    """The pairs one (query, candidate) score counts, for showing them: (M, 2) int64 token
+    indices (query i, candidate j) and their (M,) float32 similarities. M equals the score
+    every backend gives under ``settings`` (same ties, same threshold rule)."""
+    thr, block = threshold_f32(settings.threshold), settings.block_bytes
+    buf = np.empty(max(1, block // _F32.itemsize), np.float32)
+    q_t = np.ascontiguousarray(_as_f32(query).T)
+    rows, cols, sims = _mutual(q_t, _as_f32(candidate), thr, buf, block)
+    return np.stack([rows, cols], axis=1).astype(np.int64), sims
 
 
 def default_workers() -> int:

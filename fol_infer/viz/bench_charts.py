@@ -1,0 +1,115 @@
+"""Benchmark charts: p50 latency per query stage and recall vs re-rank depth, one or more
+reports (`fol-infer bench --json`) side by side."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fol_infer.errors import UsageError
+from fol_infer.viz.figure import new_figure, save, untrained_caption
+
+STAGE_ORDER = ("preprocess", "global", "search", "local", "fetch", "rerank", "unattributed")
+
+
+@dataclass(frozen=True)
+class ReportSeries:
+    """What the chart plots of one report."""
+
+    label: str
+    stages_ms: dict[str, float]  # p50 per stage, in STAGE_ORDER, present stages only
+    depths: list[int]  # re-rank depths K
+    recall: dict[str, list[float | None]]  # "1" / "5" -> re-ranked R@N per depth
+    trained: bool
+    machine: str
+
+
+def load_report(path: Path) -> dict[str, Any]:
+    """A bench report from its JSON file, or a clear error naming the file."""
+    try:
+        report = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UsageError(f"{path}: no such report") from None
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"{path} is not a readable JSON report ({exc})") from None
+    if not isinstance(report, dict) or report.get("schema") != "fol-infer-bench":
+        raise UsageError(f"{path} is not a fol-infer bench report (fol-infer bench --json)")
+    return report
+
+
+def chart_series(reports: Sequence[dict[str, Any]], names: Sequence[str]) -> list[ReportSeries]:
+    """One series per report, labelled by engine and token format (and ``names`` where two
+    reports would read the same)."""
+    labels = [_label(r) for r in reports]
+    series = []
+    for report, label, name in zip(reports, labels, names, strict=True):
+        latency = report.get("latency_ms", {})
+        curve = report.get("recall_vs_rerank_k", {})
+        env = report.get("environment", {})
+        series.append(
+            ReportSeries(
+                label=f"{label} [{name}]" if labels.count(label) > 1 else label,
+                stages_ms={s: float(latency[s]["p50"]) for s in STAGE_ORDER if s in latency},
+                depths=[int(k) for k in curve.get("K", [])],
+                recall={n: list(curve.get(n, [])) for n in ("1", "5")},
+                trained=bool(report.get("inputs", {}).get("trained", True)),
+                machine=f"{env.get('cpu', '?')}, GPU: {env.get('gpu') or 'none'}",
+            )
+        )
+    return series
+
+
+def _label(report: dict[str, Any]) -> str:
+    inputs = report.get("inputs", {})
+    return f"{inputs.get('engine', '?')}, {inputs.get('tokens', 'fp16')} tokens"
+
+
+def draw_bench(series: Sequence[ReportSeries], out: Path) -> None:
+    """Left: stacked p50 stage latency, one bar per report; right: re-ranked recall vs K."""
+    figure = new_figure(figsize=(12, max(3.4, 1.6 + 0.8 * len(series))))
+    from matplotlib import colormaps
+
+    left, right = figure.subplots(1, 2, width_ratios=(3, 2))
+    colours = colormaps["tab10"]
+    labels = [s.label for s in series]
+    for i, stage in enumerate(STAGE_ORDER):
+        widths = [s.stages_ms.get(stage, 0.0) for s in series]
+        starts = [sum(s.stages_ms.get(p, 0.0) for p in STAGE_ORDER[:i]) for s in series]
+        left.barh(labels, widths, left=starts, height=0.6, color=colours(i), label=stage)
+    for y, s in enumerate(series):
+        left.text(sum(s.stages_ms.values()), y, f" {sum(s.stages_ms.values()):,.0f} ms",
+                  va="center", fontsize=8)  # fmt: skip
+    left.set_ylim(len(series) - 0.5, -0.5)  # the first report on top
+    left.set_xlabel("p50 latency per query (ms, batch 1)")
+    left.legend(fontsize=7, ncols=4, loc="upper center", bbox_to_anchor=(0.5, -0.18))
+    left.margins(x=0.15)
+    drawn = False
+    markers, series_colours = "os^vDP", colormaps["Dark2"]
+    for i, s in enumerate(series):  # later series drawn smaller: identical curves stay visible
+        for n, style in (("1", "-"), ("5", "--")):
+            points = [(k, v) for k, v in zip(s.depths, s.recall.get(n, [])) if v is not None]
+            if points:
+                drawn = True
+                right.plot(
+                    *zip(*points), style, marker=markers[i % 6], ms=9 - 2 * (i % 3),
+                    color=series_colours(i), alpha=0.85, label=f"R@{n} {s.label}",
+                )  # fmt: skip
+    if drawn:
+        depths = sorted({k for s in series for k in s.depths})
+        right.set_xscale("log")
+        right.set_xticks(depths, [str(k) for k in depths])
+        right.minorticks_off()
+        right.legend(fontsize=7)
+    else:
+        right.text(0.5, 0.5, "recall unavailable\n(no positions)", ha="center", va="center",
+                   transform=right.transAxes)  # fmt: skip
+    right.set_ylim(0, 105)
+    right.set_xlabel("re-rank depth K")
+    right.set_ylabel("re-ranked recall (%)")
+    machines = sorted({s.machine for s in series})
+    figure.suptitle("fol-infer bench: " + "; ".join(machines), fontsize=10)
+    untrained_caption(figure, all(s.trained for s in series))
+    save(figure, out)
