@@ -46,3 +46,7 @@ class DamagedFileError(UsageError):
     def __init__(self, path: object, detail: str, repair: str) -> None:
         super().__init__(f"{path} is damaged: {detail}. Repair: {repair}")
         self.path, self.detail, self.repair = path, detail, repair
+
+
+class ShardUnavailableError(FolInferError):
+    """A shard of a map that did not answer in time; the message names it and its ids."""

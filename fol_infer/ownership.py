@@ -1,9 +1,10 @@
 """May a command replace this folder? Only a folder fol-infer made, never one holding the input.
 
-`--force` replaces a bundle (``export``) or an index (``index``). Both are recognised by their
-own format markers, never by their names: a bundle by ``manifest.json`` carrying the bundle
-format (or, for bundles written before the marker existed, the manifest's own keys); an
-index by ``index.json`` carrying the index-metadata format, or, when that file is damaged,
+`--force` replaces a bundle (``export``), an index or a sharded map (``index``). Each is
+recognised by its own format markers, never by its name: a bundle by ``manifest.json``
+carrying the bundle format (or, for bundles written before the marker existed, the
+manifest's own keys); a map by ``map.json`` carrying the map format; an index by
+``index.json`` carrying the index-metadata format, or, when that file is damaged,
 by its ``descriptors/`` token store's record. An empty folder may be replaced too (nothing is
 lost). Anything else is refused, as is any folder that is, contains, or is inside one of the
 command's inputs (database folder, bundle, checkpoint), whatever it holds.
@@ -18,7 +19,7 @@ from typing import Any, Literal
 
 from fol_infer.errors import UsageError
 
-Product = Literal["index", "bundle"]
+Product = Literal["index", "bundle", "map"]
 _LEGACY_BUNDLE_KEYS = {"schema_version", "fingerprint", "graphs", "arch", "resolution"}
 
 
@@ -36,6 +37,11 @@ def _markers(product: Product) -> list[tuple[str, str]]:
         from fol_infer.bundle import FORMAT, MANIFEST
 
         return [(MANIFEST, FORMAT)]
+    if product == "map":
+        from fol_infer.index.shards import FORMAT as MAP_FORMAT
+        from fol_infer.index.shards import MANIFEST as MAP_MANIFEST
+
+        return [(MAP_MANIFEST, MAP_FORMAT)]
     from fol_infer.index.database import DESCRIPTORS, METADATA
     from fol_infer.index.metadata import FORMAT as INDEX_FORMAT
     from fol_infer.index.token_store import COMMIT

@@ -26,13 +26,8 @@ from fol_infer.bundle import Bundle
 from fol_infer.choices import EncoderBackend, RerankBackend
 from fol_infer.errors import UsageError
 from fol_infer.images import ImageSource, preprocess, source_name
-from fol_infer.index.database import Database
-from fol_infer.rerank import (
-    RerankSettings,
-    count_mutual_matches_certified,
-    rerank_order,
-    score_many,
-)
+from fol_infer.rerank import RerankSettings, rerank_order
+from fol_infer.shard_set import ShardSet
 
 log = logging.getLogger(__name__)
 STAGES = ("preprocess", "global", "search", "local", "fetch", "rerank")
@@ -63,6 +58,11 @@ class QueryResult:
     descriptor: np.ndarray | None = field(default=None, repr=False)  # (8448,) global descriptor
     threshold: float | None = None  # the re-ranking threshold the matches were counted at
     database_root: str = ""  # absolute; hit paths are relative to it (or absolute themselves)
+    missing_shards: list[str] = field(default_factory=list)  # allow_partial: shards not heard
+
+    @property
+    def partial(self) -> bool:
+        return bool(self.missing_shards)
 
     def file_of(self, path: str) -> str:
         """The absolute file of a hit's path: opens from any working directory."""
@@ -70,18 +70,22 @@ class QueryResult:
 
     def to_json(self) -> dict[str, Any]:
         """The documented JSON shape of `fol-infer query --json`: each hit's ``path`` is the
-        index's name for the image, ``file`` its absolute path."""
+        index's name for the image, ``file`` its absolute path; ``partial`` and
+        ``missing_shards`` only when shards of a map did not answer (``allow_partial``)."""
 
         def hits(found: Sequence[GlobalHit] | Sequence[RerankHit] | None) -> list[dict[str, Any]]:
             return [vars(h) | {"file": self.file_of(h.path)} for h in found or []]
 
-        return {
+        doc: dict[str, Any] = {
             "query": self.query,
             "database_root": self.database_root,
             "global": hits(self.global_hits),
             "reranked": hits(self.reranked),
             "threshold": self.threshold,
         }
+        if self.partial:
+            doc |= {"partial": True, "missing_shards": self.missing_shards}
+        return doc
 
     def ranking(self) -> list[int]:
         """Final order of database ids: re-ranked ones first, then the rest of the global list."""
@@ -106,28 +110,37 @@ class Timer:
 
 
 class Retriever:
-    """Bundle + index + re-ranker, opened once; `close()` (or `with`) releases them."""
+    """Bundle + index (or map) + re-ranker, opened once; `close()` (or `with`) releases them."""
 
     def __init__(
         self,
         bundle: str | Path | Bundle,
-        index: str | Path,
+        index: str | Path | ShardSet,
         backend: EncoderBackend | str = EncoderBackend.ONNX,
         rerank: RerankSettings | None = None,
         checkpoint: str | Path | None = None,
         threads: int | None = None,
         encoder: Encoder | None = None,
+        allow_partial: bool = False,
     ) -> None:
-        """``rerank``: threshold, backend, CPU block and workers [`RerankSettings()`].
-        ``encoder``: an encoder of this bundle already open (e.g. the one that built the
-        index), used instead of opening another; the caller keeps it and closes it."""
+        """``index``: an index or map folder (opened here), or a `ShardSet` (e.g.
+        `ShardSet.ray(...)`, closed with the retriever). ``rerank``: threshold, backend, CPU
+        block and workers [`RerankSettings()`]. ``encoder``: an encoder of this bundle already
+        open (e.g. the one that built the index), used instead of opening another; the caller
+        keeps it and closes it. ``allow_partial``: answer from the shards that answer and list
+        the others in each result, instead of raising."""
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
-        self.database = Database(index, bundle=self.bundle)
+        if isinstance(index, ShardSet):
+            self.shards = index
+            index.manifest.check_bundle(self.bundle.manifest.fingerprint, str(self.bundle.folder))
+        else:
+            self.shards = ShardSet.open(index, bundle=self.bundle)
+        self.allow_partial = allow_partial
         rerank = rerank or RerankSettings()
         try:
-            rerank.check_tokens(self.database.token_format, str(index))
+            rerank.check_tokens(self.shards.token_format, str(index))
         except UsageError:
-            self.database.close()
+            self.shards.close()
             raise
         if rerank.backend in (RerankBackend.ONNX, RerankBackend.TRT):  # refuse an old bundle now
             try:
@@ -141,10 +154,10 @@ class Retriever:
                 self.bundle, backend, checkpoint=checkpoint, threads=threads
             )
         except BaseException:
-            self.database.close()
+            self.shards.close()
             raise
         self.rerank = rerank
-        self._root = os.path.abspath(self.database.meta.root)
+        self._root = os.path.abspath(self.shards.manifest.root)
 
     def query(
         self,
@@ -162,7 +175,7 @@ class Retriever:
             images = [images]  # type: ignore[list-item]
         if not images:
             return []
-        n = len(self.database)
+        n = len(self.shards)
         top_k, rerank_k = self._clamp(top_k, "top_k", n), self._clamp(rerank_k, "rerank_k", n)
         timer = Timer()
         with timer.stage("preprocess"):
@@ -171,7 +184,9 @@ class Retriever:
             global_out = self.encoder.encode_global(batch)
         depth = max(top_k, rerank_k) if rerank else top_k
         with timer.stage("search"):
-            scores, ids = self.database.global_index.search(global_out.descriptors, depth)
+            scores, ids, missing = self.shards.search(
+                global_out.descriptors, depth, self.allow_partial
+            )
         matches: list[np.ndarray] = []
         candidates: list[np.ndarray] = []
         if rerank:
@@ -179,57 +194,36 @@ class Retriever:
                 query_tokens = self.encoder.encode_local(global_out)
             candidates = [row[:rerank_k][row[:rerank_k] >= 0] for row in ids]
             queries = [t[:c] for t, c in zip(query_tokens.tokens, query_tokens.counts)]
-            matches = self._rerank(queries, candidates, timer)
+            matches, lost = self.shards.score(
+                queries, candidates, self.rerank, timer, self.allow_partial
+            )
+            missing = sorted(set(missing) | set(lost))
         share = {k: v / len(images) for k, v in timer.ms.items()}
         results = []
         for q, source in enumerate(images):
             hits = [
-                GlobalHit(r + 1, int(i), self.database.paths[int(i)], float(s))
+                GlobalHit(r + 1, int(i), self.shards.paths[int(i)], float(s))
                 for r, (i, s) in enumerate(zip(ids[q][:top_k], scores[q][:top_k]))
                 if i >= 0
             ]
             reranked = None
             if rerank:
-                cand = candidates[q]
-                order = rerank_order(matches[q])[:top_k]
+                heard = matches[q] >= 0  # a shard lost between search and scoring: not ranked
+                cand, counts = candidates[q][heard], matches[q][heard]
+                order = rerank_order(counts)[:top_k]
                 reranked = [
-                    RerankHit(
-                        r + 1, int(cand[j]), self.database.paths[int(cand[j])], int(matches[q][j])
-                    )
+                    RerankHit(r + 1, int(cand[j]), self.shards.paths[int(cand[j])], int(counts[j]))
                     for r, j in enumerate(order)
                 ]
             descriptor = global_out.descriptors[q]
             threshold = self.rerank.threshold if rerank else None
             name = source_name(source, q)
             results.append(
-                QueryResult(name, hits, reranked, share, descriptor, threshold, self._root)
+                QueryResult(
+                    name, hits, reranked, share, descriptor, threshold, self._root, list(missing)
+                )
             )
         return results
-
-    def _rerank(
-        self, queries: list[np.ndarray], candidates: list[np.ndarray], timer: Timer
-    ) -> list[np.ndarray]:
-        """Match counts of each query's candidates. An int8-exact index is scored from its int8
-        tokens, reading float32 rows only where the int8 error bound leaves a decision open
-        (those reads count as re-ranking time)."""
-        store, exact = self.database.tokens, self.database.exact_tokens
-        with timer.stage("fetch"):
-            wanted = np.unique(np.concatenate(candidates))
-            tokens = store.get_quantized(wanted) if exact is not None else store.get(wanted)
-            fetched: dict[int, Any] = dict(zip(wanted.tolist(), tokens))
-        with timer.stage("rerank"):
-            lists = [[fetched[int(i)] for i in cand] for cand in candidates]
-            if exact is None:
-                return score_many(queries, lists, self.rerank, self.bundle)
-
-            def originals(q: int, k: int, rows: np.ndarray) -> np.ndarray:
-                return exact.get_rows(int(candidates[q][k]), rows)
-
-            s = self.rerank
-            certified = count_mutual_matches_certified(
-                queries, lists, originals, s.threshold, block_bytes=s.block_bytes, workers=s.workers
-            )
-            return [c.scores for c in certified]
 
     @staticmethod
     def _clamp(k: int, name: str, n: int) -> int:
@@ -242,7 +236,7 @@ class Retriever:
     def close(self) -> None:
         if self._owns_encoder:
             self.encoder.close()
-        self.database.close()
+        self.shards.close()
 
     def __enter__(self) -> Retriever:
         return self

@@ -55,3 +55,45 @@ def tiny_bundle_322(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFact
 
     out = tmp_path_factory.mktemp("bundles") / "tiny-322"
     return export_bundle(tiny_checkpoint, out, 322)
+
+
+class MapBuilds:
+    """The ~40-image database (two unreadable files) and its indexes and maps, each built
+    once per session on first use: single index vs sharded map comparisons share them."""
+
+    def __init__(self, bundle: Path, root: Path) -> None:
+        from sample_images import make_images
+
+        self.bundle, self.root = bundle, root
+        self.db = root / "db"
+        make_images(self.db / "a", 20, seed=3)
+        make_images(self.db / "b", 18, seed=4)
+        (self.db / "a" / "broken.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
+        (self.db / "b" / "empty.png").write_bytes(b"")
+        self.queries = make_images(root / "queries", 24, seed=5)
+        self._built: dict[tuple[str, str, int], Path] = {}
+
+    def get(self, tokens: str = "fp16", factory: str = "Flat", shards: int = 0) -> Path:
+        """An index (shards=0) or a map of `shards` shards, batch 4."""
+        key = (tokens, factory, shards)
+        if key not in self._built:
+            from fol_infer.backends import open_encoder
+            from fol_infer.bundle import Bundle
+            from fol_infer.index.database import BuildSettings, build_index
+            from fol_infer.index.map_build import LocalRunner, build_map
+
+            bundle = Bundle.open(self.bundle)
+            settings = BuildSettings(factory=factory, tokens=tokens, batch=4)  # type: ignore[arg-type]
+            out = self.root / f"{tokens}-{factory.replace(',', '_')}-{shards}"
+            with open_encoder(bundle, "onnx") as encoder:  # type: ignore[attr-defined]
+                if shards:
+                    build_map(bundle, self.db, out, LocalRunner(encoder), settings, shards)
+                else:
+                    build_index(bundle, encoder, self.db, out, settings)
+            self._built[key] = out
+        return self._built[key]
+
+
+@pytest.fixture(scope="session")
+def map_builds(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> MapBuilds:
+    return MapBuilds(tiny_bundle, tmp_path_factory.mktemp("maps"))

@@ -48,7 +48,7 @@ def test_results_follow_the_spec_and_the_json_shape(
         image = preprocess(queries[0], retriever.bundle.resolution)[None]
         query_tokens = retriever.encoder.encode(image).token_list()[0]
         candidates = [h.db_index for h in global_only.global_hits]
-        candidate_tokens = retriever.database.tokens.get(candidates)
+        candidate_tokens = retriever.shards.databases[0].tokens.get(candidates)
     assert [h.rank for h in result.global_hits] == [1, 2, 3, 4]
     assert [h.db_index for h in result.global_hits] == candidates[:4]
     scores = [h.score for h in result.global_hits]
@@ -160,8 +160,8 @@ def test_int8_exact_index_reranks_like_float32_tokens(
         results = retriever.query(queries, top_k=6, rerank_k=6)
         images = np.stack([preprocess(q, bundle.resolution) for q in queries])
         query_tokens = retriever.encoder.encode(images).token_list()
-        assert retriever.database.exact_tokens is not None
-        originals = retriever.database.exact_tokens
+        assert retriever.shards.databases[0].exact_tokens is not None
+        originals = retriever.shards.databases[0].exact_tokens
         for result, tokens in zip(results, query_tokens, strict=True):
             candidates = [h.db_index for h in result.global_hits]
             expected = count_mutual_matches(tokens, originals.get(candidates), backend="cpu")
@@ -220,7 +220,7 @@ def test_threshold_reaches_the_reranker_from_retriever_and_query_cli(
             image = preprocess(queries[0], retriever.bundle.resolution)[None]
             tokens = retriever.encoder.encode(image).token_list()[0]
             candidates = [h.db_index for h in result.global_hits]
-            stored = retriever.database.tokens.get(candidates)
+            stored = retriever.shards.databases[0].tokens.get(candidates)  # type: ignore[attr-defined]
         expected = count_mutual_matches(tokens, stored, threshold=threshold, backend="cpu")
         assert result.reranked is not None and result.threshold == threshold
         assert sorted(h.matches for h in result.reranked) == sorted(expected.tolist())

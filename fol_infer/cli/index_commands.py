@@ -15,6 +15,7 @@ from fol_infer.cli.options import (
     BackendOption,
     CheckpointOption,
     PositionsOption,
+    RayOption,
     RerankerOption,
     ThresholdOption,
     tokens_option,
@@ -62,6 +63,17 @@ def index(
             "Replaces only a fol-infer index, never other files or a folder holding the input."
         ),
     ] = False,
+    shards: Annotated[
+        int | None,
+        typer.Option(
+            help="Build a sharded map of N ordinary indexes (with --append: N new shards).",
+        ),
+    ] = None,
+    ray: RayOption = None,
+    decode_threads: Annotated[
+        int,
+        typer.Option(min=1, help="Image-decoding threads per encoder (per Ray task with --ray)."),
+    ] = 2,
     wait: Annotated[
         bool,
         typer.Option(help="If another process is writing this index, wait for it (default: stop)."),
@@ -70,7 +82,9 @@ def index(
 ) -> None:
     """Index a database: global descriptors in FAISS, region tokens in a memory-mapped store.
 
-    An interrupted build resumes when the same command is run again.
+    With --shards (or --ray, or when --out is a map) the index is a map of shards, built
+    shard after shard here or one Ray task per shard. An interrupted build resumes when the
+    same command is run again.
     """
     from fol_infer.backends import open_encoder
     from fol_infer.bundle import Bundle
@@ -85,6 +99,13 @@ def index(
     untrained_banner(bundle.manifest.trained)
     settings = BuildSettings(factory=faiss, tokens=tokens, batch=batch)
     mode: IndexMode = "append" if append else "force" if force else "new"
+    if shards is not None or ray is not None or (out / "map.json").is_file():
+        from fol_infer.cli.map_commands import index_map
+
+        index_map(
+            bundle, db_folder, out, settings, shards, mode, ray, backend, decode_threads, wait
+        )
+        return
     encoder = open_encoder(bundle, backend, checkpoint=checkpoint)
 
     def notice(message: str) -> None:
@@ -188,12 +209,24 @@ def query(
     csv_out: Annotated[
         Path | None, typer.Option("--csv", help="Write one CSV row per (query, rank) here.")
     ] = None,
+    ray: RayOption = None,
+    allow_partial: Annotated[
+        bool,
+        typer.Option(
+            help="Answer from the shards that answer when one is down; results say which not."
+        ),
+    ] = False,
+    timeout: Annotated[
+        float, typer.Option(help="Seconds a shard may take to answer (--ray).")
+    ] = 30.0,
 ) -> None:
-    """Retrieve database images for each query, re-ranked by region-token matches."""
+    """Retrieve database images for each query (from an index or a map), re-ranked by
+    region-token matches."""
     from fol_infer.images import find_images
     from fol_infer.index.database import recorded_bundle
     from fol_infer.pipeline import Retriever
     from fol_infer.rerank.settings import RerankSettings
+    from fol_infer.shard_set import ShardSet
 
     if bundle_dir is None:
         bundle_dir = recorded_bundle(index_dir)
@@ -202,7 +235,10 @@ def query(
         raise UsageError("no query images found")
     rerank = RerankSettings(threshold, reranker)
     results = []
-    with Retriever(bundle_dir, index_dir, backend=backend, rerank=rerank) as retriever:
+    shard_set = ShardSet.ray(index_dir, None, ray, timeout) if ray else index_dir
+    with Retriever(
+        bundle_dir, shard_set, backend=backend, rerank=rerank, allow_partial=allow_partial
+    ) as retriever:
         if not as_json:
             untrained_banner(retriever.bundle.manifest.trained)
         for path in files:

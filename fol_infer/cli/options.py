@@ -54,6 +54,14 @@ ThresholdOption = Annotated[
     ),
 ]
 BatchOption = Annotated[int, typer.Option(min=1, help="Images per forward pass.")]
+RayOption = Annotated[
+    str | None,
+    typer.Option(
+        "--ray",
+        metavar="auto|ADDRESS",
+        help="Run on Ray: 'auto' (this machine's cluster, else a local one) or HEAD:PORT.",
+    ),
+]
 
 
 def tokens_option(help: str) -> Any:

@@ -139,10 +139,10 @@ def results(
         trained = retriever.bundle.manifest.trained
         untrained_banner(trained)
         found = retriever.query(files, top_k, rerank_k, rerank=not no_rerank)
-        database = retriever.database
-        absolute = [database.absolute_path(i) for i in range(len(database))]
+        shards = retriever.shards
+        absolute = [shards.absolute_path(i) for i in range(len(shards))]
         if table is None:
-            db_positions, db_missing = load_positions(database.folder, database.paths, absolute)
+            db_positions, db_missing = load_positions(shards.folder, shards.paths, absolute)
         else:
             db_positions, db_missing = positions_of(absolute, table)
     query_positions, _ = positions_of(files, table)

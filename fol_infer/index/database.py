@@ -23,7 +23,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -128,7 +128,12 @@ def _faiss_from_descriptors(
     return index
 
 
-def _extend(index: GlobalIndex, descriptors: TokenStore, start: int, chunk: int = 4096) -> None:
+EXTEND_CHUNK = 4096  # descriptors per FAISS add: a trained factory trains on the first chunk(s)
+
+
+def _extend(
+    index: GlobalIndex, descriptors: TokenStore, start: int, chunk: int = EXTEND_CHUNK
+) -> None:
     for a in range(start, len(descriptors), chunk):
         rows = descriptors.get(range(a, min(a + chunk, len(descriptors))))
         index.add(np.concatenate(rows).astype(np.float32, copy=False))
@@ -169,6 +174,51 @@ def build_index(
             replace_folder(work, out)
     report.folder = out
     return report
+
+
+def encode_into(
+    bundle: Bundle,
+    encoder: Encoder,
+    root: Path,
+    files: Sequence[Path],
+    work: Path,
+    settings: BuildSettings,
+    progress: Advance | None = None,
+    decode_threads: int = 2,
+) -> BuildReport:
+    """Encode the `files` (under `root`) not yet in the index folder `work` (a map's shard),
+    creating or resuming it, one commit per batch, under its writer lock; the FAISS file and
+    the complete mark are `seal_index`'s."""
+    with WriterLock(work):
+        meta, stores = _open_or_create(work, bundle, root, settings)
+        try:
+            return _encode_all(
+                encoder, bundle, list(files), work, meta, stores, settings, progress,
+                decode_threads, seal=False,
+            )  # fmt: skip
+        finally:
+            for store in stores:
+                store.close()
+
+
+def seal_index(work: Path, empty: GlobalIndex | None = None) -> None:
+    """Add the folder's descriptors to `empty` (an already trained FAISS index holding no
+    vectors; default: a new one of the recorded factory), save it as the folder's FAISS file
+    and mark the index complete, under its writer lock."""
+    with WriterLock(work):
+        meta = IndexMetadata.load(work / METADATA)
+        repair = meta.rebuild_command(work)
+        descriptors = TokenStore.open(work / DESCRIPTORS, verify="cached", repair=repair)
+        try:
+            _stores_match(meta, [descriptors], True)
+            if empty is None:
+                empty = GlobalIndex.create(descriptors.dim, meta.settings["factory"], "cpu")
+            _extend(empty, descriptors, 0)
+            empty.save(work / FAISS_FILE)
+        finally:
+            descriptors.close()
+        meta.settings["complete"] = True
+        meta.save(work / METADATA)
 
 
 def _output_folder(out: Path, mode: IndexMode, inputs: dict[str, Path]) -> Path:
@@ -261,13 +311,16 @@ def _encode_all(
     stores: list[TokenStore],
     settings: BuildSettings,
     progress: Advance | None,
+    decode_threads: int = 2,
+    seal: bool = True,
 ) -> BuildReport:
-    """Encode and commit batch by batch, then write global.faiss and mark the build complete."""
+    """Encode and commit batch by batch, then (with `seal`) write global.faiss and mark the
+    build complete."""
     descriptors, *token_stores = stores
     report = BuildReport(folder=work, added=0, total=len(meta.paths), resumed_from=len(meta.paths))
     todo = _to_encode(files, meta, report)  # names stay relative to the first build's root
     start = time.perf_counter()
-    for batch in iter_batches(todo, bundle.resolution, settings.batch):
+    for batch in iter_batches(todo, bundle.resolution, settings.batch, workers=decode_threads):
         failures = [(meta.name_of(f.source), f.reason) for f in batch.failures]
         if batch.indices:
             result = encoder.encode(batch.images)
@@ -286,11 +339,12 @@ def _encode_all(
         report.failures.extend(failures)
         if progress:
             progress(len(batch.indices) + len(failures), len(todo))
-    if not meta.paths:
-        raise UsageError(f"none of the {len(files)} image files could be read")
-    _faiss_from_descriptors(descriptors, settings.factory, "cpu").save(work / FAISS_FILE)
-    meta.settings["complete"] = True
-    meta.save(work / METADATA)
+    if seal:
+        if not meta.paths:
+            raise UsageError(f"none of the {len(files)} image files could be read")
+        _faiss_from_descriptors(descriptors, settings.factory, "cpu").save(work / FAISS_FILE)
+        meta.settings["complete"] = True
+        meta.save(work / METADATA)
     report.total = len(meta.paths)
     report.seconds = time.perf_counter() - start
     return report
@@ -311,7 +365,11 @@ def _discard(work: Path, existed: bool) -> None:
 
 
 def recorded_bundle(index_dir: str | Path) -> Path:
-    """The bundle folder an index was built with, as its metadata records it."""
+    """The bundle folder an index (or a map) was built with, as its metadata records it."""
+    from fol_infer.index.shards import MapManifest, is_map
+
+    if is_map(Path(index_dir)):
+        return Path(MapManifest.load(Path(index_dir)).bundle_name)
     path = Path(index_dir) / METADATA
     if not path.is_file():
         raise UsageError(f"{index_dir} is not an index (no {METADATA})")

@@ -47,6 +47,7 @@ _U32, _U64 = struct.Struct("<I"), struct.Struct("<Q")
 _TAIL = _U64.size + 32
 _GPU_MAX_K = 2048  # FAISS GPU k-selection limit; larger k searches the CPU index
 _TRAIN_BYTES = 1 << 30
+_CPU_GROUP = 8  # queries per CPU search: below FAISS's blocked products (see `search`)
 _PARAMS = {"nprobe": "nprobe", "ef_search": "efSearch"}
 
 
@@ -156,6 +157,30 @@ class GlobalIndex:
         self._index.add(x)
         self._pending = []
 
+    @property
+    def is_trained(self) -> bool:
+        """True once nothing waits in the training buffer (always for Flat and HNSW)."""
+        return bool(self._index.is_trained) and not self._pending
+
+    def trained_empty(self) -> GlobalIndex:
+        """A copy with this index's training and no vectors: the one quantizer every shard of
+        a map adds to, so that their scores are those of a single index."""
+        self._train()
+        faiss = _faiss()
+        copy = faiss.clone_index(self._index)
+        copy.reset()
+        return GlobalIndex(copy, self.factory, "cpu", self.train_size)
+
+    @property
+    def searches_a_graph(self) -> bool:
+        """True for graph indexes (HNSW, NSG): each shard's graph finds different neighbours,
+        so a sharded map of them is approximate even where a single one would agree."""
+        faiss = _faiss()
+        index = faiss.downcast_index(self._index)
+        if hasattr(index, "index") and not hasattr(index, "nlist"):  # IndexPreTransform
+            index = faiss.downcast_index(index.index)
+        return type(index).__name__.startswith(("IndexHNSW", "IndexNSG"))
+
     def _check(self, x: np.ndarray, what: str) -> np.ndarray:
         a = np.ascontiguousarray(x, dtype=np.float32)
         if a.ndim != 2 or a.shape[1] != self.dim:
@@ -189,7 +214,15 @@ class GlobalIndex:
         if not 1 <= k <= n:
             raise UsageError(f"k = {k} but the index holds {n} images: ask for 1 <= k <= {n}")
         index = self._gpu_index() if k <= _GPU_MAX_K else self._index
-        scores, ids = index.search(q, k)
+        if index is not self._index:
+            scores, ids = index.search(q, k)
+            return scores, ids.astype(np.int64, copy=False)
+        # On the CPU, FAISS (1.15) computes the products of 16 or more queries blockwise, and
+        # their rounding depends on the database's size and the batch: searching in smaller
+        # groups makes each score a function of its query and its vector only, so a query
+        # scores alike alone or in a batch, in one index or in a map's shards.
+        parts = [index.search(q[a : a + _CPU_GROUP], k) for a in range(0, len(q), _CPU_GROUP)]
+        scores, ids = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
         return scores, ids.astype(np.int64, copy=False)
 
     def _gpu_index(self) -> Any:

@@ -77,6 +77,17 @@ def check_schema(found: object, expected: int, path: Path | str, what: str) -> N
         )
 
 
+def check_bundle(built_sha256: str, built_name: str, sha256: str, name: str, what: str) -> None:
+    """Refuse an index or map built by another bundle than the engine's, naming both."""
+    if sha256 != built_sha256:
+        built = f"{built_name or 'bundle'} (manifest sha256 {built_sha256[:12]})"
+        given = f"{name or 'bundle'} (manifest sha256 {sha256[:12]})"
+        raise IndexStoreError(
+            f"this {what} was built by {built} but the engine is {given}: "
+            f"use the bundle that built it or rebuild the {what} with this one"
+        )
+
+
 @dataclass
 class IndexMetadata:
     """Everything about an index but its vectors; row i describes image id i.
@@ -133,13 +144,7 @@ class IndexMetadata:
 
     def check_bundle(self, sha256: str, name: str = "") -> None:
         """Refuse to serve an index with a bundle other than the one that built it."""
-        if sha256 != self.bundle_sha256:
-            built = f"{self.bundle_name or 'bundle'} (manifest sha256 {self.bundle_sha256[:12]})"
-            given = f"{name or 'bundle'} (manifest sha256 {sha256[:12]})"
-            raise IndexStoreError(
-                f"this index was built by {built} but the engine is {given}: "
-                "use the bundle that built it or rebuild the index with this one"
-            )
+        check_bundle(self.bundle_sha256, self.bundle_name, sha256, name, "index")
 
     def save(self, path: Path | str) -> None:
         """Write atomically (see module doc)."""

@@ -1,0 +1,169 @@
+"""Maps on Ray against the in-process map: fan-out overhead per query, build throughput.
+
+    python benchmarks/ray_shards.py [--arch vits14] [--resolution 224] [--places 24] \
+        [--shards 4,8] [--build-shards 8] [--queries 20] [--json OUT]
+
+Uses an UNTRAINED seeded checkpoint and a synthetic database: the figures are about speed.
+Query side: one map of `--shards` shards, served in this process (`ShardSet.open`) and by one
+Ray actor per shard (`ShardSet.ray`), fed the same encoded queries, alternating, so that the
+difference is the fan-out (object store, actor calls, merge), not the encoder. Build side: the
+same database as an in-process map, then on a local Ray cluster of 1 and of 2 workers (one CPU
+and one encoder thread per task), each from scratch. Ratios against the in-process run of the
+same process are what to read; the machine is shared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from fol_infer.backends import open_encoder
+from fol_infer.bench.dataset import make_dataset
+from fol_infer.bench.environment import cpu_model
+from fol_infer.bundle import Bundle
+from fol_infer.choices import RerankBackend
+from fol_infer.export.onnx import export_bundle
+from fol_infer.images import preprocess
+from fol_infer.index.database import BuildSettings
+from fol_infer.index.map_build import LocalRunner, build_map
+from fol_infer.model.checkpoint import make_checkpoint
+from fol_infer.pipeline import Timer
+from fol_infer.rerank import RerankSettings
+from fol_infer.shard_set import ShardSet
+
+
+def build_rates(bundle: Bundle, db: Path, work: Path, shards: int, batch: int) -> dict[str, float]:
+    """Images per second: in-process, then Ray with 1 and 2 workers."""
+    import ray
+
+    from fol_infer.distributed.build import RayRunner
+
+    settings = BuildSettings(batch=batch)
+    rates: dict[str, float] = {}
+    with open_encoder(bundle) as encoder:  # type: ignore[attr-defined]
+        report = build_map(bundle, db, work / "local", LocalRunner(encoder), settings, shards)
+    rates["in_process"] = report.images_per_second
+    for workers in (1, 2):
+        ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
+        try:
+            runner = RayRunner("auto", cpus=1, decode_threads=1)
+            out = work / f"ray{workers}"
+            report = build_map(bundle, db, out, runner, settings, shards)
+            rates[f"ray_{workers}_workers"] = report.images_per_second
+        finally:
+            ray.shutdown()
+        shutil.rmtree(out)
+    for name, rate in rates.items():
+        print(f"build {name:16s}: {rate:6.2f} img/s ({rate / rates['in_process']:.2f}x)")
+    return rates
+
+
+def fan_out(
+    bundle: Bundle, map_dir: Path, queries: list[Path], rerank_k: int, query_tokens: int
+) -> dict[str, float]:
+    """Median ms per query of the search and of the re-rank scoring, local vs Ray actors.
+
+    Queries keep their first `query_tokens` tokens, so that the scoring itself is cheap and
+    its fan-out cost shows; a pause between calls lets one side's idle BLAS threads stop
+    spinning before the other side is timed (2 cores)."""
+    import ray
+
+    rerank = RerankSettings(backend=RerankBackend.CPU)
+    with open_encoder(bundle) as encoder:  # type: ignore[attr-defined]
+        encoded = []
+        for q in queries:
+            out = encoder.encode(preprocess(q, bundle.resolution)[None])
+            encoded.append((out.descriptors, [t[:query_tokens] for t in out.token_list()]))
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    times: dict[str, list[float]] = {}
+    try:
+        local, remote = ShardSet.open(map_dir, bundle), ShardSet.ray(map_dir, bundle)
+        for shard_set in (local, remote):  # warm-up: page cache, actor start, first calls
+            _one_query(shard_set, *encoded[0], rerank_k, rerank)
+        for descriptors, tokens in encoded:
+            for name, shard_set in (("local", local), ("ray", remote)):
+                time.sleep(0.2)
+                search_ms, score_ms = _one_query(shard_set, descriptors, tokens, rerank_k, rerank)
+                times.setdefault(f"{name}_search_ms", []).append(search_ms)
+                times.setdefault(f"{name}_score_ms", []).append(score_ms)
+        local.close()
+        remote.close()
+    finally:
+        ray.shutdown()
+    result = {k: statistics.median(v) for k, v in times.items()}
+    result["search_overhead_ms"] = result["ray_search_ms"] - result["local_search_ms"]
+    result["score_overhead_ms"] = result["ray_score_ms"] - result["local_score_ms"]
+    for k, v in result.items():
+        print(f"{k:20s} {v:8.2f}")
+    return result
+
+
+def _one_query(
+    shard_set: ShardSet,
+    descriptors: np.ndarray,
+    tokens: list[np.ndarray],
+    rerank_k: int,
+    rerank: RerankSettings,
+) -> tuple[float, float]:
+    start = time.perf_counter()
+    _, ids, _ = shard_set.search(descriptors, rerank_k)
+    mid = time.perf_counter()
+    shard_set.score(tokens, [ids[0][ids[0] >= 0]], rerank, Timer())
+    end = time.perf_counter()
+    return (mid - start) * 1e3, (end - mid) * 1e3
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--arch", default="vits14")
+    parser.add_argument("--resolution", type=int, default=224)
+    parser.add_argument("--places", type=int, default=24)
+    parser.add_argument("--distractors", type=int, default=24)
+    parser.add_argument("--shards", default="4,8", help="shards of the served maps")
+    parser.add_argument("--build-shards", type=int, default=8, help="shards of the build runs")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--queries", type=int, default=20)
+    parser.add_argument("--rerank-k", type=int, default=10)
+    parser.add_argument("--query-tokens", type=int, default=64)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+
+    report: dict[str, object] = {
+        "machine": f"{platform.node()}: {cpu_model()}",
+        "args": vars(args) | {"json": None},
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        ckpt = make_checkpoint(args.arch, 0, work / "ckpt.pth")
+        bundle = Bundle.open(export_bundle(ckpt, work / "bundle", args.resolution))
+        data = make_dataset(
+            work / "data", places=args.places, queries_per_place=1, distractors=args.distractors
+        )
+        db = data / "images" / "test" / "database"
+        queries = sorted((data / "images" / "test" / "queries").glob("*.jpg"))[: args.queries]
+        report["images"] = len(list(db.rglob("*.jpg")))
+        report["build"] = build_rates(bundle, db, work, args.build_shards, args.batch)
+        report["query"] = {}
+        for shards in map(int, args.shards.split(",")):
+            served = work / f"served-{shards}"
+            with open_encoder(bundle) as encoder:  # type: ignore[attr-defined]
+                settings = BuildSettings(batch=args.batch)
+                build_map(bundle, db, served, LocalRunner(encoder), settings, shards)
+            print(f"fan-out over {shards} shards:")
+            report["query"][f"{shards}_shards"] = fan_out(  # type: ignore[index]
+                bundle, served, queries, args.rerank_k, args.query_tokens
+            )
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

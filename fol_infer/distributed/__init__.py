@@ -1,0 +1,66 @@
+"""Maps on Ray: shard builds as Ray tasks (`build.py`), shards served by Ray actors
+(`serve.py`). Imported only when ``--ray`` (or `ShardSet.ray`) is used; needs the ``ray``
+extra: ``pip install "fol-infer[ray]"``.
+"""
+
+from __future__ import annotations
+
+import socket
+from types import ModuleType
+
+from fol_infer.errors import BackendUnavailableError
+
+CONNECT_TIMEOUT_S = 5.0
+
+
+def require_ray() -> ModuleType:
+    """The ray module, or an error that names the extra to install."""
+    try:
+        import ray
+    except ImportError:
+        raise BackendUnavailableError(
+            'Ray is not installed: pip install "fol-infer[ray]" (Ray 2.x) to build or serve '
+            "maps over a cluster, or drop --ray to run in this process"
+        ) from None
+    return ray
+
+
+def connect(address: str) -> bool:
+    """Join the Ray cluster at `address` (``auto``: the one this machine belongs to, else a
+    local one started for this process); True when this call started or joined it (and so
+    should shut it down), False when Ray was already initialised here."""
+    ray = require_ray()
+    if ray.is_initialized():
+        return False
+    options = {"include_dashboard": False, "log_to_driver": False, "configure_logging": False}
+    if address == "auto":
+        try:
+            ray.init(address="auto", **options)
+        except ConnectionError:
+            ray.init(**options)
+        return True
+    _check_reachable(address)
+    try:
+        ray.init(address=address, **options)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise BackendUnavailableError(f"no Ray cluster at {address}: {reason}") from None
+    return True
+
+
+def _check_reachable(address: str) -> None:
+    """Fail in seconds, not minutes, when nothing listens at a host:port address."""
+    target = address.removeprefix("ray://")
+    host, _, port = target.rpartition(":")
+    if not host or not port.isdigit():
+        raise BackendUnavailableError(
+            f"--ray {address!r}: give 'auto' or the head node's HOST:PORT (e.g. 10.0.0.5:6379)"
+        )
+    try:
+        with socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S):
+            pass
+    except OSError as exc:
+        raise BackendUnavailableError(
+            f"no Ray cluster at {address} ({exc.strerror or exc}): start one with "
+            "`ray start --head` or pass --ray auto"
+        ) from None

@@ -1,0 +1,123 @@
+"""Maps on Ray: built by tasks (retried after a hard crash) and served by actors, with the
+single machine's bytes and answers; a shard that is down is named, or left out and flagged."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fol_infer.errors import ShardUnavailableError
+from fol_infer.index.database import DESCRIPTORS, METADATA, TOKENS, BuildSettings
+from fol_infer.index.metadata import IndexMetadata
+from fol_infer.index.shards import MapManifest
+from fol_infer.index.token_store import TokenStore
+from fol_infer.pipeline import Retriever
+from fol_infer.progress import Advance
+from fol_infer.shard_set import ShardSet
+
+ray = pytest.importorskip("ray", reason="Ray is not installed (pip install '.[ray]')")
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():  # type: ignore[no-untyped-def]
+    ray.init(
+        num_cpus=2,
+        object_store_memory=100 << 20,
+        include_dashboard=False,
+        log_to_driver=False,
+        configure_logging=False,
+    )
+    yield
+    ray.shutdown()
+
+
+def _rows(folder: Path, store: str) -> list[bytes]:
+    with TokenStore.open(folder / store) as s:
+        return [r.tobytes() for r in s.get(range(len(s)))]
+
+
+def crash_once(marker: str) -> Advance:
+    """A per-batch hook that kills its worker process hard the first time it runs anywhere."""
+
+    def hook(n: int, total: int | None = None) -> None:
+        if not os.path.exists(marker):
+            Path(marker).touch()
+            os._exit(1)
+
+    return hook
+
+
+def test_ray_build_survives_a_hard_crash_with_the_in_process_bytes(  # type: ignore[no-untyped-def]
+    ray_cluster, map_builds, tmp_path: Path
+) -> None:
+    from fol_infer.bundle import Bundle
+    from fol_infer.distributed.build import RayRunner
+    from fol_infer.index.map_build import build_map
+
+    marker = tmp_path / "crashed"
+    runner = RayRunner("auto", decode_threads=1, on_batch=crash_once(str(marker)))
+    out = tmp_path / "map"
+    bundle = Bundle.open(map_builds.bundle)
+    build_map(bundle, map_builds.db, out, runner, BuildSettings(batch=4), shards=3)
+    assert marker.exists(), "one task must have died and been retried"
+    reference = map_builds.get(shards=3)
+    assert MapManifest.load(out).shards == MapManifest.load(reference).shards
+    for entry in MapManifest.load(out).shards:
+        meta = IndexMetadata.load(out / entry.name / METADATA)
+        for store in (DESCRIPTORS, TOKENS):
+            rows = _rows(out / entry.name, store)
+            assert len(rows) == len(meta.paths)  # nothing stored twice by the retry
+            assert rows == _rows(reference / entry.name, store), (entry.name, store)
+
+
+def _answers(retriever: Retriever, queries: list[Path]) -> list[dict]:  # type: ignore[type-arg]
+    return [r.to_json() for r in retriever.query(queries, top_k=10, rerank_k=4)]
+
+
+def test_shard_actors_answer_as_the_single_index_and_name_a_dead_shard(  # type: ignore[no-untyped-def]
+    ray_cluster, map_builds, tmp_path: Path
+) -> None:
+    queries = map_builds.queries[:3]
+    with Retriever(map_builds.bundle, map_builds.get()) as single:
+        expected = _answers(single, queries)
+    sharded = tmp_path / "map"
+    shutil.copytree(map_builds.get(shards=3), sharded)
+    shard_set = ShardSet.ray(sharded, timeout_s=10)
+    with Retriever(map_builds.bundle, shard_set) as retriever:
+        assert json.dumps(_answers(retriever, queries)) == json.dumps(expected)
+
+        ray.kill(shard_set._actors[1], no_restart=True)  # type: ignore[attr-defined]
+        os.rename(sharded / "shard-00001", tmp_path / "away")  # its node is gone with it
+        with pytest.raises(ShardUnavailableError, match=r"shard-00001 \(global ids 16..26\)"):
+            retriever.query(queries[:1])
+        retriever.allow_partial = True
+        (partial,) = retriever.query(queries[:1], top_k=10, rerank_k=4)
+        doc = partial.to_json()
+        assert doc["partial"] is True and doc["missing_shards"] == ["shard-00001"]
+        assert all(not 16 <= h["db_index"] <= 26 for h in doc["global"]) and doc["global"]
+
+        os.rename(tmp_path / "away", sharded / "shard-00001")  # back: a fresh actor serves it
+        retriever.allow_partial = False
+        assert json.dumps(_answers(retriever, queries)) == json.dumps(expected)
+
+
+def test_no_cluster_at_an_address_is_one_line_and_quick(map_builds, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """In a fresh process (this one already runs Ray): nothing listens on port 9."""
+    code = "import sys; from fol_infer.cli import main; sys.argv[0] = 'fol-infer'; main()"
+    args = ["index", map_builds.bundle, map_builds.db, "--out", tmp_path / "m", "--ray"]
+    result = subprocess.run(
+        [sys.executable, "-c", code, *map(str, args), "127.0.0.1:9"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+    )
+    assert result.returncode == 2, result.stderr
+    assert "no Ray cluster at 127.0.0.1:9" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -1,0 +1,243 @@
+"""Sharded maps without Ray: same ids, paths, bytes and answers as the single index."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from typer.testing import CliRunner
+
+from fol_infer.cli import app
+from fol_infer.errors import IndexStoreError, UsageError
+from fol_infer.index.database import DESCRIPTORS, EXACT_TOKENS, METADATA, TOKENS
+from fol_infer.index.metadata import IndexMetadata
+from fol_infer.index.shards import MapManifest, merge_top_k, plan_ranges
+from fol_infer.index.token_store import TokenStore
+from fol_infer.pipeline import Retriever
+
+runner = CliRunner()
+FORMATS = ["fp16", "int8", "int8-exact"]
+
+
+def run(*args: str | Path) -> tuple[int, str]:
+    result = runner.invoke(app, [str(a) for a in args])
+    return result.exit_code, result.output
+
+
+# ------------------------------------------------------------------------ the exact merge
+@settings(max_examples=60, deadline=None)
+@given(
+    sizes=st.lists(st.integers(0, 7), min_size=1, max_size=5),
+    nq=st.integers(1, 4),
+    k=st.integers(1, 30),
+    seed=st.integers(0, 2**16),
+)
+def test_merge_equals_faiss_index_shards(sizes: list[int], nq: int, k: int, seed: int) -> None:
+    """Small-integer vectors make many ties; k beyond the total makes padding; 0-size shards."""
+    import faiss
+
+    rng = np.random.default_rng(seed)
+    d = 4
+    reference = faiss.IndexShards(d, False, True)  # successive_ids=True
+    subs, parts, offset = [], [], 0
+    q = rng.integers(0, 3, (nq, d)).astype(np.float32)
+    for n in sizes:
+        sub = faiss.IndexFlatIP(d)
+        if n:
+            sub.add(rng.integers(0, 3, (n, d)).astype(np.float32))
+            s, i = sub.search(q, min(k, n))
+            parts.append((s, np.where(i >= 0, i + offset, -1)))
+        subs.append(sub)
+        reference.add_shard(sub)
+        offset += n
+    want_scores, want_ids = reference.search(q, k)
+    scores, ids = merge_top_k(parts, k, nq)
+    np.testing.assert_array_equal(ids, want_ids)
+    np.testing.assert_array_equal(scores, want_scores)
+
+
+def test_plan_ranges_are_contiguous_whole_batches() -> None:
+    ranges = plan_ranges(40, 3, 4)
+    assert [(r.start, r.stop) for r in ranges] == [(0, 16), (16, 28), (28, 40)]
+    assert [(r.start, r.stop) for r in plan_ranges(10, 3, 4)] == [(0, 4), (4, 8), (8, 10)]
+    with pytest.raises(UsageError, match="at least 1"):
+        plan_ranges(40, 0, 4)
+    with pytest.raises(UsageError, match="more than the 40 images"):
+        plan_ranges(40, 41, 4)
+    with pytest.raises(UsageError, match="make 10 batches"):
+        plan_ranges(40, 11, 4)
+
+
+# ------------------------------------------------------------------------ map == index
+def _rows(folder: Path, store: str) -> list[bytes]:
+    with TokenStore.open(folder / store) as s:
+        if s.dtype == "int8":
+            return [c.tobytes() + sc.tobytes() for c, sc in s.get_quantized(range(len(s)))]
+        return [r.tobytes() for r in s.get(range(len(s)))]
+
+
+@pytest.mark.parametrize("tokens", FORMATS)
+def test_map_stores_what_the_single_index_stores(map_builds, tokens: str) -> None:  # type: ignore[no-untyped-def]
+    single, sharded = map_builds.get(tokens), map_builds.get(tokens, shards=3)
+    manifest = MapManifest.load(sharded)
+    assert manifest.complete and [s.files for s in manifest.shards] == [16, 12, 12]
+    meta = IndexMetadata.load(single / METADATA)
+    shard_metas = [IndexMetadata.load(sharded / s.name / METADATA) for s in manifest.shards]
+    assert [p for m in shard_metas for p in m.paths] == meta.paths
+    assert sorted(f for m in shard_metas for f in m.failures) == sorted(meta.failures)
+    assert len(meta.paths) == 38 and len(meta.failures) == 2
+    assert [s.offset for s in manifest.shards] == [
+        0,
+        16,
+        27,
+    ]  # one unreadable file each in shards 1 and 2
+    stores = [DESCRIPTORS, TOKENS] + ([EXACT_TOKENS] if tokens == "int8-exact" else [])
+    for store in stores:
+        rows = [r for s in manifest.shards for r in _rows(sharded / s.name, store)]
+        assert rows == _rows(single, store), store
+
+
+def _query_json(index: Path, queries: list[Path], *extra: str) -> str:
+    code, out = run("query", index, *queries, "--json", *extra)
+    assert code == 0, out
+    return out
+
+
+@pytest.mark.parametrize("tokens", FORMATS)
+def test_map_answers_as_the_single_index(map_builds, tokens: str) -> None:  # type: ignore[no-untyped-def]
+    """One query re-ranking 10 candidates, 24 re-ranking 2 each (re-ranking costs ~0.1 s per
+    pair here), and a batch of 24 in one call, where FAISS scores queries together."""
+    single, sharded = map_builds.get(tokens), map_builds.get(tokens, shards=3)
+    one, batch = map_builds.queries[:1], map_builds.queries
+    wide = ("--top-k", "10", "--rerank-k", "10")
+    assert _query_json(sharded, one, *wide) == _query_json(single, one, *wide)
+    narrow = ("--top-k", "12", "--rerank-k", "2")
+    answer = _query_json(single, batch, *narrow)
+    assert _query_json(sharded, batch, *narrow) == answer
+    assert all(r["reranked"] for r in json.loads(answer)), "re-ranking must be compared"
+    answers = []
+    for index in (single, sharded):
+        with Retriever(map_builds.bundle, index) as retriever:
+            results = retriever.query(batch, top_k=38, rerank=False)
+        answers.append(json.dumps([r.to_json() for r in results]))
+    assert answers[0] == answers[1]
+
+
+def test_trained_factory_shares_one_quantizer(map_builds) -> None:  # type: ignore[no-untyped-def]
+    single = map_builds.get(factory="IVF4,Flat")
+    sharded = map_builds.get(factory="IVF4,Flat", shards=3)
+    assert (sharded / "quantizer.faiss").is_file()
+    queries = map_builds.queries[:6]
+    assert _query_json(sharded, queries, "--no-rerank") == _query_json(
+        single, queries, "--no-rerank"
+    )
+
+
+def test_graph_factories_are_flagged_approximate(map_builds, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    code, out = run(
+        "index", map_builds.bundle, map_builds.db, "--out", tmp_path / "m",
+        "--shards", "2", "--faiss", "HNSW8", "--batch", "8",
+    )  # fmt: skip
+    assert code == 0, out
+    assert "approximate" in out and MapManifest.load(tmp_path / "m").approximate
+    assert not MapManifest.load(map_builds.get(shards=3)).approximate
+
+
+# ------------------------------------------------------------------------ resume, append, refusals
+class _Crash(Exception):
+    pass
+
+
+def test_interrupted_build_is_not_served_and_resumes_to_the_same_bytes(  # type: ignore[no-untyped-def]
+    map_builds, tmp_path: Path
+) -> None:
+    from fol_infer.backends import open_encoder
+    from fol_infer.bundle import Bundle
+    from fol_infer.index.database import BuildSettings
+    from fol_infer.index.map_build import LocalRunner, build_map
+
+    bundle, out = Bundle.open(map_builds.bundle), tmp_path / "map"
+    settings = BuildSettings(batch=4)
+    with open_encoder(bundle, "onnx") as encoder:  # type: ignore[attr-defined]
+        batches = []
+
+        def crash_in_second_shard(n: int, total: int) -> None:
+            batches.append(n)
+            if len(batches) == 6:  # shard 0 has 4 batches: this is shard 1's second
+                raise _Crash
+
+        with pytest.raises(_Crash):
+            build_map(bundle, map_builds.db, out, LocalRunner(encoder), settings, 3, "new",
+                      crash_in_second_shard)  # fmt: skip
+        with pytest.raises(IndexStoreError, match="not complete"):
+            Retriever(bundle, out)
+        code, msg = run("index", map_builds.bundle, map_builds.db, "--out", out, "--append")
+        assert code == 2 and "not complete" in msg and "without --append" in msg
+        with pytest.raises(UsageError, match="--shards 3"):
+            build_map(bundle, map_builds.db, out, LocalRunner(encoder), settings, 2)
+        build_map(bundle, map_builds.db, out, LocalRunner(encoder), settings)
+    reference = map_builds.get(shards=3)
+    for s in MapManifest.load(reference).shards:
+        for store in (DESCRIPTORS, TOKENS):
+            assert _rows(out / s.name, store) == _rows(reference / s.name, store)
+    assert MapManifest.load(out).shards == MapManifest.load(reference).shards
+
+
+def test_append_adds_shards_like_a_single_index_append(map_builds, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from sample_images import make_images
+
+    db = tmp_path / "db"
+    shutil.copytree(map_builds.db, db)
+    index, sharded = tmp_path / "idx", tmp_path / "map"
+    bundle = map_builds.bundle
+    assert run("index", bundle, db, "--out", index, "--batch", "4")[0] == 0
+    assert run("index", bundle, db, "--out", sharded, "--shards", "3", "--batch", "4")[0] == 0
+    make_images(db / "c", 9, seed=8)
+    assert run("index", bundle, db, "--out", index, "--append", "--batch", "4")[0] == 0
+    code, out = run(
+        "index", bundle, db, "--out", sharded, "--append", "--shards", "2", "--batch", "4"
+    )
+    assert code == 0, out
+    manifest = MapManifest.load(sharded)
+    assert len(manifest.shards) == 5 and manifest.images == 47
+    queries = map_builds.queries[:3]
+    assert _query_json(sharded, queries) == _query_json(index, queries)
+
+
+def test_bad_input_is_named(map_builds, tiny_bundle_322: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    bundle, db = map_builds.bundle, map_builds.db
+    for n, message in (("0", "at least 1"), ("41", "more than the 40 images")):
+        code, out = run("index", bundle, db, "--out", tmp_path / "x", "--shards", n)
+        assert code == 2 and message in out, out
+    sharded = tmp_path / "map"
+    shutil.copytree(map_builds.get(shards=3), sharded)
+    code, out = run("query", sharded, map_builds.queries[0], "--bundle", tiny_bundle_322)
+    assert code == 2 and "this map was built by" in out
+    code, out = run("index", tiny_bundle_322, db, "--out", sharded, "--append")
+    assert code == 2 and "this map was built by" in out
+    tokens = sharded / "shard-00001" / TOKENS / "tokens.bin"
+    with open(tokens, "r+b") as f:
+        f.truncate(100)
+    code, out = run("query", sharded, map_builds.queries[0])
+    assert code == 2 and "shard-00001 (global ids 16..26)" in out and "tokens.bin" in out
+    shutil.rmtree(sharded)
+    shutil.copytree(map_builds.get(shards=3), sharded)
+    shutil.rmtree(sharded / "shard-00002")
+    with pytest.raises(IndexStoreError, match=r"shard-00002 \(global ids 27..37\).*missing"):
+        Retriever(bundle, sharded)
+
+
+def test_ray_missing_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from fol_infer.distributed import require_ray
+    from fol_infer.errors import BackendUnavailableError
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # what `import ray` meets without the extra
+    with pytest.raises(BackendUnavailableError, match=r'pip install "fol-infer\[ray\]"'):
+        require_ray()
