@@ -146,7 +146,7 @@ class Retriever:
             try:
                 self.bundle.rerank_graph()
             except BaseException:
-                self.database.close()
+                self.shards.close()
                 raise
         self._owns_encoder = encoder is None
         try:
