@@ -44,7 +44,11 @@ CheckpointOption = Annotated[
 ]
 RerankerOption = Annotated[
     RerankBackend,
-    choice(RerankBackend, "Re-ranker (auto: triton on a working GPU, else cpu).", "--reranker"),
+    choice(
+        RerankBackend,
+        "Re-ranker (auto: triton on a working GPU, else the bundle's rerank engine, else cpu).",
+        "--reranker",
+    ),
 ]
 ThresholdOption = Annotated[
     float,

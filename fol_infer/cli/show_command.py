@@ -74,7 +74,9 @@ def matches(
     out: OutOption,
     candidate_bundle: Annotated[
         Path | None,
-        typer.Option(help="Bundle that encodes the candidate [the same]: must match the first."),
+        typer.Option(
+            help="Bundle that encodes the candidate (default: the same); must match the first."
+        ),
     ] = None,
     threshold: ThresholdOption = DEFAULT_THRESHOLD,
     reranker: RerankerOption = RerankBackend.AUTO,
@@ -107,7 +109,8 @@ def results(
     queries: Annotated[list[Path], typer.Argument(help="Query images or folders.")],
     out: OutOption,
     bundle_dir: Annotated[
-        Path | None, typer.Option("--bundle", help="Bundle folder [the one that built the index].")
+        Path | None,
+        typer.Option("--bundle", help="Bundle folder (default: the one that built the index)."),
     ] = None,
     top_k: Annotated[int, typer.Option(help="Results shown per query and list.")] = 5,
     rerank_k: Annotated[int, typer.Option(help="Global candidates to re-rank.")] = 100,
