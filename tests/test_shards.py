@@ -241,3 +241,26 @@ def test_ray_missing_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "ray", None)  # what `import ray` meets without the extra
     with pytest.raises(BackendUnavailableError, match=r'pip install "fol-infer\[ray\]"'):
         require_ray()
+
+
+def test_force_replaces_only_a_map(map_builds, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    bundle, db = map_builds.bundle, map_builds.db
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    code, out = run("index", bundle, db, "--out", mine, "--shards", "3", "--force")
+    assert code == 2 and "not a fol-infer map" in out, out
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+    assert (mine / "notes.txt").read_text() == "keep"
+    before = sorted(p.name for p in db.rglob("*"))
+    code, out = run("index", bundle, db, "--out", db / "a", "--shards", "3", "--force")
+    assert code == 2 and "is inside the database" in out, out
+    assert sorted(p.name for p in db.rglob("*")) == before
+    sharded = tmp_path / "map"
+    shutil.copytree(map_builds.get(shards=3), sharded)
+    original = {p.relative_to(sharded): p.read_bytes() for p in sharded.rglob("*.bin")}
+    code, out = run(
+        "index", bundle, db, "--out", sharded, "--shards", "3", "--batch", "4", "--force"
+    )
+    assert code == 0, out
+    assert {p.relative_to(sharded): p.read_bytes() for p in sharded.rglob("*.bin")} == original
