@@ -13,20 +13,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
+from untrained_setup import machine, untrained_setup
+
 from fol_infer.backends import open_encoder
-from fol_infer.bench.dataset import make_dataset
-from fol_infer.bench.environment import cpu_model
 from fol_infer.bundle import Bundle
 from fol_infer.choices import RerankBackend
-from fol_infer.export.onnx import export_bundle
 from fol_infer.index.database import BuildSettings, Database, build_index
-from fol_infer.model.checkpoint import make_checkpoint
 from fol_infer.pipeline import STAGES, Retriever
 from fol_infer.rerank import RerankSettings
 
@@ -98,18 +95,14 @@ def main() -> None:
     args = parser.parse_args()
 
     report: dict[str, object] = {
-        "machine": f"{platform.node()}: {cpu_model()}",
+        "machine": machine(),
         "args": vars(args) | {"json": None},
     }
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        ckpt = make_checkpoint(args.arch, 0, work / "ckpt.pth")
-        bundle = Bundle.open(export_bundle(ckpt, work / "bundle", args.resolution))
-        data = make_dataset(
-            work / "data", places=args.places, queries_per_place=1, distractors=args.distractors
+        bundle, db_dir, queries = untrained_setup(
+            work, args.arch, args.resolution, args.places, args.distractors, args.queries
         )
-        db_dir = data / "images" / "test" / "database"
-        queries = sorted((data / "images" / "test" / "queries").glob("*.jpg"))[: args.queries]
         report["index"], report["queries"] = {}, {}
         for fmt in args.tokens.split(","):
             index = work / f"index-{fmt}"

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shutil
 import statistics
 import tempfile
@@ -24,17 +23,14 @@ import time
 from pathlib import Path
 
 import numpy as np
+from untrained_setup import machine, untrained_setup
 
 from fol_infer.backends import open_encoder
-from fol_infer.bench.dataset import make_dataset
-from fol_infer.bench.environment import cpu_model
 from fol_infer.bundle import Bundle
 from fol_infer.choices import RerankBackend
-from fol_infer.export.onnx import export_bundle
 from fol_infer.images import preprocess
 from fol_infer.index.database import BuildSettings
 from fol_infer.index.map_build import LocalRunner, build_map
-from fol_infer.model.checkpoint import make_checkpoint
 from fol_infer.pipeline import Timer
 from fol_infer.rerank import RerankSettings
 from fol_infer.shard_set import ShardSet
@@ -137,18 +133,14 @@ def main() -> None:
     args = parser.parse_args()
 
     report: dict[str, object] = {
-        "machine": f"{platform.node()}: {cpu_model()}",
+        "machine": machine(),
         "args": vars(args) | {"json": None},
     }
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        ckpt = make_checkpoint(args.arch, 0, work / "ckpt.pth")
-        bundle = Bundle.open(export_bundle(ckpt, work / "bundle", args.resolution))
-        data = make_dataset(
-            work / "data", places=args.places, queries_per_place=1, distractors=args.distractors
+        bundle, db, queries = untrained_setup(
+            work, args.arch, args.resolution, args.places, args.distractors, args.queries
         )
-        db = data / "images" / "test" / "database"
-        queries = sorted((data / "images" / "test" / "queries").glob("*.jpg"))[: args.queries]
         report["images"] = len(list(db.rglob("*.jpg")))
         report["build"] = build_rates(bundle, db, work, args.build_shards, args.batch)
         report["query"] = {}
