@@ -5,8 +5,9 @@
 
 Uses an UNTRAINED seeded checkpoint and a synthetic database: the figures are about speed.
 Query side: one map of `--shards` shards, served in this process (`ShardSet.open`) and by one
-Ray actor per shard (`ShardSet.ray`), fed the same encoded queries, alternating, so that the
-difference is the fan-out (object store, actor calls, merge), not the encoder. Build side: the
+Ray actor per shard (`ShardSet.ray`), once through the compiled graph and once with one actor
+call per shard, fed the same encoded queries, in turn, so that the differences are the
+fan-out (channels or actor calls, merge), not the encoder. Build side: the
 same database as an in-process map, then on a local Ray cluster of 1 and of 2 workers (one CPU
 and one encoder thread per task), each from scratch. Ratios against the in-process run of the
 same process are what to read; the machine is shared.
@@ -63,9 +64,16 @@ def build_rates(bundle: Bundle, db: Path, work: Path, shards: int, batch: int) -
 
 
 def fan_out(
-    bundle: Bundle, map_dir: Path, queries: list[Path], rerank_k: int, query_tokens: int
+    bundle: Bundle,
+    map_dir: Path,
+    queries: list[Path],
+    rerank_k: int,
+    query_tokens: int,
+    rounds: int,
 ) -> dict[str, float]:
-    """Median ms per query of the search and of the re-rank scoring, local vs Ray actors.
+    """Median ms per query of the search and of the re-rank scoring: in-process, through the
+    compiled graph, and by one actor call per shard. For the Ray sides also the transport:
+    the stage's wall time less the busiest shard's own time on it (`RayShardSet.last_fan_out`).
 
     Queries keep their first `query_tokens` tokens, so that the scoring itself is cheap and
     its fan-out cost shows; a pause between calls lets one side's idle BLAS threads stop
@@ -81,24 +89,45 @@ def fan_out(
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     times: dict[str, list[float]] = {}
     try:
-        local, remote = ShardSet.open(map_dir, bundle), ShardSet.ray(map_dir, bundle)
-        for shard_set in (local, remote):  # warm-up: page cache, actor start, first calls
+        openers = {
+            "local": lambda: ShardSet.open(map_dir, bundle),
+            "ray": lambda: ShardSet.ray(map_dir, bundle),
+            "ray_calls": lambda: ShardSet.ray(map_dir, bundle, compiled=False),
+        }
+        served: dict[str, ShardSet] = {}
+        for name, opener in openers.items():
+            start = time.perf_counter()
+            served[name] = opener()
+            times[f"{name}_open_s"] = [time.perf_counter() - start]
+        for shard_set in served.values():  # warm-up: page cache, actor start, first calls
             _one_query(shard_set, *encoded[0], rerank_k, rerank)
-        for descriptors, tokens in encoded:
-            for name, shard_set in (("local", local), ("ray", remote)):
+        for descriptors, tokens in encoded * rounds:
+            for name, shard_set in served.items():
                 time.sleep(0.2)
-                search_ms, score_ms = _one_query(shard_set, descriptors, tokens, rerank_k, rerank)
-                times.setdefault(f"{name}_search_ms", []).append(search_ms)
-                times.setdefault(f"{name}_score_ms", []).append(score_ms)
-        local.close()
-        remote.close()
+                measured = _one_query(shard_set, descriptors, tokens, rerank_k, rerank)
+                for key, ms in measured.items():
+                    times.setdefault(f"{name}_{key}", []).append(ms)
+        for shard_set in served.values():
+            shard_set.close()
     finally:
         ray.shutdown()
     result = {k: statistics.median(v) for k, v in times.items()}
-    result["search_overhead_ms"] = result["ray_search_ms"] - result["local_search_ms"]
-    result["score_overhead_ms"] = result["ray_score_ms"] - result["local_score_ms"]
+    for name in ("ray", "ray_calls"):
+        for stage in ("search", "score"):
+            result[f"{name}_{stage}_overhead_ms"] = (
+                result[f"{name}_{stage}_ms"] - result[f"local_{stage}_ms"]
+            )
+        result[f"{name}_overhead_ms"] = (
+            result[f"{name}_search_overhead_ms"] + result[f"{name}_score_overhead_ms"]
+        )
+        result[f"{name}_transport_ms"] = statistics.median(
+            a + b
+            for a, b in zip(
+                times[f"{name}_search_transport_ms"], times[f"{name}_score_transport_ms"]
+            )
+        )
     for k, v in result.items():
-        print(f"{k:20s} {v:8.2f}")
+        print(f"{k:32s} {v:8.2f}")
     return result
 
 
@@ -108,13 +137,22 @@ def _one_query(
     tokens: list[np.ndarray],
     rerank_k: int,
     rerank: RerankSettings,
-) -> tuple[float, float]:
+) -> dict[str, float]:
+    """ms of each stage, and for a Ray shard set each stage's transport."""
+    measured: dict[str, float] = {}
     start = time.perf_counter()
     _, ids, _ = shard_set.search(descriptors, rerank_k)
-    mid = time.perf_counter()
+    measured["search_ms"] = (time.perf_counter() - start) * 1e3
+    last = getattr(shard_set, "last_fan_out", None)
+    if last is not None:
+        measured["search_transport_ms"] = (last.wall_s - last.busiest_shard_s) * 1e3
+    start = time.perf_counter()
     shard_set.score(tokens, [ids[0][ids[0] >= 0]], rerank, Timer())
-    end = time.perf_counter()
-    return (mid - start) * 1e3, (end - mid) * 1e3
+    measured["score_ms"] = (time.perf_counter() - start) * 1e3
+    last = getattr(shard_set, "last_fan_out", None)
+    if last is not None:
+        measured["score_transport_ms"] = (last.wall_s - last.busiest_shard_s) * 1e3
+    return measured
 
 
 def main() -> None:
@@ -129,6 +167,8 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=20)
     parser.add_argument("--rerank-k", type=int, default=10)
     parser.add_argument("--query-tokens", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=2, help="times each query is timed")
+    parser.add_argument("--no-build", action="store_true", help="query side only")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
@@ -142,7 +182,8 @@ def main() -> None:
             work, args.arch, args.resolution, args.places, args.distractors, args.queries
         )
         report["images"] = len(list(db.rglob("*.jpg")))
-        report["build"] = build_rates(bundle, db, work, args.build_shards, args.batch)
+        if not args.no_build:
+            report["build"] = build_rates(bundle, db, work, args.build_shards, args.batch)
         report["query"] = {}
         for shards in map(int, args.shards.split(",")):
             served = work / f"served-{shards}"
@@ -151,7 +192,7 @@ def main() -> None:
                 build_map(bundle, db, served, LocalRunner(encoder), settings, shards)
             print(f"fan-out over {shards} shards:")
             report["query"][f"{shards}_shards"] = fan_out(  # type: ignore[index]
-                bundle, served, queries, args.rerank_k, args.query_tokens
+                bundle, served, queries, args.rerank_k, args.query_tokens, args.rounds
             )
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")

@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -121,3 +123,66 @@ def test_no_cluster_at_an_address_is_one_line_and_quick(map_builds, tmp_path: Pa
     assert result.returncode == 2, result.stderr
     assert "no Ray cluster at 127.0.0.1:9" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def _pid(actor) -> int:  # type: ignore[no-untyped-def]
+    return ray.get(actor.__ray_call__.remote(lambda self: os.getpid()), timeout=30)  # type: ignore[no-any-return]
+
+
+def test_a_hung_shard_actor_is_replaced_after_the_timeout(  # type: ignore[no-untyped-def]
+    ray_cluster, map_builds, caplog
+) -> None:
+    """A shard process that stops answering (SIGSTOP: alive, silent) is given up after the
+    timeout and a fresh actor answers; then the map goes back to its compiled graph."""
+    queries = map_builds.queries[:2]
+    with Retriever(map_builds.bundle, map_builds.get()) as single:
+        expected = _answers(single, queries)
+    for compiled in (True, False):
+        shard_set = ShardSet.ray(map_builds.get(shards=3), timeout_s=5, compiled=compiled)
+        with Retriever(map_builds.bundle, shard_set) as retriever:
+            assert json.dumps(_answers(retriever, queries)) == json.dumps(expected)
+            assert shard_set.last_fan_out.compiled is compiled  # type: ignore[attr-defined]
+            pid = _pid(shard_set._actors[2])  # type: ignore[attr-defined]
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                start = time.monotonic()
+                assert json.dumps(_answers(retriever, queries)) == json.dumps(expected)
+                assert time.monotonic() - start >= 5
+            finally:
+                _kill_quietly(pid)
+            deadline = time.monotonic() + 120  # the graph is compiled again on a thread
+            while True:
+                assert json.dumps(_answers(retriever, queries)) == json.dumps(expected)
+                if shard_set.last_fan_out.compiled is compiled:  # type: ignore[attr-defined]
+                    break
+                assert time.monotonic() < deadline, "the compiled graph never came back"
+                time.sleep(1)
+    assert "compiled graph stopped (no answer within 5 s)" in caplog.text
+
+
+def test_a_shard_that_hangs_twice_is_named_or_left_out(  # type: ignore[no-untyped-def]
+    ray_cluster, map_builds, tmp_path: Path
+) -> None:
+    """A shard whose store blocks on open (a FIFO stands in for a hung network disk): after a
+    timeout and a fresh actor that hangs too, the error names it; --allow-partial answers."""
+    sharded = tmp_path / "map"
+    shutil.copytree(map_builds.get(shards=3), sharded)
+    shard_set = ShardSet.ray(sharded, timeout_s=2, start_timeout_s=3)
+    with Retriever(map_builds.bundle, shard_set) as retriever:
+        commit = sharded / "shard-00002" / TOKENS / "commit.json"
+        commit.unlink()
+        os.mkfifo(commit)  # opening it blocks until a writer comes: none will
+        ray.kill(shard_set._actors[2], no_restart=True)  # type: ignore[attr-defined]
+        with pytest.raises(ShardUnavailableError, match=r"shard-00002 .*no answer within 5 s"):
+            retriever.query(map_builds.queries[:1])
+        retriever.allow_partial = True
+        (partial,) = retriever.query(map_builds.queries[:1], top_k=10, rerank_k=4)
+        doc = partial.to_json()
+        assert doc["partial"] is True and doc["missing_shards"] == ["shard-00002"]
+
+
+def _kill_quietly(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass

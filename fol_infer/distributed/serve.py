@@ -1,14 +1,20 @@
 """A map served by Ray actors: one actor per shard, each opening its own shard's memory maps.
 
-Only query descriptors, query tokens (put in the object store once per batch), candidate ids,
-scores and counts travel; a memory map never does. A call that fails or takes longer than
-`timeout_s` is tried once more on a fresh actor (a killed actor is started again there, on
-whichever node can open its shard); a shard that fails twice raises `ShardUnavailableError`
-naming it and its ids, or, with ``allow_partial``, is left out and listed in the answer.
+Only query descriptors, query tokens, candidate ids, scores and counts travel; a memory map
+never does. Queries go through a Ray Compiled Graph over the shard actors (one `execute` per
+fan-out, over shared-memory channels: a fraction of the cost of one actor call per shard).
+When the graph fails (an actor died, or gave no answer within `timeout_s`), every actor is
+replaced, the same fan-out is made again with one actor call per shard, a shard that fails
+twice raises `ShardUnavailableError` naming it and its ids (or, with ``allow_partial``, is left
+out and listed in the answer), and the graph is compiled again once every shard answers.
 """
 
 from __future__ import annotations
 
+import logging
+import threading
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +38,30 @@ from fol_infer.shard_set import (
     search_shard,
 )
 
+log = logging.getLogger(__name__)
+GRAPH_SETUP_TIMEOUT_S = 120.0  # a compiled graph's first execution, on a loaded cluster
+COMPILE, TEARDOWN = "fol-map-compile", "fol-map-teardown"  # names of the graph's threads
+
+
+class _QuietTeardown(logging.Filter):
+    """Ray's own log of a graph's teardown is dropped: line by line at every close, and with
+    tracebacks about the shards that failed, which `RayShardSet._drop_graph` names once."""
+
+    NOISE = (
+        "Tearing down compiled DAG",
+        "Cancelling compiled worker",
+        "Error cancelling worker task",
+        "Waiting for worker tasks",
+        "Teardown complete",
+    )
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.NOISE)
+
+
+logging.getLogger("ray.dag.compiled_dag_node").addFilter(_QuietTeardown())
+Request = tuple[str, tuple[Any, ...]] | None  # (ShardServer method, its args); None: idle
+
 
 class ShardServer:
     """What runs inside a shard's actor. `threads`: FAISS's OpenMP threads, one by default:
@@ -53,17 +83,36 @@ class ShardServer:
         return search_shard(self.database, descriptors, k)
 
     def score(
-        self,
-        queries: list[np.ndarray],
-        active: list[int],
-        local: list[np.ndarray],
-        rerank: RerankSettings,
+        self, queries: list[np.ndarray], local: list[np.ndarray], rerank: RerankSettings
     ) -> list[np.ndarray]:
-        return score_shard(self.database, [queries[q] for q in active], local, rerank)
+        return score_shard(self.database, queries, local, rerank)
+
+    def serve(self, request: Request) -> tuple[Any, float]:
+        """Every call's one entry point (so that searches and scoring share one compiled
+        graph): the method's result and the seconds this shard spent on it."""
+        if request is None:
+            return None, 0.0
+        start = time.perf_counter()
+        method, args = request
+        return getattr(self, method)(*args), time.perf_counter() - start
+
+
+@dataclass(frozen=True)
+class FanOut:
+    """The last fan-out: its wall time, the time the busiest shard spent on its own part
+    (the rest is transport: channels or actor calls, serialisation, waiting for a core),
+    and whether it went through the compiled graph."""
+
+    wall_s: float
+    busiest_shard_s: float
+    compiled: bool
 
 
 class RayShardSet(ShardSet):
-    """`ShardSet` over Ray actors (see module doc); `actor_options` go to each actor
+    """`ShardSet` over Ray actors (see module doc). ``timeout_s``: how long a shard may take to
+    answer; ``start_timeout_s`` is added when its actor has to start first (a process, its
+    imports, opening the shard). ``compiled=False`` keeps to one actor call per shard (a Ray
+    client, or a cluster whose Ray lacks compiled graphs). `actor_options` go to each actor
     (e.g. ``num_cpus``, or ``resources`` to pin a shard to the node whose disk holds it)."""
 
     def __init__(
@@ -73,51 +122,146 @@ class RayShardSet(ShardSet):
         address: str = "auto",
         timeout_s: float = 30.0,
         search_threads: int = 1,
+        compiled: bool = True,
+        start_timeout_s: float = 60.0,
         **actor_options: Any,
     ) -> None:
         self._ray = require_ray()
         self.search_threads = search_threads
-        self.folder, self.timeout_s = folder, timeout_s
+        self.folder, self.timeout_s, self.start_timeout_s = folder, timeout_s, start_timeout_s
         self.manifest = read_manifest(folder, bundle)
         self.owns_cluster = connect(address)
         options = {"num_cpus": 0} | actor_options
         self._actor_class = self._ray.remote(ShardServer).options(**options)
         self._actors: list[Any] = [None] * len(self.entries)
+        self._actors_lock = threading.Lock()
+        self._graph: Any = None
+        self._graph_work = threading.Thread()  # compiling the graph, or a failed one's teardown
+        self._graph_failed = False
+        self._down: set[int] = set()  # shards whose last actor call failed twice
+        self.compiled = compiled
         try:
             shard_paths = self._fan_out("paths", [() for _ in self.entries], False)[0]
+            self._start_graph(wait=True)
         except BaseException:
             self.close()
             raise
         self.paths = [p for paths in shard_paths for p in paths]
 
     def _actor(self, i: int) -> Any:
-        if self._actors[i] is None:
-            entry = self.entries[i]
-            self._actors[i] = self._actor_class.remote(
-                str(self.folder), self.manifest, entry, self.search_threads
+        with self._actors_lock:  # the graph may be compiled on another thread
+            if self._actors[i] is None:
+                entry = self.entries[i]
+                self._actors[i] = self._actor_class.remote(
+                    str(self.folder), self.manifest, entry, self.search_threads
+                )
+            return self._actors[i]
+
+    def _start_graph(self, wait: bool) -> None:
+        """Compile the graph on a thread (queries meanwhile go by actor calls); ``wait``: at
+        open, so that the first query finds it ready."""
+        if not self.compiled or self._graph is not None or self._graph_work.is_alive():
+            return
+        self._graph_work = threading.Thread(target=self._compile, name=COMPILE, daemon=True)
+        self._graph_work.start()
+        if wait:
+            self._graph_work.join()
+
+    def _compile(self) -> None:
+        """Compile the graph over every shard's actor and run it once: a graph's first
+        execution sets its channels up, which takes seconds, and must not fall on a query."""
+        try:
+            from ray.dag import InputNode, MultiOutputNode
+
+            actors = [self._actor(i) for i in range(len(self.entries))]
+            with InputNode() as requests:
+                outputs = [a.serve.bind(requests[i]) for i, a in enumerate(actors)]
+                graph = MultiOutputNode(outputs).experimental_compile(
+                    _submit_timeout=self.timeout_s
+                )
+            self._ray.get(graph.execute(*[None] * len(actors)), timeout=GRAPH_SETUP_TIMEOUT_S)
+            self._graph = graph
+        except Exception as exc:  # e.g. a Ray client connection: actor calls still work
+            if self._graph_failed:  # not the first try: a shard went down meanwhile
+                log.debug("map %s: compiling the graph again failed: %s", self.folder, exc)
+                return
+            self.compiled = False
+            log.warning(
+                "map %s: no Ray compiled graph (%s); shards answer by one actor call each",
+                self.folder,
+                _first_line(exc),
             )
-        return self._actors[i]
+
+    def _drop_graph(self, reason: str) -> None:
+        """Detach a failed graph and tear it down on a thread: a shard that hangs holds the
+        teardown until the actor-call fan-out gives up on it and kills it. The actors that
+        answer are kept (Ray's ``kill_actors`` would kill them all)."""
+        log.warning(
+            "map %s: compiled graph stopped (%s); shards answer by actor calls until every "
+            "one answers again",
+            self.folder,
+            reason,
+        )
+        graph, self._graph = self._graph, None
+        self._graph_failed = True
+        self._graph_work = threading.Thread(target=graph.teardown, name=TEARDOWN, daemon=True)
+        self._graph_work.start()
+
+    def _graph_fan_out(self, method: str, args: list[tuple[Any, ...] | None]) -> list[Any] | None:
+        """One `execute` of the compiled graph; None when there is no graph or it failed."""
+        if self._graph is None:
+            return None
+        ray = self._ray
+        try:
+            refs = self._graph.execute(*[None if a is None else (method, a) for a in args])
+            return list(ray.get(refs, timeout=self.timeout_s))  # type: ignore[no-any-return]
+        except ray.exceptions.RayTaskError as exc:  # raised by our code: the graph stays up
+            if isinstance(exc.cause, FolInferError):
+                raise exc.cause from None
+            raise
+        except ray.exceptions.RayChannelTimeoutError:
+            self._drop_graph(f"no answer within {self.timeout_s:g} s")
+        except ray.exceptions.RayError as exc:  # an actor died, a channel broke
+            self._drop_graph(_first_line(exc))
+        return None
 
     def _fan_out(
         self, method: str, args: list[tuple[Any, ...] | None], allow_partial: bool
     ) -> tuple[list[Any], list[str]]:
-        """Call `method` on every shard whose args are not None, in parallel; one retry on a
-        fresh actor for the shards that failed or timed out."""
+        """Call `method` on every shard whose args are not None, in parallel: through the
+        compiled graph, else one actor call per shard (`_calls_fan_out`)."""
+        start = time.perf_counter()
+        answers = self._graph_fan_out(method, args)
+        compiled = answers is not None
+        if answers is None:
+            answers, missing = self._calls_fan_out(method, args, allow_partial)
+        else:
+            missing = []
+        results = [None if a is None else a[0] for a in answers]
+        busy = max((a[1] for a in answers if a is not None), default=0.0)
+        self.last_fan_out = FanOut(time.perf_counter() - start, busy, compiled)
+        return results, missing
+
+    def _calls_fan_out(
+        self, method: str, args: list[tuple[Any, ...] | None], allow_partial: bool
+    ) -> tuple[list[Any], list[str]]:
+        """One actor call per shard, with one retry on a fresh actor for the shards that
+        failed or gave no answer in time."""
         results: list[Any] = [None] * len(args)
         todo = [i for i, a in enumerate(args) if a is not None]
         reasons: dict[int, str] = {}
         for _attempt in range(2):
             if not todo:
                 break
-            refs = {i: getattr(self._actor(i), method).remote(*args[i]) for i in todo}  # type: ignore[misc]
-            ready, _ = self._ray.wait(
-                list(refs.values()), num_returns=len(refs), timeout=self.timeout_s
-            )
+            starting = any(self._actors[i] is None for i in todo)
+            timeout = self.timeout_s + (self.start_timeout_s if starting else 0.0)
+            refs = {i: self._actor(i).serve.remote((method, args[i])) for i in todo}
+            ready, _ = self._ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout)
             ready_set = set(ready)
             failed = []
             for i, ref in refs.items():
                 if ref not in ready_set:
-                    reasons[i] = f"no answer within {self.timeout_s:g} s"
+                    reasons[i] = f"no answer within {timeout:g} s"
                     failed.append(i)
                     continue
                 try:
@@ -140,6 +284,10 @@ class RayShardSet(ShardSet):
                 f"{self.entries[i].describe()} of map {self.folder} is down: {reasons[i]} "
                 "(tried twice); bring it back or query with --allow-partial"
             )
+        answered = {i for i, a in enumerate(args) if a is not None} - set(todo)
+        self._down = (self._down | set(todo)) - answered
+        if not self._down and method != "paths":
+            self._start_graph(wait=False)  # every shard answers again: back to the graph
         return results, missing
 
     def search(self, descriptors: np.ndarray, k: int, allow_partial: bool = False) -> Hits:
@@ -158,25 +306,36 @@ class RayShardSet(ShardSet):
     ) -> tuple[list[np.ndarray], list[str]]:
         counts = [np.full(len(c), -1, np.int64) for c in candidates]
         with timer.stage("rerank"):
-            queries_ref = self._ray.put(queries)
             masks = [local_ids(e, candidates) for e in self.entries]
             args: list[tuple[Any, ...] | None] = []
+            actives: list[list[int]] = []
             for entry, mask in zip(self.entries, masks):
                 active = [q for q, m in enumerate(mask) if m.any()]
                 local = [candidates[q][mask[q]] - entry.offset for q in active]
-                args.append((queries_ref, active, local, rerank) if active else None)
+                shard_queries = [queries[q] for q in active]
+                args.append((shard_queries, local, rerank) if active else None)
+                actives.append(active)
             answers, missing = self._fan_out("score", args, allow_partial)
-            for mask, arg, got in zip(masks, args, answers):
-                if arg is None or got is None:
+            for mask, active, got in zip(masks, actives, answers):
+                if got is None:
                     continue
-                for q, c in zip(arg[1], got):
+                for q, c in zip(active, got):
                     counts[q][mask[q]] = c
         return counts, missing
 
     def close(self) -> None:
+        self.compiled = False  # no new graph from here on
+        if self._graph is not None and not self._graph_work.is_alive():
+            self._graph.teardown()
+            self._graph = None
         for actor in self._actors:
             if actor is not None:
                 self._ray.kill(actor, no_restart=True)
+        if self._graph_work.is_alive():  # compiling or tearing down: over once actors are gone
+            self._graph_work.join(GRAPH_SETUP_TIMEOUT_S)
+        if self._graph is not None:  # compiled on the thread meanwhile
+            self._graph.teardown()
+            self._graph = None
         self._actors = [None] * len(self._actors)
         if self.owns_cluster and self._ray.is_initialized():
             self._ray.shutdown()
