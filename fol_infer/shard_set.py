@@ -127,6 +127,18 @@ def read_manifest(folder: Path, bundle: Bundle | None) -> MapManifest:
     return manifest
 
 
+def indexed_paths(folder: Path) -> tuple[list[str], Path]:
+    """Every image's recorded path by global id, and the database root, of a complete map or
+    an index: from its metadata alone (no FAISS index or token store is opened)."""
+    manifest = read_manifest(folder, None)
+    if not is_map(folder):
+        return IndexMetadata.load(folder / METADATA).paths, Path(manifest.root)
+    paths = [
+        p for e in manifest.shards for p in IndexMetadata.load(folder / e.name / METADATA).paths
+    ]
+    return paths, Path(manifest.root)
+
+
 def open_shard(
     folder: Path,
     manifest: MapManifest,

@@ -14,7 +14,7 @@ from typer.testing import CliRunner, Result
 from fol_infer.cli import app
 from fol_infer.errors import UsageError
 from fol_infer.index.database import Database
-from fol_infer.index.positions_store import load_positions
+from fol_infer.index.positions_store import POSITIONS_FILE, load_positions
 from fol_infer.positions import (
     PositionKind,
     Positions,
@@ -157,6 +157,33 @@ def test_index_records_csv_positions_and_names_the_missing(
     result = index_cli(tiny_bundle, db, tmp_path / "ix2", bad)
     assert result.exit_code == 2 and "line 2: lat 95.0 is outside" in result.output
     assert not (tmp_path / "ix2").exists()  # refused before any work
+
+
+def test_a_map_keeps_its_positions_and_a_rerun_records_lost_ones(
+    tiny_bundle: Path, tmp_path: Path
+) -> None:
+    """positions.json is written after the build commits: a run stopped in between (the file
+    deleted here) gets it from the same command with --append, which adds no image."""
+    db = tmp_path / "db"
+    make_images(db, 4)
+    names = sorted(p.name for p in db.iterdir())
+    csv = write(tmp_path, "path,easting,northing\n" + f"db/{names[1]},500010.0,4000020.0\n")
+    for out, extra in (
+        (tmp_path / "ix", []),
+        (tmp_path / "map", ["--shards", "2", "--batch", "2"]),
+    ):
+        argv = ["index", str(tiny_bundle), str(db), "--out", str(out), "--positions", str(csv)]
+        first = CliRunner().invoke(app, argv + extra)
+        assert first.exit_code == 0, first.output
+        (out / POSITIONS_FILE).unlink()
+        result = CliRunner().invoke(app, [*argv, "--append"])
+        assert result.exit_code == 0 and "4 of 4" in result.output, result.output
+        assert " 0 added" in result.output
+        (out / "elsewhere").mkdir()  # the names' own UTM must not be what is read back
+        absolute = [out / "elsewhere" / f"{i}.jpg" for i in range(len(names))]
+        found, missing = load_positions(out, names, absolute)
+        assert found is not None and found.coords[1].tolist() == [500010.0, 4000020.0]
+        assert missing == [] and np.isfinite(found.coords).all()
 
 
 def test_bench_reads_a_positions_csv_and_its_radius(tiny_bundle: Path, tmp_path: Path) -> None:

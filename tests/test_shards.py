@@ -103,9 +103,10 @@ def test_map_stores_what_the_single_index_stores(map_builds, tokens: str) -> Non
 
 
 def _query_json(index: Path, queries: list[Path], *extra: str) -> str:
-    code, out = run("query", index, *queries, "--json", *extra)
-    assert code == 0, out
-    return out
+    """The JSON on stdout (a once-per-process note on stderr is not part of the answer)."""
+    result = runner.invoke(app, ["query", str(index), *map(str, queries), "--json", *extra])
+    assert result.exit_code == 0, result.output
+    return result.stdout
 
 
 @pytest.mark.parametrize("tokens", FORMATS)

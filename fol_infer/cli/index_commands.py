@@ -105,6 +105,8 @@ def index(
         index_map(
             bundle, db_folder, out, settings, shards, mode, ray, backend, decode_threads, wait
         )
+        if table is not None:
+            _record_positions(out, table)
         return
     encoder = open_encoder(bundle, backend, checkpoint=checkpoint)
 
@@ -141,13 +143,13 @@ def index(
 
 
 def _record_positions(out: Path, table: PositionTable) -> None:
-    """Keep the CSV's positions with the index; name the images that have none."""
-    from fol_infer.index.database import Database
+    """Keep the CSV's positions with the index or map; name the images that have none. After
+    the build's commit: a run stopped in between writes them when run again."""
     from fol_infer.index.positions_store import record_positions
+    from fol_infer.shard_set import indexed_paths
 
-    with Database(out) as database:
-        names = database.paths
-        absolute = [database.absolute_path(i) for i in range(len(names))]
+    names, root = indexed_paths(out)
+    absolute = [root / name for name in names]
     missing = record_positions(out, names, absolute, table)
     source = printable(str(table.source))
     console.print(f"positions from {source}: {len(names) - len(missing)} of {len(names)}")

@@ -1,12 +1,14 @@
 """A map served by Ray actors: one actor per shard, each opening its own shard's memory maps.
 
 Only query descriptors, query tokens, candidate ids, scores and counts travel; a memory map
-never does. Queries go through a Ray Compiled Graph over the shard actors (one `execute` per
-fan-out, over shared-memory channels: a fraction of the cost of one actor call per shard).
-When the graph fails (an actor died, or gave no answer within `timeout_s`), every actor is
-replaced, the same fan-out is made again with one actor call per shard, a shard that fails
-twice raises `ShardUnavailableError` naming it and its ids (or, with ``allow_partial``, is left
-out and listed in the answer), and the graph is compiled again once every shard answers.
+never does. Fan-outs go through a Ray Compiled Graph over the shard actors: one `execute` over
+shared-memory channels instead of one actor call per shard (less than half the transport,
+`benchmarks/ray_shards.py`). When the graph fails (an actor died, or no answer within
+`timeout_s`), it is torn down on a thread and the fan-out is made again by actor calls: a shard
+that fails or stays silent is tried once more on a fresh actor, then raises
+`ShardUnavailableError` naming it and its ids (or, with ``allow_partial``, is left out and
+listed in the answer). A hung shard thus costs up to two timeouts. Once every shard answers
+again, the graph is compiled again on a thread; queries go by actor calls meanwhile.
 """
 
 from __future__ import annotations

@@ -150,6 +150,8 @@ def build_map(
         work, manifest = _prepare(bundle, out, root, settings, mode)
         before = manifest.images if manifest.pending_from else 0
         todo = _plan(manifest, files, shards, settings.batch, out)
+        if not todo:  # an append that finds nothing new: the map is left as it was
+            return MapReport(out, 0, manifest.images, manifest.pending_from or 0)
         manifest.save(work)
         _run_jobs(bundle, work, manifest, todo, runner, settings, progress)
         failures = _finish(work, manifest)
@@ -250,8 +252,8 @@ def _prepare(
 def _plan(
     manifest: MapManifest, files: list[Path], shards: int | None, batch: int, out: Path
 ) -> dict[int, list[Path]]:
-    """Files of each pending shard; new shards are added to the manifest, planned ones must
-    still split the same way."""
+    """Files of each pending shard (none: nothing new to append); new shards are added to
+    the manifest, planned ones must still split the same way."""
     namer = IndexMetadata(root=manifest.root, bundle_sha256="")
     first = manifest.pending_from or 0
     known: set[str] = set()
@@ -260,7 +262,7 @@ def _plan(
         known.update(meta.paths, (p for p, _ in meta.failures))
     new = [f for f in files if namer.name_of(f) not in known]
     if not new:
-        raise UsageError(f"every image under {manifest.root} is already in the map")
+        return {}
     planned = manifest.shards[first:]
     if planned and shards not in (None, len(planned)):
         raise UsageError(f"this build was planned with --shards {len(planned)}: re-run with it")
