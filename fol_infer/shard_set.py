@@ -102,9 +102,9 @@ class ShardSet(ABC):
         timeout_s: float = 30.0,
         **actor_options: Any,
     ) -> ShardSet:
-        """One Ray actor per shard, each opening its own shard (needs ``fol-infer[ray]``);
-        ``search_threads`` (FAISS threads per actor, default 1) and Ray actor options go
-        through ``actor_options``."""
+        """One Ray actor per shard, each opening its own shard (needs ``fol-infer[ray]``),
+        queried through a Ray compiled graph; `RayShardSet`'s settings (``search_threads``,
+        ``compiled``, ``start_timeout_s``) and Ray actor options go through ``actor_options``."""
         from fol_infer.distributed.serve import RayShardSet
 
         return RayShardSet(Path(folder), bundle, address, timeout_s, **actor_options)

@@ -114,8 +114,9 @@ class RayShardSet(ShardSet):
     """`ShardSet` over Ray actors (see module doc). ``timeout_s``: how long a shard may take to
     answer; ``start_timeout_s`` is added when its actor has to start first (a process, its
     imports, opening the shard). ``compiled=False`` keeps to one actor call per shard (a Ray
-    client, or a cluster whose Ray lacks compiled graphs). `actor_options` go to each actor
-    (e.g. ``num_cpus``, or ``resources`` to pin a shard to the node whose disk holds it)."""
+    client, or a cluster whose Ray lacks compiled graphs). `actor_options` go to each actor:
+    by default it takes no CPU and actors are spread over the nodes (a CPU-less actor would
+    otherwise stay on the driver's node); every node must see the map at the same path."""
 
     def __init__(
         self,
@@ -133,7 +134,7 @@ class RayShardSet(ShardSet):
         self.folder, self.timeout_s, self.start_timeout_s = folder, timeout_s, start_timeout_s
         self.manifest = read_manifest(folder, bundle)
         self.owns_cluster = connect(address)
-        options = {"num_cpus": 0} | actor_options
+        options = {"num_cpus": 0, "scheduling_strategy": "SPREAD"} | actor_options
         self._actor_class = self._ray.remote(ShardServer).options(**options)
         self._actors: list[Any] = [None] * len(self.entries)
         self._actors_lock = threading.Lock()
