@@ -56,11 +56,12 @@ def _largest_norm(x: np.ndarray) -> float:
 
 
 class ExactFlat:
-    """Searches a flat inner-product FAISS index (see the module doc)."""
+    """Searches a flat inner-product FAISS index (see the module doc) that is only ever
+    appended to, as GlobalIndex does."""
 
     def __init__(self, index: Any):
         self._index = index
-        self._norm, self._normed = 0.0, 0  # the largest norm among the first `_normed` vectors
+        self._norm, self._normed = 0.0, 0  # the largest norm of the first `_normed` vectors
 
     def _vectors(self) -> np.ndarray:
         import faiss
@@ -95,8 +96,6 @@ class ExactFlat:
 
     def _margin(self, xb: np.ndarray, queries: np.ndarray) -> np.ndarray:
         """Per query, twice the largest gap between two roundings of one of its products."""
-        if len(xb) < self._normed:  # the index was reset
-            self._norm, self._normed = 0.0, 0
         self._norm = max(self._norm, _largest_norm(xb[self._normed :]))
         self._normed = len(xb)
         d = xb.shape[1]
