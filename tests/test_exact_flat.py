@@ -164,3 +164,21 @@ def test_scores_that_overflow_float32() -> None:
     with np.errstate(over="ignore"):
         assert np.isinf(q @ db.T).any()
     assert_same(flat(db).search(q, 9), reference(db, q, 9))
+
+
+def test_a_batch_below_the_thread_count_as_on_a_16_core_machine() -> None:
+    """With 16 threads, FAISS 1.15 takes BLAS for a group of 8 queries over 16,384+ vectors
+    (the plain FAISS scores of this case differ from its kernel's): here they stay the kernel's."""
+    import faiss
+
+    rng = np.random.default_rng(6)
+    db = rng.standard_normal((17_000, 16)).astype(np.float32)
+    db /= np.linalg.norm(db, axis=1, keepdims=True)
+    q = queries(rng, db, 8)
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(16)
+    try:
+        got = flat(db).search(q, 5)
+    finally:
+        faiss.omp_set_num_threads(threads)
+    assert_same(got, reference(db, q, 5))
