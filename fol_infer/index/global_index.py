@@ -1,8 +1,9 @@
 """Global descriptors in FAISS, inner product (descriptors are unit norm: cosine similarity).
 
-The default ``"Flat"`` is exact (IndexFlatIP). Any FAISS factory string works for large
-databases, built with METRIC_INNER_PRODUCT: ``"HNSW32"``, ``"IVF4096,PQ64"``, ``"SQfp16"``,
-``"HNSW32,SQfp16"``, ...
+The default ``"Flat"`` is exact (IndexFlatIP); on the CPU it is searched by `exact_flat`, at
+BLAS speed with scores that do not depend on the batch. Any FAISS factory string works for
+large databases, built with METRIC_INNER_PRODUCT: ``"HNSW32"``, ``"IVF4096,PQ64"``,
+``"SQfp16"``, ``"HNSW32,SQfp16"``, ...
 
 Training rule (IVF, PQ, SQ8 ... need it): `add` buffers descriptors in memory until
 `train_size` of them have arrived, then trains on all of them and adds them. `train_size`
@@ -37,6 +38,7 @@ from fol_infer import __version__
 from fol_infer.choices import FaissDevice, VerifyLevel
 from fol_infer.errors import BackendUnavailableError, DamagedFileError, IndexStoreError, UsageError
 from fol_infer.fileio import atomic_writer
+from fol_infer.index.exact_flat import ExactFlat, is_flat_inner_product
 from fol_infer.index.metadata import check_schema, store_error
 from fol_infer.integrity import VerificationCache, needs_hash
 from fol_infer.model.arch import GLOBAL_DIM
@@ -47,7 +49,7 @@ _U32, _U64 = struct.Struct("<I"), struct.Struct("<Q")
 _TAIL = _U64.size + 32
 _GPU_MAX_K = 2048  # FAISS GPU k-selection limit; larger k searches the CPU index
 _TRAIN_BYTES = 1 << 30
-_CPU_GROUP = 8  # queries per CPU search: below FAISS's blocked products (see `search`)
+_CPU_GROUP = 8  # queries per CPU search of a non-flat index: below FAISS's BLAS (see `search`)
 _PARAMS = {"nprobe": "nprobe", "ef_search": "efSearch"}
 
 
@@ -97,6 +99,7 @@ class GlobalIndex:
         self._params: dict[str, int] = {}
         self._gpu: Any = None
         self._gpu_res: Any = None
+        self._exact = ExactFlat(index) if is_flat_inner_product(index) else None
         self.device = _resolve_device(device)
 
     @classmethod
@@ -217,10 +220,11 @@ class GlobalIndex:
         if index is not self._index:
             scores, ids = index.search(q, k)
             return scores, ids.astype(np.int64, copy=False)
-        # On the CPU, FAISS (1.15) computes the products of 16 or more queries blockwise, and
-        # their rounding depends on the database's size and the batch: searching in smaller
-        # groups makes each score a function of its query and its vector only, so a query
-        # scores alike alone or in a batch, in one index or in a map's shards.
+        if self._exact is not None:  # BLAS speed, each score a function of query and vector
+            return self._exact.search(q, k)
+        # FAISS (1.15) computes the products of 16 or more queries blockwise (an IVF's coarse
+        # search too), and their rounding depends on the batch: searching in smaller groups
+        # makes a query score alike alone or in a batch, in one index or in a map's shards.
         parts = [index.search(q[a : a + _CPU_GROUP], k) for a in range(0, len(q), _CPU_GROUP)]
         scores, ids = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
         return scores, ids.astype(np.int64, copy=False)
