@@ -314,45 +314,9 @@ def run_pairs(
                 return
             handle(item)
 
-    if n_workers == 1 or getattr(_in_pool, "active", False):
+    if n_workers == 1:
         work()
     else:
-        with _one_blas_thread():
-            for f in [_shared_pool(n_workers).submit(_pooled, work) for _ in range(n_workers)]:
+        with _one_blas_thread(), ThreadPoolExecutor(n_workers) as pool:
+            for f in [pool.submit(work) for _ in range(n_workers)]:
                 f.result()
-
-
-_pool_lock = threading.Lock()
-_pool: ThreadPoolExecutor | None = None
-_pool_size = 0
-_in_pool = threading.local()  # set in the pool's threads: a nested call runs inline
-
-
-def _shared_pool(n_workers: int) -> ThreadPoolExecutor:
-    """One pool of scoring threads for the process, replaced by a larger one when a call asks
-    for more: starting threads on every call costs more than scoring a small query."""
-    global _pool, _pool_size
-    with _pool_lock:
-        if _pool is None or _pool_size < n_workers:
-            if _pool is not None:
-                _pool.shutdown(wait=False)
-            _pool = ThreadPoolExecutor(n_workers, thread_name_prefix="fol-rerank")
-            _pool_size = n_workers
-        return _pool
-
-
-def _pooled(work: Callable[[], None]) -> None:
-    _in_pool.active = True
-    try:
-        work()
-    finally:
-        _in_pool.active = False
-
-
-def _forget_pool() -> None:
-    """A forked child has none of the parent's threads: it starts its own pool."""
-    global _pool, _pool_size
-    _pool, _pool_size = None, 0
-
-
-os.register_at_fork(after_in_child=_forget_pool)
