@@ -13,6 +13,7 @@ again, the graph is compiled again on a thread; queries go by actor calls meanwh
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -173,6 +174,7 @@ class RayShardSet(ShardSet):
     def _compile(self) -> None:
         """Compile the graph over every shard's actor and run it once: a graph's first
         execution sets its channels up, which takes seconds, and must not fall on a query."""
+        graph = None
         try:
             from ray.dag import InputNode, MultiOutputNode
 
@@ -185,6 +187,9 @@ class RayShardSet(ShardSet):
             self._ray.get(graph.execute(*[None] * len(actors)), timeout=GRAPH_SETUP_TIMEOUT_S)
             self._graph = graph
         except Exception as exc:  # e.g. a Ray client connection: actor calls still work
+            if graph is not None:  # compiled but its first run failed: free its channels
+                with contextlib.suppress(Exception):
+                    graph.teardown()
             if self._graph_failed:  # not the first try: a shard went down meanwhile
                 log.debug("map %s: compiling the graph again failed: %s", self.folder, exc)
                 return
