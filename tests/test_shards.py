@@ -265,3 +265,19 @@ def test_force_replaces_only_a_map(map_builds, tmp_path: Path) -> None:  # type:
     )
     assert code == 0, out
     assert {p.relative_to(sharded): p.read_bytes() for p in sharded.rglob("*.bin")} == original
+
+
+def test_in_process_build_progress_counts_the_whole_map(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Each shard job reports against its own size; the bar must show the whole build."""
+    from types import SimpleNamespace
+
+    from fol_infer.index import map_build
+
+    def one_shard(job, encoder, progress) -> None:  # type: ignore[no-untyped-def]
+        progress(len(job.files), len(job.files))
+
+    monkeypatch.setattr(map_build, "run_shard_job", one_shard)
+    seen: list[tuple[int, int | None]] = []
+    jobs = [SimpleNamespace(files=("a", "b")), SimpleNamespace(files=("c",))]
+    map_build.LocalRunner(None).run(jobs, lambda n, total=None: seen.append((n, total)))  # type: ignore[arg-type]
+    assert seen == [(2, 3), (1, 3)]

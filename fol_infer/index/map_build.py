@@ -108,8 +108,15 @@ class LocalRunner:
         self.encoder = encoder
 
     def run(self, jobs: Sequence[ShardJob], progress: Advance | None) -> None:
+        total = sum(len(j.files) for j in jobs)
+
+        def overall(n: int, _shard_total: int | None = None) -> None:
+            """A shard reports against its own size; the bar counts the whole build."""
+            if progress:
+                progress(n, total)
+
         for job in jobs:
-            run_shard_job(job, self.encoder, progress)
+            run_shard_job(job, self.encoder, overall)
 
 
 @dataclass
