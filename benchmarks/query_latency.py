@@ -12,13 +12,12 @@ them are what to read.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
-from untrained_setup import machine, untrained_setup
+from untrained_setup import untrained_setup, write_report
 
 from fol_infer.backends import open_encoder
 from fol_infer.bundle import Bundle
@@ -94,10 +93,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
-    report: dict[str, object] = {
-        "machine": machine(),
-        "args": vars(args) | {"json": None},
-    }
+    report: dict[str, object] = {"args": vars(args) | {"json": None}}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         bundle, db_dir, queries = untrained_setup(
@@ -109,8 +105,7 @@ def main() -> None:
             report["index"][fmt], report["queries"][fmt] = measure(  # type: ignore[index]
                 bundle, db_dir, index, queries, fmt, args.batch
             )
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    write_report(args.json, report)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ same process are what to read; the machine is shared.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import statistics
 import tempfile
@@ -24,7 +23,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from untrained_setup import machine, untrained_setup
+from untrained_setup import untrained_setup, write_report
 
 from fol_infer.backends import open_encoder
 from fol_infer.bundle import Bundle
@@ -172,10 +171,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
-    report: dict[str, object] = {
-        "machine": machine(),
-        "args": vars(args) | {"json": None},
-    }
+    report: dict[str, object] = {"args": vars(args) | {"json": None}}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         bundle, db, queries = untrained_setup(
@@ -194,8 +190,7 @@ def main() -> None:
             report["query"][f"{shards}_shards"] = fan_out(  # type: ignore[index]
                 bundle, served, queries, args.rerank_k, args.query_tokens, args.rounds
             )
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    write_report(args.json, report)
 
 
 if __name__ == "__main__":

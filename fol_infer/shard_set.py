@@ -12,6 +12,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -168,6 +169,47 @@ def local_ids(entry: ShardEntry, candidates: list[np.ndarray]) -> list[np.ndarra
     return [(c >= entry.offset) & (c < entry.offset + entry.images) for c in candidates]
 
 
+@dataclass
+class ShardScoring:
+    """One shard's part of a score call: the queries with candidates there (`active`), their
+    tokens, those candidates' local ids, and each query's mask of them (to put counts back)."""
+
+    active: list[int]
+    queries: list[np.ndarray]
+    local: list[np.ndarray]
+    masks: list[np.ndarray]
+
+
+def split_scoring(
+    entries: list[ShardEntry], queries: list[np.ndarray], candidates: list[np.ndarray]
+) -> list[ShardScoring | None]:
+    """Each shard's part (None for a shard that holds no candidate), in entry order."""
+    parts: list[ShardScoring | None] = []
+    for entry in entries:
+        masks = local_ids(entry, candidates)
+        active = [q for q, m in enumerate(masks) if m.any()]
+        local = [candidates[q][masks[q]] - entry.offset for q in active]
+        parts.append(
+            ShardScoring(active, [queries[q] for q in active], local, masks) if active else None
+        )
+    return parts
+
+
+def gather_counts(
+    candidates: list[np.ndarray],
+    parts: list[ShardScoring | None],
+    answers: Sequence[list[np.ndarray] | None],
+) -> list[np.ndarray]:
+    """The shards' counts in candidate order; -1 where a shard gave no answer."""
+    counts = [np.full(len(c), -1, np.int64) for c in candidates]
+    for part, got in zip(parts, answers):
+        if part is None or got is None:
+            continue
+        for q, c in zip(part.active, got):
+            counts[q][part.masks[q]] = c
+    return counts
+
+
 Answer = tuple[np.ndarray, np.ndarray] | None  # one shard's scores and local ids
 
 
@@ -257,17 +299,14 @@ class LocalShardSet(ShardSet):
         timer: Stages,
         allow_partial: bool = False,
     ) -> tuple[list[np.ndarray], list[str]]:
-        counts = [np.full(len(c), -1, np.int64) for c in candidates]
-        for entry, database in zip(self.entries, self.databases):
-            masks = local_ids(entry, candidates)
-            active = [q for q, m in enumerate(masks) if m.any()]
-            if not active:
-                continue
-            local = [candidates[q][masks[q]] - entry.offset for q in active]
-            shard_queries = [queries[q] for q in active]
-            got = score_shard(database, shard_queries, local, rerank, timer, self.bundle)
-            for q, c in zip(active, got):
-                counts[q][masks[q]] = c
+        parts = split_scoring(self.entries, queries, candidates)
+        answers = [
+            None
+            if part is None
+            else score_shard(database, part.queries, part.local, rerank, timer, self.bundle)
+            for part, database in zip(parts, self.databases)
+        ]
+        counts = gather_counts(candidates, parts, answers)
         return counts, []
 
     def close(self) -> None:

@@ -33,17 +33,17 @@ from fol_infer.shard_set import (
     Hits,
     ShardSet,
     Stages,
-    local_ids,
+    gather_counts,
     merge_searches,
     open_shard,
     read_manifest,
     score_shard,
     search_shard,
+    split_scoring,
 )
 
 log = logging.getLogger(__name__)
 GRAPH_SETUP_TIMEOUT_S = 120.0  # a compiled graph's first execution, on a loaded cluster
-COMPILE, TEARDOWN = "fol-map-compile", "fol-map-teardown"  # names of the graph's threads
 
 
 class _QuietTeardown(logging.Filter):
@@ -166,7 +166,9 @@ class RayShardSet(ShardSet):
         open, so that the first query finds it ready."""
         if not self.compiled or self._graph is not None or self._graph_work.is_alive():
             return
-        self._graph_work = threading.Thread(target=self._compile, name=COMPILE, daemon=True)
+        self._graph_work = threading.Thread(
+            target=self._compile, name="fol-map-compile", daemon=True
+        )
         self._graph_work.start()
         if wait:
             self._graph_work.join()
@@ -212,7 +214,9 @@ class RayShardSet(ShardSet):
         )
         graph, self._graph = self._graph, None
         self._graph_failed = True
-        self._graph_work = threading.Thread(target=graph.teardown, name=TEARDOWN, daemon=True)
+        self._graph_work = threading.Thread(
+            target=graph.teardown, name="fol-map-teardown", daemon=True
+        )
         self._graph_work.start()
 
     def _graph_fan_out(self, method: str, args: list[tuple[Any, ...] | None]) -> list[Any] | None:
@@ -312,23 +316,11 @@ class RayShardSet(ShardSet):
         timer: Stages,
         allow_partial: bool = False,
     ) -> tuple[list[np.ndarray], list[str]]:
-        counts = [np.full(len(c), -1, np.int64) for c in candidates]
         with timer.stage("rerank"):
-            masks = [local_ids(e, candidates) for e in self.entries]
-            args: list[tuple[Any, ...] | None] = []
-            actives: list[list[int]] = []
-            for entry, mask in zip(self.entries, masks):
-                active = [q for q, m in enumerate(mask) if m.any()]
-                local = [candidates[q][mask[q]] - entry.offset for q in active]
-                shard_queries = [queries[q] for q in active]
-                args.append((shard_queries, local, rerank) if active else None)
-                actives.append(active)
+            parts = split_scoring(self.entries, queries, candidates)
+            args = [None if p is None else (p.queries, p.local, rerank) for p in parts]
             answers, missing = self._fan_out("score", args, allow_partial)
-            for mask, active, got in zip(masks, actives, answers):
-                if got is None:
-                    continue
-                for q, c in zip(active, got):
-                    counts[q][mask[q]] = c
+            counts = gather_counts(candidates, parts, answers)
         return counts, missing
 
     def close(self) -> None:
