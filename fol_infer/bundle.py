@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -252,7 +253,7 @@ class Bundle:
             manifest = Manifest.from_dict(raw)
         except (KeyError, TypeError, ValueError, IndexError) as exc:
             raise BundleError(f"{manifest_path} is incomplete ({exc!r}); re-export") from None
-        bundle = cls(folder=folder, manifest=manifest)
+        bundle = cls(folder=Path(os.path.abspath(folder)), manifest=manifest)  # recorded by indexes
         bundle.check_files(level)
         bundle.check_graph_inputs()
         return bundle

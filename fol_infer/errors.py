@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 
+def first_line(exc: BaseException) -> str:
+    """An exception's message, first line only: a library's reason inside one of ours."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 class FolInferError(Exception):
     """Base class: the message says what is wrong and what to do."""
 
@@ -47,6 +53,16 @@ class DamagedFileError(UsageError):
         super().__init__(f"{path} is damaged: {detail}. Repair: {repair}")
         self.path, self.detail, self.repair = path, detail, repair
 
+    def __reduce__(self) -> tuple[type[DamagedFileError], tuple[object, str, str]]:
+        """Pickled with its own arguments, so that it crosses a process (a Ray actor) whole."""
+        return type(self), (self.path, self.detail, self.repair)
+
 
 class ShardUnavailableError(FolInferError):
     """A shard of a map that did not answer in time; the message names it and its ids."""
+
+
+class ShardMismatchError(IndexStoreError):
+    """A map whose shards do not hold what ``map.json`` records (shifted or overlapping id
+    ranges, a shard listed twice, a shard folder replaced by another's): never served, even
+    with ``allow_partial``, since its answers would be wrong rather than incomplete."""

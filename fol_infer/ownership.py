@@ -6,7 +6,8 @@ carrying the bundle format (or, for bundles written before the marker existed, t
 manifest's own keys); a map by ``map.json`` carrying the map format; an index by
 ``index.json`` carrying the index-metadata format, or, when that file is damaged,
 by its ``descriptors/`` token store's record. An empty folder may be replaced too (nothing is
-lost). Anything else is refused, as is any folder that is, contains, or is inside one of the
+lost), as may one holding only what a killed fol-infer write left (`fileio.is_leftover`).
+Anything else is refused, as is any folder that is, contains, or is inside one of the
 command's inputs (database folder, bundle, checkpoint), whatever it holds.
 """
 
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from fol_infer.errors import UsageError
+from fol_infer.fileio import holds_only_leftovers
 
 Product = Literal["index", "bundle", "map"]
 _LEGACY_BUNDLE_KEYS = {"schema_version", "fingerprint", "graphs", "arch", "resolution"}
@@ -96,7 +98,7 @@ def check_replaceable(folder: Path, product: Product, inputs: Mapping[str, Path 
             f"refusing to replace {folder}: it is a file, not a fol-infer {product}; "
             "remove it yourself or choose another --out"
         )
-    if any(folder.iterdir()) and not is_product(folder, product):
+    if not holds_only_leftovers(folder) and not is_product(folder, product):
         raise UsageError(
             f"refusing to replace {folder}: it is not a fol-infer {product} (no "
             f"{_marker_file(product)} of this tool) and --force replaces only a {product} "

@@ -171,6 +171,8 @@ class Retriever:
         `top_k` is the length of each returned list; `rerank_k` candidates of the global
         search are re-ranked. Both are clamped to the database size (with a notice).
         """
+        if self.closed:
+            raise UsageError("this Retriever is closed: open a new one to query again")
         if isinstance(images, (str, Path, np.ndarray)) or not isinstance(images, Sequence):
             images = [images]  # type: ignore[list-item]
         if not images:
@@ -233,7 +235,14 @@ class Retriever:
             log.warning("%s = %d is larger than the database (%d images): using %d", name, k, n, n)
         return min(k, n)
 
+    closed = False
+
     def close(self) -> None:
+        """Release the index and the encoder it opened; later queries are refused. Safe to
+        call twice."""
+        if self.closed:
+            return
+        self.closed = True
         if self._owns_encoder:
             self.encoder.close()
         self.shards.close()

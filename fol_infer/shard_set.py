@@ -9,6 +9,10 @@ each shard from its own Ray actor (`fol_infer.distributed`, imported only then).
 
 from __future__ import annotations
 
+import logging
+import os
+import threading
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
@@ -20,11 +24,24 @@ import numpy as np
 
 from fol_infer.bundle import Bundle
 from fol_infer.choices import FaissDevice, TokenFormat
-from fol_infer.errors import IndexStoreError
+from fol_infer.errors import (
+    DamagedFileError,
+    FolInferError,
+    IndexStoreError,
+    ShardMismatchError,
+    ShardUnavailableError,
+    UsageError,
+    first_line,
+)
 from fol_infer.index.database import FAISS_FILE, METADATA, Database
-from fol_infer.index.metadata import IndexMetadata
+from fol_infer.index.metadata import IndexMetadata, repair_command
 from fol_infer.index.shards import MapManifest, ShardEntry, is_map, merge_top_k
 from fol_infer.rerank import RerankSettings, count_mutual_matches_certified, score_many
+
+log = logging.getLogger(__name__)
+DOWN_RETRY_S = 30.0  # how long a partial answer leaves a failed shard out before trying it again
+SHARD_DOWN = (IndexStoreError, DamagedFileError, OSError)  # a shard that cannot be served now
+Why = FolInferError | str  # why a shard is down: the error it raised, or what was seen
 
 
 class Stages(Protocol):
@@ -82,6 +99,13 @@ class ShardSet(ABC):
     @abstractmethod
     def close(self) -> None: ...
 
+    closed = False
+
+    def check_open(self) -> None:
+        """Refuse any use after `close` (a closed set would otherwise answer nothing)."""
+        if self.closed:
+            raise UsageError(f"the shard set of {self.folder} is closed: open it again")
+
     def __enter__(self) -> ShardSet:
         return self
 
@@ -116,6 +140,7 @@ def read_manifest(folder: Path, bundle: Bundle | None) -> MapManifest:
     if is_map(folder):
         manifest = MapManifest.load(folder)
         manifest.require_complete(folder)
+        manifest.check_consistent(folder)
         if bundle is not None:
             manifest.check_bundle(bundle.manifest.fingerprint, str(bundle.folder))
         return manifest
@@ -147,21 +172,38 @@ def open_shard(
     bundle: Bundle | None,
     device: FaissDevice,
 ) -> Database:
-    """Open one shard, checking it against the manifest; errors name the shard and its ids."""
+    """Open one shard, checking what it records of itself against the manifest: a shard
+    that is missing or damaged raises `IndexStoreError` (or `DamagedFileError`), one that
+    holds other data than map.json says raises `ShardMismatchError`; each names the shard."""
     if not is_map(folder):
         return Database(folder, bundle=bundle, device=device)
     path = folder / entry.name
+    where = f"{entry.describe()} of map {folder}"
+    if not (path / METADATA).is_file() or not (path / FAISS_FILE).is_file():
+        raise IndexStoreError(
+            f"{where}: {path} is missing or incomplete: restore it, or rebuild it: "
+            f"{repair_command(path)}"
+        )
     try:
-        if not (path / METADATA).is_file() or not (path / FAISS_FILE).is_file():
-            raise IndexStoreError(f"{path} is missing or incomplete")
-        database = Database(path, bundle=bundle, device=device)
-        if len(database) != entry.images or database.token_format != manifest.settings["tokens"]:
-            database.close()
-            raise IndexStoreError(f"{path} does not hold what map.json records")
-        database.meta.check_bundle(manifest.bundle_sha256, manifest.bundle_name)
+        meta = IndexMetadata.load(path / METADATA, repair_command(path))
     except IndexStoreError as exc:
-        raise IndexStoreError(f"{entry.describe()} of map {folder}: {exc}") from None
-    return database
+        raise IndexStoreError(f"{where}: {exc}") from None
+    problem = entry.mismatch(meta, manifest.root)
+    if problem is None and meta.settings.get("tokens") != manifest.settings["tokens"]:
+        problem = f"its tokens are {meta.settings.get('tokens')}, the map's are "
+        problem += str(manifest.settings["tokens"])
+    if problem is None and meta.bundle_sha256 != manifest.bundle_sha256:
+        problem = "it was built by another bundle than the map"
+    if problem is not None:
+        raise ShardMismatchError(
+            f"{where}: {path} does not hold what map.json records ({problem}): was a shard "
+            f"folder replaced or map.json edited? Rebuild the map: "
+            f"{manifest.rebuild_command(folder)}"
+        )
+    try:
+        return Database(path, bundle=bundle, device=device, meta=meta)
+    except IndexStoreError as exc:
+        raise IndexStoreError(f"{where}: {exc}") from None
 
 
 def local_ids(entry: ShardEntry, candidates: list[np.ndarray]) -> list[np.ndarray]:
@@ -271,25 +313,111 @@ def merge_searches(
     return merge_top_k(parts, k, nq)
 
 
+class ShardHealth:
+    """Which shards of a map are down, why, and since when. A query that needs the whole map
+    tries every down shard again (and fails naming it); a partial one (``allow_partial``)
+    leaves a shard out for `retry_s` after it failed, so that a map with a dead shard
+    answers at full speed instead of waiting for that shard on every query."""
+
+    def __init__(self, folder: Path, entries: list[ShardEntry], retry_s: float = DOWN_RETRY_S):
+        self.folder, self.entries, self.retry_s = folder, entries, retry_s
+        self._down: dict[int, tuple[Why, float]] = {}  # shard -> (why, when it last failed)
+        self._lock = threading.Lock()
+
+    @property
+    def down(self) -> list[int]:
+        with self._lock:
+            return sorted(self._down)
+
+    def mark_down(self, i: int, why: Why) -> None:
+        """Shard `i` failed: an error of this toolkit (which names the shard and its repair),
+        or a reason (no answer in time, a process that died)."""
+        with self._lock:
+            if i not in self._down:
+                log.debug("map %s: %s is down: %s", self.folder, self.entries[i].name, why)
+            self._down[i] = (why, time.monotonic())
+
+    def mark_up(self, i: int) -> None:
+        with self._lock:
+            self._down.pop(i, None)
+
+    def worth_trying(self, i: int, allow_partial: bool) -> bool:
+        """Whether a query should try shard `i` now (always, unless it is down and a partial
+        answer may leave it out a while longer)."""
+        with self._lock:
+            if i not in self._down or not allow_partial:
+                return True
+            return time.monotonic() - self._down[i][1] >= self.retry_s
+
+    def check(self, needed: Sequence[int], allow_partial: bool) -> list[str]:
+        """The names of the `needed` shards that are down; without ``allow_partial``, the
+        error of the first of them instead (its own, where it had one)."""
+        with self._lock:
+            down = [i for i in needed if i in self._down]
+            if down and not allow_partial:
+                entry, why = self.entries[down[0]], self._down[down[0]][0]
+                if isinstance(why, FolInferError):
+                    raise why
+                raise ShardUnavailableError(
+                    f"{entry.describe()} of map {self.folder} is down: {why}; bring it "
+                    "back or query with --allow-partial"
+                )
+        return [self.entries[i].name for i in down]
+
+
 class LocalShardSet(ShardSet):
-    """Every shard opened in this process (memory maps shared by all query threads)."""
+    """Every shard opened in this process (memory maps shared by all query threads). A shard
+    of a map that cannot be opened (missing, damaged) is down (`ShardHealth`); one that
+    holds other data than map.json says is refused."""
 
     def __init__(self, folder: Path, bundle: Bundle | None, device: FaissDevice) -> None:
-        self.folder = folder
-        self.bundle = bundle
-        self.manifest = read_manifest(folder, bundle)
-        self.databases: list[Database] = []
+        self.folder = Path(os.path.abspath(folder))
+        self.bundle, self.device = bundle, device
+        self.manifest = read_manifest(self.folder, bundle)
+        self.health = ShardHealth(self.folder, self.entries)
+        self.databases: list[Database | None] = [None] * len(self.entries)
+        self.paths = [""] * self.manifest.images  # by global id; a down shard's stay unknown
+        self._reopen = threading.Lock()
         try:
-            for entry in self.entries:
-                self.databases.append(open_shard(folder, self.manifest, entry, bundle, device))
+            for i in range(len(self.entries)):
+                self._open(i)
         except BaseException:
             self.close()
             raise
-        self.paths = [p for db in self.databases for p in db.paths]
+
+    def _open(self, i: int) -> None:
+        """Open shard `i` (a single index: raise on failure; a map's shard: mark it down)."""
+        entry = self.entries[i]
+        try:
+            database = open_shard(self.folder, self.manifest, entry, self.bundle, self.device)
+        except ShardMismatchError:
+            raise
+        except SHARD_DOWN as exc:
+            if not is_map(self.folder):
+                raise
+            self.health.mark_down(i, exc if isinstance(exc, FolInferError) else first_line(exc))
+            return
+        self.databases[i] = database
+        self.paths[entry.offset : entry.offset + entry.images] = database.paths
+        self.health.mark_up(i)
+
+    def _revive(self, allow_partial: bool) -> None:
+        """Try the down shards a query should try again (`ShardHealth.worth_trying`)."""
+        for i in self.health.down:
+            if self.health.worth_trying(i, allow_partial):
+                with self._reopen:
+                    if self.databases[i] is None:
+                        self._open(i)
 
     def search(self, descriptors: np.ndarray, k: int, allow_partial: bool = False) -> Hits:
-        answers = [search_shard(db, descriptors, k) for db in self.databases]
-        return (*merge_searches(self.entries, answers, k, len(descriptors)), [])
+        self.check_open()
+        self._revive(allow_partial)
+        databases = list(self.databases)
+        missing = self.health.check(
+            [i for i, db in enumerate(databases) if db is None], allow_partial
+        )
+        answers = [None if db is None else search_shard(db, descriptors, k) for db in databases]
+        return (*merge_searches(self.entries, answers, k, len(descriptors)), missing)
 
     def score(
         self,
@@ -299,17 +427,23 @@ class LocalShardSet(ShardSet):
         timer: Stages,
         allow_partial: bool = False,
     ) -> tuple[list[np.ndarray], list[str]]:
+        self.check_open()
         parts = split_scoring(self.entries, queries, candidates)
+        databases = list(self.databases)
+        needed = [i for i, p in enumerate(parts) if p is not None and databases[i] is None]
+        missing = self.health.check(needed, allow_partial)
         answers = [
             None
-            if part is None
+            if part is None or database is None
             else score_shard(database, part.queries, part.local, rerank, timer, self.bundle)
-            for part, database in zip(parts, self.databases)
+            for part, database in zip(parts, databases)
         ]
         counts = gather_counts(candidates, parts, answers)
-        return counts, []
+        return counts, missing
 
     def close(self) -> None:
+        self.closed = True
         for database in self.databases:
-            database.close()
-        self.databases = []
+            if database is not None:
+                database.close()
+        self.databases = [None] * len(self.databases)

@@ -11,6 +11,11 @@ import pytest
 # GPU, kernels run through the interpreter (TRITON_INTERPRET=1), which is how CI tests them.
 if not os.path.exists("/dev/nvidiactl"):
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Ray clusters the tests start (in this process, in subprocesses, `ray start`) listen on
+# 127.0.0.1 only: Ray 2.x turns a --node-ip-address of 127.0.0.1 into the machine's address
+# and binds its servers to every interface, except in its single-machine mode, which this
+# variable (read when ray is imported) selects.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"

@@ -173,7 +173,7 @@ def test_int8_exact_keeps_float32_originals_in_step(
     with pytest.raises(UsageError, match="tokens='int8-exact', not 'int8'"):
         append_int8(bundle, encoder, tmp_path)
     shutil.rmtree(tmp_path / "idx" / EXACT_TOKENS)
-    with pytest.raises(IndexStoreError, match=f"{EXACT_TOKENS}.*rebuild"):
+    with pytest.raises(IndexStoreError, match=f"{EXACT_TOKENS}.*fol-infer repair"):
         Database(tmp_path / "idx")
 
 

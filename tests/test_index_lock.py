@@ -5,10 +5,10 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
-import pytest
 from sample_images import make_images
 
 from fol_infer.backends import open_encoder
@@ -44,9 +44,21 @@ def test_a_second_writer_is_refused_before_it_writes(tiny_bundle: Path, tmp_path
         code, out = finish(
             start_cli("index", tiny_bundle, tmp_path / "db", "--out", idx, "--append")
         )
-        with pytest.raises(IndexBusyError, match=f"pid {os.getpid()}"):
-            with WriterLock(idx):
-                pass
+        with WriterLock(idx):  # the holding thread may take it again (a nested step)
+            pass
+        refused: list[BaseException] = []
+
+        def second_writer() -> None:  # another thread of this process is another writer
+            try:
+                with WriterLock(idx):
+                    pass
+            except IndexBusyError as exc:
+                refused.append(exc)
+
+        thread = threading.Thread(target=second_writer)
+        thread.start()
+        thread.join()
+        assert len(refused) == 1 and f"pid {os.getpid()}" in str(refused[0])
     assert code == 3, out
     assert f"{idx} is being written by another fol-infer process (pid {os.getpid()}" in out
     assert "nothing was written" in out and "--wait" in out and "Traceback" not in out

@@ -109,7 +109,7 @@ def test_flipped_faiss_file_is_named_with_its_repair(built: Path, bundle_copy: P
     with pytest.raises(DamagedFileError, match=r"global\.faiss is damaged: its sha256"):
         Database(built)
     code, out = cli("query", built, built.parent / "db", "--no-rerank")
-    assert code == 2 and "global.faiss is damaged" in out and "--append" in out, out
+    assert code == 2 and "global.faiss is damaged" in out and "fol-infer repair" in out, out
     assert "Traceback" not in out
     repair = out.split("Repair: ")[1].split(" (rebuilds")[0]
     args = [a.strip("'") for a in repair.split()[1:]]
@@ -129,5 +129,11 @@ def test_nan_bytes_in_tokens_are_named_not_a_traceback(built: Path) -> None:
             f.write(np.array([np.nan], np.float16).tobytes())
     code, out = cli("query", built, built.parent / "db", "--rerank-k", "3")
     assert code == 2, out
-    assert "tokens.bin is damaged: image 0's rows hold NaN" in out and "--force" in out
+    assert "tokens.bin is damaged: image 0's rows hold NaN" in out
     assert "Traceback" not in out
+    repair = out.split("Repair: ")[1].split()
+    assert repair[:2] == ["fol-infer", "repair"]
+    code, log = cli(*repair[1:])  # the repair command as printed: encodes the index again
+    assert code == 0 and "encoded again" in log, log
+    code, out = cli("query", built, built.parent / "db", "--rerank-k", "3")
+    assert code == 0, out

@@ -7,14 +7,18 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
-from fol_infer.errors import ShardUnavailableError
+from fol_infer.errors import IndexStoreError, ShardUnavailableError
 from fol_infer.index.database import DESCRIPTORS, METADATA, TOKENS, BuildSettings
 from fol_infer.index.metadata import IndexMetadata
 from fol_infer.index.shards import MapManifest
@@ -96,8 +100,8 @@ def test_shard_actors_answer_as_the_single_index_and_name_a_dead_shard(  # type:
 
         ray.kill(shard_set._actors[1], no_restart=True)  # type: ignore[attr-defined]
         os.rename(sharded / "shard-00001", tmp_path / "away")  # its node is gone with it
-        with pytest.raises(ShardUnavailableError, match=r"shard-00001 \(global ids 16..26\)"):
-            retriever.query(queries[:1])
+        with pytest.raises(IndexStoreError, match=r"shard-00001 \(global ids 16..26\).*missing"):
+            retriever.query(queries[:1])  # the shard's own error, from its fresh actor
         retriever.allow_partial = True
         (partial,) = retriever.query(queries[:1], top_k=10, rerank_k=4)
         doc = partial.to_json()
@@ -186,3 +190,144 @@ def _kill_quietly(pid: int) -> None:
         os.kill(pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+
+
+def _outward_address() -> str:
+    """This machine's address on its default route (what a remote peer would connect to)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect(("192.0.2.1", 9))  # a UDP connect sends nothing: it only picks the route
+        return str(s.getsockname()[0])
+
+
+def test_clusters_the_tests_start_listen_on_loopback_only(ray_cluster) -> None:  # type: ignore[no-untyped-def]
+    host, port = ray.get_runtime_context().gcs_address.rsplit(":", 1)
+    assert host == "127.0.0.1"
+    socket.create_connection((host, int(port)), timeout=5).close()
+    outward = _outward_address()
+    if outward != "127.0.0.1":  # a machine with a network: the port is closed there
+        with pytest.raises(OSError):
+            socket.create_connection((outward, int(port)), timeout=5).close()
+
+
+def test_eight_threads_on_one_ray_map_get_the_sequential_answers(  # type: ignore[no-untyped-def]
+    ray_cluster, map_builds
+) -> None:
+    queries = map_builds.queries[:8]
+    shard_set = ShardSet.ray(map_builds.get(shards=3), timeout_s=30)
+    with Retriever(map_builds.bundle, shard_set) as retriever:
+        sequential = [json.dumps(_answers(retriever, [q])) for q in queries]
+        assert shard_set.last_fan_out.compiled  # type: ignore[attr-defined]
+        with ThreadPoolExecutor(8) as pool:
+            together = list(pool.map(lambda q: json.dumps(_answers(retriever, [q])), queries))
+        assert together == sequential
+        assert shard_set.last_fan_out.compiled  # type: ignore[attr-defined]
+
+
+def test_a_shard_folder_missing_is_left_out_over_ray_when_allowed(  # type: ignore[no-untyped-def]
+    ray_cluster, map_builds, tmp_path: Path
+) -> None:
+    sharded = Path(shutil.copytree(map_builds.get(shards=3), tmp_path / "map"))
+    shutil.rmtree(sharded / "shard-00001")
+    shard_set = ShardSet.ray(sharded, timeout_s=10)  # opens: the shard is named when needed
+    with Retriever(map_builds.bundle, shard_set) as retriever:
+        with pytest.raises(IndexStoreError, match=r"shard-00001 \(global ids 16..26\).*missing"):
+            retriever.query(map_builds.queries[:1])
+        retriever.allow_partial = True
+        start = time.monotonic()
+        (partial,) = retriever.query(map_builds.queries[:1], top_k=40, rerank_k=4)
+        assert time.monotonic() - start < 10  # a shard known down is not waited for
+        doc = partial.to_json()
+        assert doc["partial"] is True and doc["missing_shards"] == ["shard-00001"]
+        assert {h["db_index"] for h in doc["global"]} == set(range(16)) | set(range(27, 38))
+
+
+def _cli(*args: object, cwd: Path | None = None, env: dict[str, str] | None = None):  # type: ignore[no-untyped-def]
+    code = "import sys; from fol_infer.cli import main; sys.argv[0] = 'fol-infer'; main()"
+    return subprocess.run(
+        [sys.executable, "-c", code, *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=cwd,
+        env=os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parents[1])} | (env or {}),
+    )
+
+
+def test_something_that_is_not_ray_is_named_within_the_connect_timeout(map_builds) -> None:  # type: ignore[no-untyped-def]
+    """An HTTP server where a head was expected: one line in seconds, not Ray's minutes."""
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+
+    def answer() -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            conn.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+            conn.close()
+
+    threading.Thread(target=answer, daemon=True).start()
+    try:
+        start = time.monotonic()
+        result = _cli("query", map_builds.get(shards=3), map_builds.queries[0], "--ray",
+                      f"127.0.0.1:{port}")  # fmt: skip
+        elapsed = time.monotonic() - start
+    finally:
+        server.close()
+    assert result.returncode == 2, result.stderr
+    assert f"something listens at 127.0.0.1:{port} but it is not a Ray cluster" in result.stderr
+    assert "Traceback" not in result.stderr and elapsed < 30
+
+
+def test_relative_paths_reach_a_head_started_in_another_folder(  # type: ignore[no-untyped-def]
+    map_builds, tmp_path: Path
+) -> None:
+    """`ray start --head` run elsewhere (its workers do not share our working folder): the
+    README's relative `index BUNDLE DB --out MAP` and `query MAP` work with --ray ADDRESS."""
+    work, other = tmp_path / "work", tmp_path / "other"
+    other.mkdir()
+    shutil.copytree(map_builds.bundle, work / "bundle")
+    shutil.copytree(map_builds.db, work / "db")
+    shutil.copy(map_builds.queries[0], work / "q.jpg")
+    port = _free_port()
+    temp_dir = tempfile.mkdtemp(prefix="fr", dir="/tmp")  # short: Ray's socket paths
+    env = {"RAY_AUTH_MODE": "token"}  # Ray 2.60's own token authentication, on by default
+    head = subprocess.Popen(
+        [str(Path(sys.executable).with_name("ray")), "start", "--head", f"--port={port}",
+         "--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats",
+         f"--temp-dir={temp_dir}", "--block"],
+        cwd=other, env=os.environ | env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        address = f"127.0.0.1:{port}"
+        _wait_for_port(port, head)
+        built = _cli("index", "bundle", "db", "--out", "map", "--shards", "2", "--ray",
+                     address, cwd=work, env=env)  # fmt: skip
+        assert built.returncode == 0, built.stderr
+        over_ray = _cli("query", "map", "q.jpg", "--json", "--ray", address, cwd=work, env=env)
+        assert over_ray.returncode == 0, over_ray.stderr
+        here = _cli("query", "map", "q.jpg", "--json", cwd=work)
+        assert json.loads(over_ray.stdout) == json.loads(here.stdout)
+        assert json.loads(here.stdout)[0]["reranked"]
+    finally:
+        head.terminate()  # --block: Ray drains and stops the processes it started
+        head.wait(timeout=60)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _free_port() -> int:
+    with socket.create_server(("127.0.0.1", 0)) as s:
+        return int(s.getsockname()[1])
+
+
+def _wait_for_port(port: int, head: subprocess.Popen) -> None:  # type: ignore[type-arg]
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        assert head.poll() is None, "ray start --head exited"
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.5)
+    raise AssertionError("the Ray head never listened")

@@ -16,7 +16,7 @@ from fol_infer.cli import app
 from fol_infer.errors import IndexStoreError, UsageError
 from fol_infer.index.database import DESCRIPTORS, EXACT_TOKENS, METADATA, TOKENS
 from fol_infer.index.metadata import IndexMetadata
-from fol_infer.index.shards import MapManifest, merge_top_k, plan_ranges
+from fol_infer.index.shards import MapManifest, merge_top_k, name_key, plan_ranges
 from fol_infer.index.token_store import TokenStore
 from fol_infer.pipeline import Retriever
 
@@ -59,6 +59,28 @@ def test_merge_equals_faiss_index_shards(sizes: list[int], nq: int, k: int, seed
     scores, ids = merge_top_k(parts, k, nq)
     np.testing.assert_array_equal(ids, want_ids)
     np.testing.assert_array_equal(scores, want_scores)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.text("ab-./ !_é", min_size=1, max_size=6), min_size=1, max_size=12))
+def test_name_key_orders_names_as_the_file_list_does(parts: list[str]) -> None:
+    """A map's shard ranges are checked by `name_key`: it must order names exactly as
+    `find_images` orders the files (path components, separators first)."""
+    import tempfile
+
+    from fol_infer.images import find_images
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        for i, part in enumerate(parts):
+            clean = "/".join(p for p in part.split("/") if p not in ("", ".", "..")) or "x"
+            path = root / f"{clean}{i}.jpg"
+            if path.exists() or any(parent.is_file() for parent in path.parents):
+                continue
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(b"")
+        files = [f.relative_to(root).as_posix() for f in find_images([root])]
+    assert files == sorted(files, key=name_key)
 
 
 def test_plan_ranges_are_contiguous_whole_batches() -> None:
@@ -215,6 +237,7 @@ def test_bad_input_is_named(map_builds, tiny_bundle_322: Path, tmp_path: Path) -
     for n, message in (("0", "at least 1"), ("41", "more than the 40 images")):
         code, out = run("index", bundle, db, "--out", tmp_path / "x", "--shards", n)
         assert code == 2 and message in out, out
+        assert not (tmp_path / "x").exists()  # a refused plan leaves no folder behind
     sharded = tmp_path / "map"
     shutil.copytree(map_builds.get(shards=3), sharded)
     code, out = run("query", sharded, map_builds.queries[0], "--bundle", tiny_bundle_322)
@@ -229,8 +252,9 @@ def test_bad_input_is_named(map_builds, tiny_bundle_322: Path, tmp_path: Path) -
     shutil.rmtree(sharded)
     shutil.copytree(map_builds.get(shards=3), sharded)
     shutil.rmtree(sharded / "shard-00002")
-    with pytest.raises(IndexStoreError, match=r"shard-00002 \(global ids 27..37\).*missing"):
-        Retriever(bundle, sharded)
+    with Retriever(bundle, sharded) as retriever:  # a shard down is named by the query
+        with pytest.raises(IndexStoreError, match=r"shard-00002 \(global ids 27..37\).*missing"):
+            retriever.query(map_builds.queries[:1])
 
 
 def test_ray_missing_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:

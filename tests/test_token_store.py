@@ -279,7 +279,7 @@ def test_segment_list_corruption_found_at_open(tmp_path: Path, rng: np.random.Ge
     data = bytearray((path / token_store.SEGMENTS).read_bytes())
     data[0] ^= 1
     (path / token_store.SEGMENTS).write_bytes(bytes(data))
-    with pytest.raises(IndexStoreError, match="segments.bin fails its checksum"):
+    with pytest.raises(DamagedFileError, match="segments.bin is damaged: it fails its checksum"):
         TokenStore.open(path)
 
 

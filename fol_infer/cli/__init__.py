@@ -8,6 +8,7 @@ from fol_infer.cli import (  # noqa: F401  (importing registers the commands)
     encode_command,
     index_commands,
     model_commands,
+    repair_command,
     show_command,
     trt_command,
 )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 
 from rich.console import Console
 from rich.progress import (
@@ -41,5 +41,20 @@ def progress_bar(console: Console, label: str, total: int, unit: str = "img") ->
             progress.advance(task, n)
             speed = progress.tasks[task].speed
             progress.update(task, rate=f"{speed:.1f} {unit}/s" if speed else "")
+
+        yield advance
+
+
+@contextmanager
+def progress_when_needed(console: Console, label: str) -> Iterator[Advance]:
+    """A `progress_bar` drawn from the first advance on: work that turns out to need no
+    encoding (a repair with nothing damaged) shows no empty bar."""
+    with ExitStack() as stack:
+        bars: list[Advance] = []
+
+        def advance(n: int, new_total: int | None = None) -> None:
+            if not bars:
+                bars.append(stack.enter_context(progress_bar(console, label, new_total or 0)))
+            bars[0](n, new_total)
 
         yield advance

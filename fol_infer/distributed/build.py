@@ -14,7 +14,7 @@ from typing import Any
 
 from fol_infer.backends.base import Encoder
 from fol_infer.distributed import connect, require_ray
-from fol_infer.errors import FolInferError
+from fol_infer.errors import FolInferError, first_line
 from fol_infer.index.map_build import ShardJob, run_shard_job
 from fol_infer.progress import Advance
 
@@ -92,9 +92,9 @@ class RayRunner:
                 raise exc.cause from None
             raise FolInferError(f"building {job.folder} failed on Ray: {exc.cause!r}") from None
         except ray.exceptions.RayError as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise FolInferError(
-                f"building {job.folder} failed on Ray after {self.retries} retries ({first}); "
+                f"building {job.folder} failed on Ray after {self.retries} retries "
+                f"({first_line(exc)}); "
                 "re-run the command: finished shards are kept"
             ) from None
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -25,14 +27,17 @@ import numpy as np
 
 from fol_infer.bundle import Bundle
 from fol_infer.distributed import connect, require_ray
-from fol_infer.errors import FolInferError, ShardUnavailableError
+from fol_infer.errors import FolInferError, ShardMismatchError, UsageError, first_line
 from fol_infer.index.shards import MapManifest, ShardEntry
 from fol_infer.rerank import RerankSettings
 from fol_infer.shard_set import (
+    SHARD_DOWN,
     Answer,
     Hits,
+    ShardHealth,
     ShardSet,
     Stages,
+    Why,
     gather_counts,
     merge_searches,
     open_shard,
@@ -69,7 +74,10 @@ Request = tuple[str, tuple[Any, ...]] | None  # (ShardServer method, its args); 
 class ShardServer:
     """What runs inside a shard's actor. `threads`: FAISS's OpenMP threads, one by default:
     a node runs several shard actors, and one OpenMP team per actor would oversubscribe its
-    cores (raise it for a node that serves one large Flat shard)."""
+    cores (raise it for a node that serves one large Flat shard). A shard that cannot be
+    opened (missing, damaged, or holding other data than map.json says) keeps its actor up
+    to give that error to every call: the caller then knows why, and leaves a missing shard
+    out of partial answers but never serves a mismatched one."""
 
     def __init__(
         self, folder: str, manifest: MapManifest, entry: ShardEntry, threads: int = 1
@@ -77,7 +85,11 @@ class ShardServer:
         import faiss
 
         faiss.omp_set_num_threads(threads)
-        self.database = open_shard(Path(folder), manifest, entry, None, "auto")
+        self.refusal: Exception | None = None
+        try:
+            self.database = open_shard(Path(folder), manifest, entry, None, "auto")
+        except SHARD_DOWN as exc:  # ShardMismatchError included
+            self.refusal = exc
 
     def paths(self) -> list[str]:
         return self.database.paths
@@ -95,6 +107,8 @@ class ShardServer:
         graph): the method's result and the seconds this shard spent on it."""
         if request is None:
             return None, 0.0
+        if self.refusal is not None:
+            raise self.refusal
         start = time.perf_counter()
         method, args = request
         return getattr(self, method)(*args), time.perf_counter() - start
@@ -117,7 +131,9 @@ class RayShardSet(ShardSet):
     imports, opening the shard). ``compiled=False`` keeps to one actor call per shard (a Ray
     client, or a cluster whose Ray lacks compiled graphs). `actor_options` go to each actor:
     by default it takes no CPU and actors are spread over the nodes (a CPU-less actor would
-    otherwise stay on the driver's node); every node must see the map at the same path."""
+    otherwise stay on the driver's node); every node must see the map at the same path. A
+    shard that is down is handled by `ShardHealth`, as in process; fan-outs from several
+    threads take turns (a compiled graph runs one execution at a time)."""
 
     def __init__(
         self,
@@ -130,10 +146,15 @@ class RayShardSet(ShardSet):
         start_timeout_s: float = 60.0,
         **actor_options: Any,
     ) -> None:
+        for name, seconds in (("timeout_s", timeout_s), ("start_timeout_s", start_timeout_s)):
+            if not 0 < seconds < math.inf:  # NaN fails it too
+                raise UsageError(f"{name} must be a positive number of seconds, got {seconds}")
         self._ray = require_ray()
         self.search_threads = search_threads
-        self.folder, self.timeout_s, self.start_timeout_s = folder, timeout_s, start_timeout_s
-        self.manifest = read_manifest(folder, bundle)
+        self.folder = Path(os.path.abspath(folder))  # the actors' working folder is not ours
+        self.timeout_s, self.start_timeout_s = timeout_s, start_timeout_s
+        self.manifest = read_manifest(self.folder, bundle)
+        self.health = ShardHealth(self.folder, self.entries)
         self.owns_cluster = connect(address)
         options = {"num_cpus": 0, "scheduling_strategy": "SPREAD"} | actor_options
         self._actor_class = self._ray.remote(ShardServer).options(**options)
@@ -142,15 +163,15 @@ class RayShardSet(ShardSet):
         self._graph: Any = None
         self._graph_work = threading.Thread()  # compiling the graph, or a failed one's teardown
         self._graph_failed = False
-        self._down: set[int] = set()  # shards whose last actor call failed twice
+        self._fan_out_lock = threading.Lock()
         self.compiled = compiled
+        self.paths = [""] * self.manifest.images  # by global id; a down shard's stay unknown
         try:
-            shard_paths = self._fan_out("paths", [() for _ in self.entries], False)[0]
+            self._fan_out("paths", [() for _ in self.entries], True)
             self._start_graph(wait=True)
         except BaseException:
             self.close()
             raise
-        self.paths = [p for paths in shard_paths for p in paths]
 
     def _actor(self, i: int) -> Any:
         with self._actors_lock:  # the graph may be compiled on another thread
@@ -164,7 +185,9 @@ class RayShardSet(ShardSet):
     def _start_graph(self, wait: bool) -> None:
         """Compile the graph on a thread (queries meanwhile go by actor calls); ``wait``: at
         open, so that the first query finds it ready."""
-        if not self.compiled or self._graph is not None or self._graph_work.is_alive():
+        if self.health.down or not self.compiled:
+            return
+        if self._graph is not None or self._graph_work.is_alive():
             return
         self._graph_work = threading.Thread(
             target=self._compile, name="fol-map-compile", daemon=True
@@ -199,7 +222,7 @@ class RayShardSet(ShardSet):
             log.warning(
                 "map %s: no Ray compiled graph (%s); shards answer by one actor call each",
                 self.folder,
-                _first_line(exc),
+                first_line(exc),
             )
 
     def _drop_graph(self, reason: str) -> None:
@@ -234,34 +257,39 @@ class RayShardSet(ShardSet):
         except ray.exceptions.RayChannelTimeoutError:
             self._drop_graph(f"no answer within {self.timeout_s:g} s")
         except ray.exceptions.RayError as exc:  # an actor died, a channel broke
-            self._drop_graph(_first_line(exc))
+            self._drop_graph(first_line(exc))
         return None
 
     def _fan_out(
         self, method: str, args: list[tuple[Any, ...] | None], allow_partial: bool
     ) -> tuple[list[Any], list[str]]:
         """Call `method` on every shard whose args are not None, in parallel: through the
-        compiled graph, else one actor call per shard (`_calls_fan_out`)."""
-        start = time.perf_counter()
-        answers = self._graph_fan_out(method, args)
-        compiled = answers is not None
-        if answers is None:
-            answers, missing = self._calls_fan_out(method, args, allow_partial)
-        else:
-            missing = []
-        results = [None if a is None else a[0] for a in answers]
-        busy = max((a[1] for a in answers if a is not None), default=0.0)
-        self.last_fan_out = FanOut(time.perf_counter() - start, busy, compiled)
+        compiled graph, else one actor call per shard (`_calls_fan_out`). One fan-out at a
+        time: the graph's channels carry one execution, and a retry replaces actors."""
+        self.check_open()
+        with self._fan_out_lock:
+            start = time.perf_counter()
+            answers = self._graph_fan_out(method, args)
+            compiled = answers is not None
+            if answers is None:
+                answers, missing = self._calls_fan_out(method, args, allow_partial)
+            else:
+                missing = []
+            results = [None if a is None else a[0] for a in answers]
+            busy = max((a[1] for a in answers if a is not None), default=0.0)
+            self.last_fan_out = FanOut(time.perf_counter() - start, busy, compiled)
         return results, missing
 
     def _calls_fan_out(
         self, method: str, args: list[tuple[Any, ...] | None], allow_partial: bool
     ) -> tuple[list[Any], list[str]]:
         """One actor call per shard, with one retry on a fresh actor for the shards that
-        failed or gave no answer in time."""
+        failed or gave no answer in time; a shard down a short while is not waited for by a
+        partial answer (`ShardHealth`)."""
         results: list[Any] = [None] * len(args)
-        todo = [i for i, a in enumerate(args) if a is not None]
-        reasons: dict[int, str] = {}
+        needed = [i for i, a in enumerate(args) if a is not None]
+        todo = [i for i in needed if self.health.worth_trying(i, allow_partial)]
+        reasons: dict[int, Why] = {}
         for _attempt in range(2):
             if not todo:
                 break
@@ -279,26 +307,35 @@ class RayShardSet(ShardSet):
                 try:
                     results[i] = self._ray.get(ref)
                 except self._ray.exceptions.RayTaskError as exc:
-                    if isinstance(exc.cause, FolInferError):
-                        raise exc.cause from None
-                    raise
+                    cause = exc.cause
+                    if isinstance(cause, ShardMismatchError) or not isinstance(cause, SHARD_DOWN):
+                        if isinstance(cause, FolInferError):
+                            raise cause from None
+                        raise
+                    reasons[i] = cause if isinstance(cause, FolInferError) else first_line(cause)
+                    failed.append(i)
                 except self._ray.exceptions.RayActorError as exc:
-                    reasons[i] = _first_line(exc)
+                    reasons[i] = first_line(exc)
                     failed.append(i)
             for i in failed:  # start afresh on the retry
                 self._ray.kill(self._actors[i], no_restart=True)
                 self._actors[i] = None
             todo = failed
-        missing = [self.entries[i].name for i in todo]
-        if todo and not allow_partial:
-            i = todo[0]
-            raise ShardUnavailableError(
-                f"{self.entries[i].describe()} of map {self.folder} is down: {reasons[i]} "
-                "(tried twice); bring it back or query with --allow-partial"
-            )
-        answered = {i for i, a in enumerate(args) if a is not None} - set(todo)
-        self._down = (self._down | set(todo)) - answered
-        if not self._down and method != "paths":
+        for i in needed:
+            if results[i] is not None:
+                self.health.mark_up(i)
+            elif i in reasons:
+                why = reasons[i]
+                self.health.mark_down(
+                    i, why if isinstance(why, FolInferError) else f"{why} (tried twice)"
+                )
+        missing = self.health.check(needed, allow_partial)
+        if method == "paths":
+            for i in needed:
+                if results[i] is not None:
+                    entry = self.entries[i]
+                    self.paths[entry.offset : entry.offset + entry.images] = results[i][0]
+        elif not self.health.down:
             self._start_graph(wait=False)  # every shard answers again: back to the graph
         return results, missing
 
@@ -324,6 +361,7 @@ class RayShardSet(ShardSet):
         return counts, missing
 
     def close(self) -> None:
+        self.closed = True
         self.compiled = False  # no new graph from here on
         if self._graph is not None and not self._graph_work.is_alive():
             self._graph.teardown()
@@ -340,8 +378,3 @@ class RayShardSet(ShardSet):
         if self.owns_cluster and self._ray.is_initialized():
             self._ray.shutdown()
             self.owns_cluster = False
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

@@ -11,9 +11,12 @@ Layout of INDEX_DIR:
 Commit order per batch: descriptors, tokens (int8 then float32), then ``index.json``, whose
 image count is the commit point. After a crash, or while a writer is between commits, the
 stores may hold a batch more than the metadata: a writer resuming cuts them back to it, a
-reader leaves the extra rows unread. A new build is marked incomplete until its last batch, so
-an interrupted build is never served; re-running the same command resumes it. Appending keeps
-the index servable after every batch. Every write happens under the index's writer lock
+reader leaves the extra rows unread. A new build writes ``index.json`` (incomplete, no image)
+before its first store, so a folder it was killed in is recognised as its own; it is marked
+incomplete until its last batch, so an interrupted build is never served, and re-running the
+same command resumes it (from scratch while no image is committed). ``--force`` builds in
+``<index>.rebuild``, which the same command resumes, and swaps it in at the end. Appending
+keeps the index servable after every batch. Every write happens under the index's writer lock
 (`fol_infer.index.lock`); `--force` replaces only an index (`fol_infer.ownership`); a build
 that fails before its first commit leaves nothing behind.
 """
@@ -33,11 +36,11 @@ from fol_infer.backends.base import Encoder
 from fol_infer.bundle import Bundle
 from fol_infer.choices import FaissDevice, IndexMode, StoreDtype, TokenFormat, VerifyLevel
 from fol_infer.errors import IndexStoreError, UsageError
-from fol_infer.fileio import replace_folder
+from fol_infer.fileio import holds_only_leftovers, remove_leftovers, replace_folder
 from fol_infer.images import find_images
 from fol_infer.index.global_index import GlobalIndex
 from fol_infer.index.lock import WriterLock
-from fol_infer.index.metadata import IndexMetadata
+from fol_infer.index.metadata import IndexMetadata, repair_command
 from fol_infer.index.token_store import TokenStore
 from fol_infer.loader import iter_batches
 from fol_infer.ownership import check_replaceable, occupied
@@ -88,13 +91,13 @@ def _stores_match(meta: IndexMetadata, stores: list[TokenStore], writer: bool) -
         if len(store) < n:
             raise IndexStoreError(
                 f"{store.path} holds {len(store)} images but {METADATA} lists {n}: the index "
-                f"is damaged; rebuild it: {meta.rebuild_command(store.path.parent)}"
+                f"is damaged; repair it: {repair_command(store.path.parent)}"
             )
         if len(store) > n:
             store.truncate(n) if writer else store.limit(n)
 
 
-def _token_layout(fmt: TokenFormat | str) -> list[tuple[str, StoreDtype]]:
+def token_layout(fmt: TokenFormat | str) -> list[tuple[str, StoreDtype]]:
     """(folder, dtype) of each token store of a format: the scored one first."""
     fmt = TokenFormat.parse(fmt, "token format")
     if fmt == TokenFormat.INT8_EXACT:
@@ -108,9 +111,9 @@ def _open_stores(
     """The descriptor store, then the token stores, at the metadata's commit point; when one
     is refused, none is left open."""
     stores: list[TokenStore] = []
-    repair = meta.rebuild_command(folder)
+    repair = repair_command(folder)
     try:
-        for name in [DESCRIPTORS, *(name for name, _ in _token_layout(fmt))]:
+        for name in [DESCRIPTORS, *(name for name, _ in token_layout(fmt))]:
             stores.append(TokenStore.open(folder / name, verify=verify, repair=repair))
         _stores_match(meta, stores, writer)
     except BaseException:
@@ -153,12 +156,13 @@ def build_index(
     """Encode every image under `db_folder` into the index at `out` (see module doc), holding
     the index's writer lock throughout (`wait`: wait for another writer instead of refusing)."""
     settings = settings or BuildSettings()
-    out, root = Path(out), Path(db_folder).resolve()
+    out, root = Path(os.path.abspath(out)), Path(db_folder).resolve()
     files = find_images([root])
     if not files:
         raise UsageError(f"no images found under {db_folder} (looked for jpg, png, ...)")
     with WriterLock(out, wait=wait, notice=notice):
-        work = _output_folder(out, mode, {"database folder": root, "bundle": bundle.folder})
+        inputs = {"database folder": root, "bundle": bundle.folder}
+        work = _output_folder(out, mode, inputs, bundle, settings, root)
         existed = work.exists()
         meta, stores = _open_or_create(work, bundle, root, settings)
         try:
@@ -207,7 +211,7 @@ def seal_index(work: Path, empty: GlobalIndex | None = None) -> None:
     and mark the index complete, under its writer lock."""
     with WriterLock(work):
         meta = IndexMetadata.load(work / METADATA)
-        repair = meta.rebuild_command(work)
+        repair = repair_command(work)
         descriptors = TokenStore.open(work / DESCRIPTORS, verify="cached", repair=repair)
         try:
             _stores_match(meta, [descriptors], True)
@@ -221,7 +225,14 @@ def seal_index(work: Path, empty: GlobalIndex | None = None) -> None:
         meta.save(work / METADATA)
 
 
-def _output_folder(out: Path, mode: IndexMode, inputs: dict[str, Path]) -> Path:
+def _output_folder(
+    out: Path,
+    mode: IndexMode,
+    inputs: dict[str, Path],
+    bundle: Bundle,
+    settings: BuildSettings,
+    root: Path,
+) -> Path:
     """The folder to write into (a sibling for --force), after refusing what the mode may
     not touch (`fol_infer.ownership`)."""
     if mode == "append":
@@ -230,31 +241,53 @@ def _output_folder(out: Path, mode: IndexMode, inputs: dict[str, Path]) -> Path:
         return out
     if mode == "force":
         check_replaceable(out, "index", inputs)
-        if not out.exists():
-            return out
         work = out.with_name(out.name + REBUILD_SUFFIX)
         check_replaceable(work, "index", inputs)  # an interrupted --force's, or nothing
-        shutil.rmtree(work, ignore_errors=True)
-        return work
+        if not work.exists() and not out.exists():
+            return out
+        if not _same_build(work, bundle, settings, root):
+            shutil.rmtree(work, ignore_errors=True)
+        return work  # resumed, or begun afresh; swapped in when complete
     if _is_index(out):
         if IndexMetadata.load(out / METADATA).settings.get("complete", False):
             raise UsageError(
                 f"{out} already holds an index: pass --append to add images or --force to rebuild"
             )
         return out  # an interrupted build: resume it
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if out.exists() and (not out.is_dir() or not holds_only_leftovers(out)):
         raise UsageError(occupied(out, "index"))
     return out
+
+
+def _same_build(work: Path, bundle: Bundle, settings: BuildSettings, root: Path) -> bool:
+    """Whether `work` is an index begun from this database by this bundle with these
+    settings (an interrupted --force of the same command, which resumes it)."""
+    if not _is_index(work):
+        return False
+    try:
+        meta = IndexMetadata.load(work / METADATA)
+        meta.check_bundle(bundle.manifest.fingerprint)
+        _check_settings(meta, settings, work)
+    except UsageError:  # IndexStoreError included
+        return False
+    return meta.root == str(root)
 
 
 def _open_or_create(
     work: Path, bundle: Bundle, root: Path, settings: BuildSettings
 ) -> tuple[IndexMetadata, list[TokenStore]]:
-    """The metadata and stores (descriptors first) of an index to extend, or of a new one."""
+    """The metadata and stores (descriptors first) of an index to extend, or of a new one.
+    ``index.json`` comes first, so a build killed while it makes its stores left a folder
+    that says it is an index with nothing committed: its stores are made again. What killed
+    writes left in the folder is swept first (the caller holds the writer lock)."""
+    for folder in (work, *(work / name for name in (DESCRIPTORS, TOKENS, EXACT_TOKENS))):
+        remove_leftovers(folder)
     if _is_index(work):
         meta = IndexMetadata.load(work / METADATA)
         meta.check_bundle(bundle.manifest.fingerprint, str(bundle.folder))
         _check_settings(meta, settings, work)
+        if not meta.paths and not meta.settings.get("complete", False):
+            return meta, _fresh_stores(work, bundle, settings)
         return meta, _open_stores(work, settings.tokens, meta, "cached", writer=True)
     work.mkdir(parents=True, exist_ok=True)
     meta = IndexMetadata(
@@ -263,17 +296,26 @@ def _open_or_create(
         bundle_name=str(bundle.folder),
         settings=settings.to_dict() | {"resolution": list(bundle.resolution), "complete": False},
     )
-    manifest = bundle.manifest  # store widths as the graphs were exported
-    stores = [TokenStore.create(work / DESCRIPTORS, dtype="fp32", dim=manifest.descriptor_dim)]
+    meta.save(work / METADATA)
+    return meta, _fresh_stores(work, bundle, settings)
+
+
+def _fresh_stores(work: Path, bundle: Bundle, settings: BuildSettings) -> list[TokenStore]:
+    """Empty stores (descriptors first) in place of whatever an earlier build of this
+    uncommitted index left of them; widths as the bundle's graphs were exported."""
+    manifest = bundle.manifest
+    layout = [(DESCRIPTORS, "fp32", manifest.descriptor_dim)]
+    layout += [(name, dtype, manifest.token_dim) for name, dtype in token_layout(settings.tokens)]
+    stores: list[TokenStore] = []
     try:
-        for name, dtype in _token_layout(settings.tokens):
-            stores.append(TokenStore.create(work / name, dtype=dtype, dim=manifest.token_dim))
-        meta.save(work / METADATA)
+        for name, dtype, dim in layout:
+            TokenStore.remove(work / name)
+            stores.append(TokenStore.create(work / name, dtype=dtype, dim=dim))  # type: ignore[arg-type]
     except BaseException:
         for store in stores:
             store.close()
         raise
-    return meta, stores
+    return stores
 
 
 def _to_encode(files: list[Path], meta: IndexMetadata, report: BuildReport) -> list[Path]:
@@ -356,12 +398,10 @@ def _discard(work: Path, existed: bool) -> None:
     if not existed:
         shutil.rmtree(work, ignore_errors=True)
         return
-    for name in (METADATA, DESCRIPTORS, TOKENS, EXACT_TOKENS, FAISS_FILE):
-        path = work / name
-        if path.is_dir():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            path.unlink(missing_ok=True)
+    for name in (DESCRIPTORS, TOKENS, EXACT_TOKENS):
+        TokenStore.remove(work / name)
+    for name in (METADATA, FAISS_FILE):
+        (work / name).unlink(missing_ok=True)
 
 
 def recorded_bundle(index_dir: str | Path) -> Path:
@@ -394,9 +434,12 @@ class Database:
         bundle: Bundle | None = None,
         device: FaissDevice = "auto",
         verify: VerifyLevel = "cached",
+        meta: IndexMetadata | None = None,
     ) -> None:
+        """``meta``: the folder's metadata where the caller has just read it (a map's shard,
+        checked against the map first)."""
         self.folder = Path(folder)
-        if not _is_index(self.folder):
+        if meta is None and not _is_index(self.folder):
             if self.folder.with_name(self.folder.name + REBUILD_SUFFIX).is_dir():
                 raise IndexStoreError(
                     f"{self.folder}: a --force rebuild was interrupted; re-run it"
@@ -404,7 +447,7 @@ class Database:
             raise IndexStoreError(
                 f"{self.folder} is not an index (no {METADATA}): build it with fol-infer index"
             )
-        self.meta = IndexMetadata.load(self.folder / METADATA)
+        self.meta = meta or IndexMetadata.load(self.folder / METADATA)
         if not self.meta.settings.get("complete", False):
             raise IndexStoreError(
                 f"{self.folder}: the build was interrupted after {len(self.meta.paths)} images; "
@@ -434,10 +477,7 @@ class Database:
     ) -> GlobalIndex:
         """The saved FAISS index, caught up with descriptors appended since it was saved."""
         path, n = self.folder / FAISS_FILE, len(self.meta.paths)
-        repair = (
-            f"{self.meta.rebuild_command(self.folder, append=True)} (rebuilds it from the "
-            "stored descriptors, encoding only new images)"
-        )
+        repair = f"{repair_command(self.folder)} (rebuilds it from the stored descriptors)"
         index = None
         if path.is_file():
             index = GlobalIndex.open(path, verify=verify, device=device, repair=repair)

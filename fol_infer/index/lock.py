@@ -8,14 +8,17 @@ rename, and the operating system releases it on every exit, kill -9 included. A 
 is refused at once, naming the index and the process holding it, or, with ``wait``, waits
 for it. The lock file holds the holder's pid and command line for that message; the holder
 removes it before letting go, and a writer that finds it locked a file since removed locks
-the new one instead (so a lock file never outlives its writer but after a kill). Readers
-take no lock: they read only what ``index.json`` has committed.
+the new one instead (so a lock file never outlives its writer but after a kill). The thread
+that holds a lock may take it again (a repair that rebuilds a FAISS file it checked under
+the lock); another thread of the same process is a second writer. Readers take no lock:
+they read only what ``index.json`` has committed.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
@@ -39,6 +42,10 @@ def lock_path(index: Path) -> Path:
     return index.parent / f".{index.name}.lock"
 
 
+_HELD: dict[str, tuple[int, int]] = {}  # lock file -> (holding thread, depth) in this process
+_HELD_LOCK = threading.Lock()
+
+
 class WriterLock:
     """``with WriterLock(index_folder, wait=False):`` holds the index's writer lock."""
 
@@ -50,8 +57,16 @@ class WriterLock:
         self.wait = wait
         self.notice = notice
         self._file: IO[bytes] | None = None
+        self._key = os.path.abspath(self.path)
+        self._nested = False
 
     def __enter__(self) -> WriterLock:
+        with _HELD_LOCK:
+            holder, depth = _HELD.get(self._key, (None, 0))
+            if holder == threading.get_ident():
+                _HELD[self._key] = (holder, depth + 1)
+                self._nested = True
+                return self
         if fcntl is None:
             return self
         while self._file is None:
@@ -69,6 +84,8 @@ class WriterLock:
         self._file.truncate()
         self._file.write(f"pid {os.getpid()}: {' '.join(sys.argv)}\n".encode(errors="replace"))
         self._file.flush()
+        with _HELD_LOCK:
+            _HELD[self._key] = (threading.get_ident(), 1)
         return self
 
     def _open(self) -> IO[bytes]:
@@ -103,6 +120,13 @@ class WriterLock:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        with _HELD_LOCK:
+            holder, depth = _HELD.get(self._key, (None, 0))
+            if self._nested:
+                _HELD[self._key] = (holder, depth - 1)  # type: ignore[assignment]
+                self._nested = False
+                return
+            _HELD.pop(self._key, None)
         f, self._file = self._file, None
         if f is None:
             return

@@ -11,6 +11,7 @@ descriptors to a copy of it. The ``complete`` mark is written last, with the glo
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -23,7 +24,7 @@ import numpy as np
 from fol_infer.backends.base import Encoder
 from fol_infer.bundle import Bundle
 from fol_infer.errors import UsageError
-from fol_infer.fileio import replace_folder
+from fol_infer.fileio import holds_only_leftovers, remove_leftovers, replace_folder
 from fol_infer.images import find_images
 from fol_infer.index.database import (
     DESCRIPTORS,
@@ -149,19 +150,22 @@ def build_map(
     """Build (or resume, or extend with `shards` new shards, default 1) the map at `out`,
     holding the map's writer lock throughout (each shard job also takes its shard's)."""
     settings = settings or BuildSettings()
-    out, root, start = Path(out), Path(db_folder).resolve(), time.perf_counter()
+    out, root, start = Path(os.path.abspath(out)), Path(db_folder).resolve(), time.perf_counter()
     files = find_images([root])
     if not files:
         raise UsageError(f"no images found under {db_folder} (looked for jpg, png, ...)")
     with WriterLock(out, wait=wait, notice=notice):
         work, manifest = _prepare(bundle, out, root, settings, mode)
         before = manifest.images if manifest.pending_from else 0
-        todo = _plan(manifest, files, shards, settings.batch, out)
-        if not todo:  # an append that finds nothing new: the map is left as it was
-            return MapReport(out, 0, manifest.images, manifest.pending_from or 0)
-        manifest.save(work)
-        _run_jobs(bundle, work, manifest, todo, runner, settings, progress)
-        failures = _finish(work, manifest)
+        todo = {} if manifest.complete else _plan(manifest, files, shards, settings.batch, work)
+        if todo:
+            work.mkdir(parents=True, exist_ok=True)  # only now: a refused plan leaves nothing
+            remove_leftovers(work)
+            manifest.save(work)
+            _run_jobs(bundle, work, manifest, todo, runner, settings, progress)
+        elif work == out:  # an append that finds nothing new: the map is left as it was
+            return MapReport(out, 0, manifest.images, len(manifest.shards))
+        failures = _finish(work, manifest)  # (again, for a --force killed before its swap)
         if work != out:
             replace_folder(work, out)
     added = manifest.images - before
@@ -199,7 +203,7 @@ def _run_jobs(
     ]
     runner.run(jobs, progress)
     if not one_pass:
-        _train_quantizer(work, manifest, settings.factory, dim).save(quantizer)
+        train_quantizer(work, manifest, settings.factory, dim).save(quantizer)
         seal = [
             ShardJob(j.bundle, j.root, j.folder, settings, quantizer=str(quantizer)) for j in jobs
         ]
@@ -209,7 +213,10 @@ def _run_jobs(
 def _prepare(
     bundle: Bundle, out: Path, root: Path, settings: BuildSettings, mode: MapMode
 ) -> tuple[Path, MapManifest]:
-    """The folder to build in and its manifest: new, being resumed, or being appended to."""
+    """The folder to build in and its manifest: new, being resumed, or being appended to
+    (the folder itself is made once the shards are planned). ``--force`` builds in
+    ``<map>.rebuild``, resuming one an interrupted ``--force`` left with the same bundle and
+    settings; a complete manifest is returned only for such a rebuild, whose swap is left."""
     if (out / METADATA).is_file():
         raise UsageError(f"{out} holds a single index, not a map: choose another --out")
     if mode == "append" and not is_map(out):
@@ -218,14 +225,15 @@ def _prepare(
     if mode == "force":
         inputs = {"database folder": root, "bundle": bundle.folder}
         check_replaceable(out, "map", inputs)
-        if out.exists():
-            work = out.with_name(out.name + REBUILD_SUFFIX)
-            check_replaceable(work, "map", inputs)  # an interrupted --force's, or nothing
-            shutil.rmtree(work, ignore_errors=True)
-    elif out.exists() and not is_map(out) and (not out.is_dir() or any(out.iterdir())):
+        rebuild = out.with_name(out.name + REBUILD_SUFFIX)
+        check_replaceable(rebuild, "map", inputs)  # an interrupted --force's, or nothing
+        if out.exists() or rebuild.exists():
+            work = rebuild
+            if not _same_map_build(rebuild, bundle, settings, root):
+                shutil.rmtree(rebuild, ignore_errors=True)
+    elif out.exists() and not is_map(out) and (not out.is_dir() or not holds_only_leftovers(out)):
         raise UsageError(occupied(out, "map"))
     if not is_map(work):
-        work.mkdir(parents=True, exist_ok=True)
         dim = bundle.manifest.descriptor_dim
         probe = GlobalIndex.create(dim, settings.factory, device="cpu")
         manifest = MapManifest(
@@ -238,12 +246,7 @@ def _prepare(
         return work, manifest
     manifest = MapManifest.load(work)
     manifest.check_bundle(bundle.manifest.fingerprint, str(bundle.folder))
-    for key in ("factory", "tokens"):
-        if manifest.settings.get(key) != getattr(settings, key):
-            raise UsageError(
-                f"{work} was built with {key}={manifest.settings.get(key)!r}, not "
-                f"{getattr(settings, key)!r}: use the same settings, or --force to rebuild"
-            )
+    _check_map_settings(manifest, settings, work)
     if manifest.complete and mode == "new":
         raise UsageError(f"{out} already holds a map: pass --append to add images or --force")
     if not manifest.complete and mode == "append" and manifest.pending_from == 0:
@@ -251,9 +254,32 @@ def _prepare(
             f"--append: {out} is not complete (its first build was interrupted): re-run the "
             "same fol-infer index command without --append to finish it, then append"
         )
-    if manifest.complete:  # an append starts here
+    if manifest.complete and mode == "append":  # an append starts here
         manifest.pending_from, manifest.complete = len(manifest.shards), False
     return work, manifest
+
+
+def _check_map_settings(manifest: MapManifest, settings: BuildSettings, work: Path) -> None:
+    for key in ("factory", "tokens"):
+        if manifest.settings.get(key) != getattr(settings, key):
+            raise UsageError(
+                f"{work} was built with {key}={manifest.settings.get(key)!r}, not "
+                f"{getattr(settings, key)!r}: use the same settings, or --force to rebuild"
+            )
+
+
+def _same_map_build(work: Path, bundle: Bundle, settings: BuildSettings, root: Path) -> bool:
+    """Whether `work` is a map begun from this database by this bundle with these settings
+    (an interrupted --force of the same command, which resumes it)."""
+    if not is_map(work):
+        return False
+    try:
+        manifest = MapManifest.load(work)
+        manifest.check_bundle(bundle.manifest.fingerprint)
+        _check_map_settings(manifest, settings, work)
+    except UsageError:
+        return False
+    return manifest.root == str(root)
 
 
 def _plan(
@@ -293,7 +319,7 @@ def _plan(
     return {first + i: [new[j] for j in r] for i, r in enumerate(ranges)}
 
 
-def _train_quantizer(work: Path, manifest: MapManifest, factory: str, dim: int) -> GlobalIndex:
+def train_quantizer(work: Path, manifest: MapManifest, factory: str, dim: int) -> GlobalIndex:
     """Train on descriptors in global order, in the chunks a single index adds them in."""
     index = GlobalIndex.create(dim, factory, device="cpu")
     buffered: list[np.ndarray] = []

@@ -53,18 +53,18 @@ def write_json_atomic(path: Path | str, obj: Any, doing: str) -> None:
         raise store_error(exc, doing, path) from exc
 
 
-def read_json(path: Path | str, what: str) -> dict[str, Any]:
-    """Read a JSON object, naming the file and what to do when it is missing or unreadable."""
+def read_json(path: Path | str, what: str, repair: str | None = None) -> dict[str, Any]:
+    """Read a JSON object, naming the file and what to do when it is missing or unreadable
+    (`repair`: the command that repairs it, where one does)."""
+    todo = f"repair: {repair}" if repair else f"rebuild the {what}"
     try:
         obj = json.loads(Path(path).read_text())
     except FileNotFoundError:
-        raise IndexStoreError(
-            f"{path} is missing: this is not a complete {what}; rebuild it"
-        ) from None
+        raise IndexStoreError(f"{path} is missing: this is not a complete {what}; {todo}") from None
     except (OSError, ValueError) as exc:
-        raise IndexStoreError(f"{path} is unreadable ({exc}): rebuild the {what}") from None
+        raise IndexStoreError(f"{path} is unreadable ({exc}): {todo}") from None
     if not isinstance(obj, dict):
-        raise IndexStoreError(f"{path} is not a {what} record: rebuild the {what}")
+        raise IndexStoreError(f"{path} is not a {what} record: {todo}")
     return obj
 
 
@@ -75,6 +75,12 @@ def check_schema(found: object, expected: int, path: Path | str, what: str) -> N
             f"{path} is a {what} of schema version {found}, this fol-infer "
             f"({__version__}) reads version {expected}: rebuild the {what} with this version"
         )
+
+
+def repair_command(folder: Path | str) -> str:
+    """The command that repairs an index, or a map's shard in place (`fol-infer repair`):
+    derived files are rebuilt from the stored descriptors, damaged stores re-encoded."""
+    return shlex.join(["fol-infer", "repair", os.fsdecode(os.path.abspath(folder))])
 
 
 def check_bundle(built_sha256: str, built_name: str, sha256: str, name: str, what: str) -> None:
@@ -134,14 +140,6 @@ class IndexMetadata:
         self.failures = [f for f in self.failures if f[0] != name]
         self.failure_stamps.pop(name, None)
 
-    def rebuild_command(self, folder: Path | str, append: bool = False) -> str:
-        """The command that rebuilds this index (``--force``: re-encodes every image) or, with
-        `append`, rebuilds only what derives from the stored descriptors (global.faiss)."""
-        tokens, factory = self.settings.get("tokens", "fp16"), self.settings.get("factory", "Flat")
-        words = ["fol-infer", "index", self.bundle_name or "BUNDLE", self.root, "--out", folder]
-        words += ["--append" if append else "--force", "--tokens", tokens, "--faiss", factory]
-        return " ".join(shlex.quote(os.fsdecode(w)) for w in words)
-
     def check_bundle(self, sha256: str, name: str = "") -> None:
         """Refuse to serve an index with a bundle other than the one that built it."""
         check_bundle(self.bundle_sha256, self.bundle_name, sha256, name, "index")
@@ -163,10 +161,13 @@ class IndexMetadata:
         write_json_atomic(path, obj, "saving index metadata to")
 
     @classmethod
-    def load(cls, path: Path | str) -> IndexMetadata:
-        obj = read_json(path, "index metadata")
+    def load(cls, path: Path | str, repair: str | None = None) -> IndexMetadata:
+        """Read ``index.json``; `repair`: the command that rebuilds it (a map's shard has
+        one), else the message says to rebuild the index."""
+        todo = f"repair: {repair}" if repair else "rebuild the index"
+        obj = read_json(path, "index metadata", repair)
         if obj.get("format") != FORMAT:
-            raise IndexStoreError(f"{path} is not fol-infer index metadata: rebuild the index")
+            raise IndexStoreError(f"{path} is not fol-infer index metadata: {todo}")
         check_schema(obj.get("schema_version"), SCHEMA_VERSION, path, "index metadata")
         try:
             return cls(
@@ -184,4 +185,4 @@ class IndexMetadata:
                 schema_version=int(obj["schema_version"]),
             )
         except (KeyError, TypeError, ValueError) as exc:
-            raise IndexStoreError(f"{path} is damaged ({exc!r}): rebuild the index") from None
+            raise IndexStoreError(f"{path} is damaged ({exc!r}): {todo}") from None

@@ -43,6 +43,7 @@ the image and file otherwise (`repair` says what rebuilds the store).
 
 from __future__ import annotations
 
+import glob
 import os
 import shutil
 import struct
@@ -152,36 +153,47 @@ class TokenStore:
         fsync_dir(path.parent)
         return cls.open(path)
 
+    @staticmethod
+    def remove(path: Path | str) -> None:
+        """Delete the store at `path` and what killed `create` calls left beside it (their
+        temporary folders), so that a store can be made there again."""
+        path = Path(path)
+        for leftover in path.parent.glob(f".{glob.escape(path.name)}.tmp-*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+        shutil.rmtree(path, ignore_errors=True)
+
     @classmethod
     def open(
-        cls, path: Path | str, verify: VerifyLevel = "cached", repair: str = "rebuild it"
+        cls, path: Path | str, verify: VerifyLevel = "cached", repair: str = "rebuild the store"
     ) -> TokenStore:
         """Open the last commit; refuse a store that is damaged or of another schema."""
         path = Path(path)
         check_level(verify)
-        rec = read_json(path / COMMIT, "token store")
+        rec = read_json(path / COMMIT, "token store", repair)
         if rec.get("format") != FORMAT:
-            raise IndexStoreError(f"{path / COMMIT} is not a token store record: rebuild it")
+            raise IndexStoreError(f"{path / COMMIT} is not a token store record; repair: {repair}")
         check_schema(rec.get("schema_version"), SCHEMA_VERSION, path, "token store")
         if rec.get("dtype") not in _STORED:
-            raise IndexStoreError(f"{path / COMMIT} names unknown dtype {rec.get('dtype')!r}")
+            raise IndexStoreError(
+                f"{path / COMMIT} names unknown dtype {rec.get('dtype')!r}; repair: {repair}"
+            )
         sizes = _sizes(rec)
         for name, size in sizes.items():
             have = os.path.getsize(path / name) if (path / name).exists() else -1
             if have < size:
                 raise IndexStoreError(
                     f"{path / name} has {max(have, 0)} bytes but the commit record says "
-                    f"{size}: the token store is damaged; rebuild it"
+                    f"{size}: the token store is damaged; repair: {repair}"
                 )
         segments = _read(path / SEGMENTS, sizes[SEGMENTS])
         if zlib.crc32(segments) != rec["segments_crc32"]:
-            raise IndexStoreError(f"{path / SEGMENTS} fails its checksum: rebuild the token store")
+            raise DamagedFileError(path / SEGMENTS, "it fails its checksum", repair)
         ends = np.frombuffer(_read(path / ENDS, sizes[ENDS]), np.int64).copy()
         last = _SEGMENT.unpack_from(segments, len(segments) - _SEGMENT.size) if segments else (0, 0)
         if (last[0], last[1]) != (rec["images"], rec["tokens"]) or (
             len(ends) and (ends[-1] != rec["tokens"] or np.any(np.diff(ends, prepend=0) < 0))
         ):
-            raise IndexStoreError(f"{path / ENDS} disagrees with {path / COMMIT}: rebuild it")
+            raise DamagedFileError(path / ENDS, f"it disagrees with {COMMIT}", repair)
         if verify != "sizes":
             _verify_segments(path, rec, segments, repair, ends_only=verify == "cached")
         return cls(path, rec, ends, repair)
