@@ -1,6 +1,7 @@
 """Cost of the integrity checks at open: a ViT-B/14 bundle at 322 and a 10,000-image index.
 
-    python benchmarks/integrity_open.py [--images 10000] [--repeats 5] [--json OUT]
+    python benchmarks/integrity_open.py [--images 10000] [--map-images 1000000]
+        [--map-shards 16] [--repeats 5] [--json OUT]
 
 Bundle: the bench's UNTRAINED seeded ViT-B/14 at 322 (made and exported once into
 ``$FOL_INFER_CACHE``, else ``~/.cache/fol-infer``, as ``fol-infer bench`` does). Index: built
@@ -22,6 +23,12 @@ median of `--repeats` rounds), with the verification cache in a temporary folder
 Files are in the OS page cache throughout (they were just written or read), so "cold" is the
 cost of hashing, not of the disk. For scale, the bundle rows also give the time to create the
 ONNX Runtime sessions, which every real open pays.
+
+Map: what opening a map checks on top of opening its shards, against what reading the shards'
+``index.json`` (which every open does) costs: `--map-images` names like a city dataset's
+(``@east@north@`` names in per-area folders) in `--map-shards` shard records, the map's
+consistency (`MapManifest.check_consistent`) and each shard's record against its entry
+(`ShardEntry.mismatch`: counts, root, first and last file).
 """
 
 from __future__ import annotations
@@ -44,6 +51,7 @@ from fol_infer.bundle import Bundle
 from fol_infer.index.database import DESCRIPTORS, FAISS_FILE, METADATA, TOKENS, Database
 from fol_infer.index.global_index import GlobalIndex
 from fol_infer.index.metadata import IndexMetadata
+from fol_infer.index.shards import MapManifest, ShardEntry, name_key, shard_name
 from fol_infer.index.token_store import TokenStore
 from fol_infer.integrity import CACHE_FILE
 from fol_infer.model.arch import GLOBAL_DIM
@@ -131,6 +139,50 @@ def session_ms(bundle: Bundle) -> float:
     return (time.perf_counter() - start) * 1e3
 
 
+def synthetic_map(folder: Path, images: int, shards: int) -> MapManifest:
+    """Shard records (``index.json`` only: the map checks read nothing else) and their map
+    manifest, as a build of `images` images in `shards` shards writes them."""
+    names = [f"area{i // 1000:04d}/@{500000 + i}.00@{4100000 + i}.00@img{i:07d}.jpg"
+             for i in range(images)]  # fmt: skip
+    names.sort(key=name_key)
+    manifest = MapManifest("/data/city", "0" * 64, "bundle", {"tokens": "fp16"})
+    offset = 0
+    for i, part in enumerate(np.array_split(np.arange(images), shards)):
+        held = [names[j] for j in part]
+        entry = ShardEntry(shard_name(i), len(held), held[0], held[-1], len(held), offset)
+        manifest.shards.append(entry)
+        (folder / entry.name).mkdir(parents=True)
+        IndexMetadata(manifest.root, "0" * 64, paths=held).save(folder / entry.name / METADATA)
+        offset += len(held)
+    manifest.complete = True
+    return manifest
+
+
+def map_checks(folder: Path, images: int, shards: int, repeats: int) -> dict:  # type: ignore[type-arg]
+    """Median ms to read every shard's index.json and to run the map checks on them."""
+    manifest = synthetic_map(folder, images, shards)
+    metas: list[IndexMetadata] = []
+
+    def read() -> None:
+        metas[:] = [IndexMetadata.load(folder / e.name / METADATA) for e in manifest.shards]
+
+    def check() -> None:
+        manifest.check_consistent(folder)
+        assert all(e.mismatch(m, manifest.root) is None for e, m in zip(manifest.shards, metas))
+
+    read()
+    ms = {"read index.json": [], "map checks": []}  # type: ignore[var-annotated]
+    for _ in range(repeats):
+        ms["read index.json"].append(elapsed_ms(read))
+        ms["map checks"].append(elapsed_ms(check))
+    out = {k: statistics.median(v) for k, v in ms.items()}
+    ratio = out["map checks"] / out["read index.json"]
+    print(f"\n{images}-image map in {shards} shards: reading every shard's index.json "
+          f"{out['read index.json']:.0f} ms, the map checks {out['map checks']:.0f} ms "
+          f"({ratio:.2f}x the read)")  # fmt: skip
+    return {"ms": out, "checks_over_read": ratio, "images": images, "shards": shards}
+
+
 def report(name: str, ms: dict[str, float], size_mb: float, extra: float = 0.0) -> dict:  # type: ignore[type-arg]
     """Print and return the figures; `extra` (ms) is what every open pays besides (the ONNX
     Runtime sessions of a bundle), added to both sides of the second ratio."""
@@ -152,6 +204,8 @@ def report(name: str, ms: dict[str, float], size_mb: float, extra: float = 0.0) 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--images", type=int, default=10_000)
+    parser.add_argument("--map-images", type=int, default=1_000_000)
+    parser.add_argument("--map-shards", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
@@ -175,6 +229,14 @@ def main() -> None:
         del steps["without checks"]  # verify="sizes" is how an index opened before the checks
         index_ms = time_levels(steps, args.repeats)
         index_ms = {"without checks": index_ms["sizes"]} | index_ms
+        map_ms = map_checks(Path(tmp) / "map", args.map_images, args.map_shards, args.repeats)
+    per_image = map_ms["ms"]["map checks"] / args.map_images
+    open_per_image = index_ms["warm"] / args.images  # a whole shard open, per image
+    map_ms["checks_over_shard_open"] = per_image / open_per_image
+    print(
+        f"map checks per image: {per_image * 1e3:.2f} us, {map_ms['checks_over_shard_open']:.4f}x "
+        f"what opening a Flat index costs per image ({open_per_image * 1e3:.1f} us)"
+    )
     results = {
         "machine": {"cpu": cpu_model(), "python": platform.python_version()},
         "repeats": args.repeats,
@@ -182,6 +244,7 @@ def main() -> None:
         | {"onnxruntime_sessions_ms": sessions},
         "index": report(f"{args.images}-image index (Flat)", index_ms, faiss_mb)
         | {"images": args.images},
+        "map": map_ms,
     }
     print(f"\nfor scale: creating the two ONNX Runtime sessions took {sessions:.0f} ms")
     if args.json:
