@@ -107,8 +107,7 @@ def positives(
             f"database positions are {db.kind.value} but query positions are "
             f"{qs.kind.value}: give both in the same kind"
         )
-    if not (np.isfinite(radius) and radius >= 0):
-        raise UsageError(f"the positive radius must be a finite distance >= 0 m, got {radius}")
+    check_radius(radius)
     if db.kind is PositionKind.LATLON:
         out = []
         for point in qs.coords:
@@ -126,6 +125,14 @@ def positives(
         distance = np.hypot(db.coords[band, 0] - qe, db.coords[band, 1] - qn)
         out.append(np.sort(band[distance <= radius]).astype(np.int64))
     return out
+
+
+def check_radius(radius: float) -> float:
+    """`radius` when it is a distance a positive can lie within: finite and above 0 m (NaN
+    would make every result wrong, 0 keeps only an exact position)."""
+    if not (isinstance(radius, (int, float, np.floating)) and math.isfinite(radius) and radius > 0):
+        raise UsageError(f"the positive radius must be a finite distance > 0 m, got {radius}")
+    return float(radius)
 
 
 def _as_positions(value: np.ndarray | Positions, name: str) -> Positions:

@@ -18,6 +18,8 @@ from fol_infer.cli.options import (
     RayOption,
     RerankerOption,
     ThresholdOption,
+    bounded,
+    float_option,
     tokens_option,
 )
 from fol_infer.cli.progress import progress_bar
@@ -189,8 +191,8 @@ def query(
         Path | None,
         typer.Option("--bundle", help="Bundle folder (default: the one that built the index)."),
     ] = None,
-    top_k: Annotated[int, typer.Option(help="Results per query.")] = 10,
-    rerank_k: Annotated[int, typer.Option(help="Global candidates to re-rank.")] = 100,
+    top_k: Annotated[int, typer.Option(min=1, help="Results per query (of the final order).")] = 10,
+    rerank_k: Annotated[int, typer.Option(min=1, help="Global candidates to re-rank.")] = 100,
     no_rerank: Annotated[
         bool, typer.Option("--no-rerank", help="Global search only (skips the local branch).")
     ] = False,
@@ -219,7 +221,12 @@ def query(
         ),
     ] = False,
     timeout: Annotated[
-        float, typer.Option(help="Seconds a shard may take to answer (--ray).")
+        float,
+        float_option(
+            "Seconds a shard may take to answer (--ray), 0.1 to 3600.",
+            bounded(0.1, 3600.0),
+            metavar="SECONDS",
+        ),
     ] = 30.0,
 ) -> None:
     """Retrieve database images for each query (from an index or a map), re-ranked by

@@ -80,7 +80,9 @@ def matches(
     ] = None,
     threshold: ThresholdOption = DEFAULT_THRESHOLD,
     reranker: RerankerOption = RerankBackend.AUTO,
-    max_lines: Annotated[int, typer.Option(help="Most match lines drawn (subsampled).")] = 80,
+    max_lines: Annotated[
+        int, typer.Option(min=0, help="Most match lines drawn (subsampled; 0: tokens only).")
+    ] = 80,
     backend: BackendOption = EncoderBackend.ONNX,
 ) -> None:
     """Two images side by side, the token pairs re-ranking counts drawn as lines."""
@@ -89,8 +91,6 @@ def matches(
 
     check_out(out)
     settings = RerankSettings(threshold, reranker)
-    if max_lines < 0:
-        raise UsageError("--max-lines must be >= 0")
     if candidate_bundle is None:
         trained, (q, c) = _encode(bundle_dir, [query, candidate], backend)
     else:
@@ -112,8 +112,8 @@ def results(
         Path | None,
         typer.Option("--bundle", help="Bundle folder (default: the one that built the index)."),
     ] = None,
-    top_k: Annotated[int, typer.Option(help="Results shown per query and list.")] = 5,
-    rerank_k: Annotated[int, typer.Option(help="Global candidates to re-rank.")] = 100,
+    top_k: Annotated[int, typer.Option(min=1, help="Results shown per query and list.")] = 5,
+    rerank_k: Annotated[int, typer.Option(min=1, help="Global candidates to re-rank.")] = 100,
     no_rerank: Annotated[bool, typer.Option("--no-rerank", help="Global list only.")] = False,
     positions: PositionsOption = None,
     positive_radius: RadiusOption = RADIUS_M,

@@ -15,7 +15,7 @@ from rich.table import Table
 
 from fol_infer.choices import Precision
 from fol_infer.cli.app import app, console, friendly_errors, status, stdout
-from fol_infer.cli.options import choice
+from fol_infer.cli.options import bounded, choice, float_option
 from fol_infer.export.rerank_engine import DEFAULT_RERANK_CHUNK
 
 
@@ -38,7 +38,12 @@ def build_trt(
         int | None, typer.Option(help="Batch TensorRT tunes for (default: --max-batch).")
     ] = None,
     workspace: Annotated[
-        float | None, typer.Option(help="Builder workspace in GiB (default: TensorRT's).")
+        float | None,
+        float_option(
+            "Builder workspace in GiB, > 0 (default: TensorRT's).",
+            bounded(0.0, above=True),
+            metavar="GIB",
+        ),
     ] = None,
     timing_cache: Annotated[
         Path | None, typer.Option(help="Timing cache file, read and updated: faster rebuilds.")
