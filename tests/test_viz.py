@@ -181,6 +181,11 @@ def test_show_results_and_regions_write_png_and_svg(tiny_bundle: Path, tmp_path:
     code, log = run("show", "results", tmp_path / "idx", query, "--out", out, "--top-k", "3")
     assert code == 0, log
     assert "<svg" in out.read_text()[:500] and "plain frames" not in log  # UTM names: frames
+    positions = tmp_path / "pos.csv"
+    positions.write_text(f"path,easting,northing\nq/{query.name},500000,4000000\nx.jpg,1,2\n")
+    code, log = run("show", "results", tmp_path / "idx", query, "--out", out,
+                    "--positions", positions)  # fmt: skip
+    assert code == 0 and "match no image: line 3 ('x.jpg')" in " ".join(log.split()), log
     plain = tmp_path / "plain.jpg"
     query.rename(plain)
     code, log = run("show", "results", tmp_path / "idx", plain, "--out", tmp_path / "r.png")

@@ -109,6 +109,10 @@ class Bench:
                 "recall says nothing about FoL's accuracy"
             )
         dataset = open_dataset(opts.dataset or defaults.default_dataset(self.say), table)
+        unmatched = table and table.unmatched_note([*dataset.database, *dataset.queries])
+        if unmatched:
+            notes.append(unmatched)
+            self.say(f"note: {unmatched}")
         if dataset.synthetic:
             notes.append(
                 "synthetic dataset (fol-infer make-dataset): it exercises the pipeline only"

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from fol_infer.choices import EncoderBackend, IndexMode, RerankBackend, TokenFormat
@@ -161,6 +162,14 @@ def _record_positions(out: Path, table: PositionTable) -> None:
             highlight=False,
             soft_wrap=True,
         )
+    unmatched_note(table, absolute)
+
+
+def unmatched_note(table: PositionTable, images: list[Path]) -> None:
+    """Say which rows of a positions CSV match none of the `images` it was applied to."""
+    note = table.unmatched_note(images)
+    if note is not None:
+        console.print(f"note: {escape(printable(note))}", highlight=False, soft_wrap=True)
 
 
 def _write_outputs(

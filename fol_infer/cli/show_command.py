@@ -9,6 +9,7 @@ import typer
 
 from fol_infer.choices import EncoderBackend, RerankBackend
 from fol_infer.cli.app import app, console, friendly_errors, untrained_banner
+from fol_infer.cli.index_commands import unmatched_note
 from fol_infer.cli.options import (
     BackendOption,
     PositionsOption,
@@ -149,6 +150,8 @@ def results(
         else:
             db_positions, db_missing = positions_of(absolute, table)
     query_positions, _ = positions_of(files, table)
+    if table is not None:
+        unmatched_note(table, [*absolute, *files])
     data = results_figure(found, db_positions, query_positions, positive_radius, db_missing)
     for note in data.notes:
         console.print(f"note: {note}", highlight=False, soft_wrap=True)
