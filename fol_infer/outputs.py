@@ -21,7 +21,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from fol_infer.errors import UsageError
-from fol_infer.fileio import atomic_write_bytes
 from fol_infer.pipeline import QueryResult
 
 CSV_COLUMNS = ("query", "rank", "path", "file", "db_index", "global_score", "matches")
@@ -78,9 +77,6 @@ def csv_text(results: Sequence[QueryResult]) -> str:
     return out.getvalue()
 
 
-def write_text(path: Path, text: str) -> None:
-    """Write UTF-8 text atomically: a reader never sees half a file."""
-    try:
-        atomic_write_bytes(path, text.encode("utf-8", "surrogateescape"))  # names as on disk
-    except OSError as exc:
-        raise UsageError(f"cannot write {path}: {exc.strerror or exc}") from None
+def text_bytes(text: str) -> bytes:
+    """UTF-8, with undecodable file-name bytes written back as they are on disk."""
+    return text.encode("utf-8", "surrogateescape")

@@ -26,6 +26,7 @@ from fol_infer.cli.options import (
 from fol_infer.cli.progress import progress_bar
 from fol_infer.errors import ImageError, UsageError
 from fol_infer.fsnames import printable
+from fol_infer.ownership import check_outputs
 from fol_infer.positions import PositionTable, missing_note, read_positions_csv
 from fol_infer.rerank.settings import DEFAULT_THRESHOLD
 
@@ -172,6 +173,24 @@ def unmatched_note(table: PositionTable, images: list[Path]) -> None:
         console.print(f"note: {escape(printable(note))}", highlight=False, soft_wrap=True)
 
 
+def query_inputs(
+    index_dir: Path, bundle_dir: Path, given: list[Path], files: list[Path]
+) -> list[tuple[str, Path]]:
+    """What a query over an index reads, which no output may overwrite (`check_outputs`): the
+    index or map, the bundle, the database folder it names, the query folders and images."""
+    from fol_infer.index.shards import is_map
+    from fol_infer.shard_set import read_manifest
+
+    root = Path(read_manifest(index_dir, None).root)
+    return [
+        ("map" if is_map(index_dir) else "index", index_dir),
+        ("bundle", bundle_dir),
+        ("database folder", root),
+        *((("query folder" if p.is_dir() else "query image"), p) for p in given),
+        *(("query image", f) for f in files),
+    ]
+
+
 def _write_outputs(
     results: list[QueryResult],
     files: list[Path],
@@ -179,15 +198,22 @@ def _write_outputs(
     pairs_out: Path | None,
     csv_out: Path | None,
 ) -> None:
-    """The files the next tool reads (`fol_infer.outputs`); skipped queries are left out."""
-    from fol_infer.outputs import csv_text, pairs_text, query_names, write_text
+    """The files the next tool reads (`fol_infer.outputs`), all or none; skipped queries are
+    left out."""
+    from fol_infer.fileio import write_outputs
+    from fol_infer.outputs import csv_text, pairs_text, query_names, text_bytes
 
+    outputs: dict[Path, bytes] = {}
     if pairs_out is not None:
         by_file = dict(zip(map(str, files), query_names(files, given)))
-        write_text(pairs_out, pairs_text(results, [by_file[r.query] for r in results]))
+        pairs = pairs_text(results, [by_file[r.query] for r in results])
+        outputs[pairs_out] = text_bytes(pairs)
+    if csv_out is not None:
+        outputs[csv_out] = text_bytes(csv_text(results))
+    write_outputs(outputs)
+    if pairs_out is not None:
         console.print(f"wrote {printable(str(pairs_out))} (hloc retrieval pairs)")
     if csv_out is not None:
-        write_text(csv_out, csv_text(results))
         console.print(f"wrote {printable(str(csv_out))}")
 
 
@@ -251,6 +277,9 @@ def query(
     files = find_images(paths)
     if not files:
         raise UsageError("no query images found")
+    if pairs_out is not None or csv_out is not None:
+        outputs = {"--pairs-out": pairs_out, "--csv": csv_out}
+        check_outputs(outputs, query_inputs(index_dir, bundle_dir, paths, files))
     rerank = RerankSettings(threshold, reranker)
     results = []
     shard_set = ShardSet.ray(index_dir, None, ray, timeout) if ray else index_dir

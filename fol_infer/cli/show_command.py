@@ -9,7 +9,7 @@ import typer
 
 from fol_infer.choices import EncoderBackend, RerankBackend
 from fol_infer.cli.app import app, console, friendly_errors, untrained_banner
-from fol_infer.cli.index_commands import unmatched_note
+from fol_infer.cli.index_commands import query_inputs, unmatched_note
 from fol_infer.cli.options import (
     BackendOption,
     PositionsOption,
@@ -18,6 +18,7 @@ from fol_infer.cli.options import (
     ThresholdOption,
 )
 from fol_infer.errors import UsageError
+from fol_infer.ownership import check_outputs
 from fol_infer.positions import RADIUS_M
 from fol_infer.rerank.settings import DEFAULT_THRESHOLD, RerankSettings
 
@@ -60,6 +61,7 @@ def regions(
     from fol_infer.viz.regions import draw_regions, region_figure
 
     check_out(out)
+    check_outputs({"--out": out}, {"bundle": bundle_dir, "image": image})
     trained, (encoded,) = _encode(bundle_dir, [image], backend)
     data = region_figure(encoded)
     draw_regions(data, out, trained)
@@ -91,6 +93,10 @@ def matches(
     from fol_infer.viz.matches import draw_matches, match_figure
 
     check_out(out)
+    inputs = [("bundle", bundle_dir), ("query image", query), ("candidate image", candidate)]
+    if candidate_bundle is not None:
+        inputs.append(("candidate bundle", candidate_bundle))
+    check_outputs({"--out": out}, inputs)
     settings = RerankSettings(threshold, reranker)
     if candidate_bundle is None:
         trained, (q, c) = _encode(bundle_dir, [query, candidate], backend)
@@ -139,6 +145,8 @@ def results(
         raise UsageError("no query images found")
     rerank = RerankSettings(threshold, reranker)
     bundle = bundle_dir or recorded_bundle(index_dir)
+    inputs = query_inputs(index_dir, bundle, queries, files)
+    check_outputs({"--out": out}, inputs + ([("positions CSV", positions)] if positions else []))
     with Retriever(bundle, index_dir, backend=backend, rerank=rerank) as retriever:
         trained = retriever.bundle.manifest.trained
         untrained_banner(trained)
@@ -170,6 +178,7 @@ def bench_reports(
     from fol_infer.viz.figure import check_out
 
     check_out(out)
+    check_outputs({"--out": out}, [("report", p) for p in reports])
     series = chart_series([load_report(p) for p in reports], [p.stem for p in reports])
     draw_bench(series, out)
     console.print(f"wrote {out}: {len(series)} reports", soft_wrap=True)

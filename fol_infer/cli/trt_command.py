@@ -17,6 +17,7 @@ from fol_infer.choices import Precision
 from fol_infer.cli.app import app, console, friendly_errors, status, stdout
 from fol_infer.cli.options import bounded, choice, float_option
 from fol_infer.export.rerank_engine import DEFAULT_RERANK_CHUNK
+from fol_infer.ownership import check_outputs
 
 
 @app.command("build-trt")
@@ -56,6 +57,7 @@ def build_trt(
     ] = DEFAULT_RERANK_CHUNK,
 ) -> None:
     """Build TensorRT engines for a bundle on this GPU (engines only run where they were built)."""
+    check_outputs({"--timing-cache": timing_cache}, {"bundle": bundle_dir})
     build_and_report(
         bundle_dir,
         precision,
