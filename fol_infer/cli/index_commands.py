@@ -193,20 +193,19 @@ def query_inputs(
 
 def _write_outputs(
     results: list[QueryResult],
-    files: list[Path],
-    given: list[Path],
+    names: dict[str, str],
     pairs_out: Path | None,
     csv_out: Path | None,
+    allow_partial: bool,
 ) -> None:
     """The files the next tool reads (`fol_infer.outputs`), all or none; skipped queries are
-    left out."""
+    left out. `names`: each query file's name in the pairs file."""
     from fol_infer.fileio import write_outputs
-    from fol_infer.outputs import csv_text, pairs_text, query_names, text_bytes
+    from fol_infer.outputs import csv_text, pairs_text, text_bytes
 
     outputs: dict[Path, bytes] = {}
     if pairs_out is not None:
-        by_file = dict(zip(map(str, files), query_names(files, given)))
-        pairs = pairs_text(results, [by_file[r.query] for r in results])
+        pairs = pairs_text(results, [names[r.query] for r in results], allow_partial)
         outputs[pairs_out] = text_bytes(pairs)
     if csv_out is not None:
         outputs[csv_out] = text_bytes(csv_text(results))
@@ -268,6 +267,7 @@ def query(
     region-token matches."""
     from fol_infer.images import find_images
     from fol_infer.index.database import recorded_bundle
+    from fol_infer.outputs import check_pairs_name, partial_warning, query_names
     from fol_infer.pipeline import Retriever
     from fol_infer.rerank.settings import RerankSettings
     from fol_infer.shard_set import ShardSet
@@ -280,7 +280,19 @@ def query(
     if pairs_out is not None or csv_out is not None:
         outputs = {"--pairs-out": pairs_out, "--csv": csv_out}
         check_outputs(outputs, query_inputs(index_dir, bundle_dir, paths, files))
+    names: dict[str, str] = {}
+    if pairs_out is not None:  # names that hloc cannot tell apart or read: refused now
+        names = dict(zip(map(str, files), query_names(files, paths)))
+        for name in names.values():
+            check_pairs_name(name)
     rerank = RerankSettings(threshold, reranker)
+    if not no_rerank and rerank_k < top_k:
+        console.print(
+            f"note: --rerank-k {rerank_k} < --top-k {top_k}: each query's first {rerank_k} "
+            "results are re-ranked (with a match count), the rest follow in the global order",
+            highlight=False,
+            soft_wrap=True,
+        )
     results = []
     shard_set = ShardSet.ray(index_dir, None, ray, timeout) if ray else index_dir
     with Retriever(
@@ -296,12 +308,18 @@ def query(
                 console.print(
                     f"[yellow]skipped[/yellow] {message}", highlight=False, soft_wrap=True
                 )
-    _write_outputs(results, files, paths, pairs_out, csv_out)
+    _write_outputs(results, names, pairs_out, csv_out, allow_partial)
+    warning = partial_warning(results)
+    if warning is not None:  # whatever the format: stderr says it, every output marks it
+        console.print(f"[yellow]warning:[/yellow] {escape(warning)}", highlight=False)
     if as_json:
         print(json.dumps([r.to_json() for r in results], indent=2))
         return
     for r in results:
-        table = Table(title=printable(r.query), title_justify="left")
+        title = printable(r.query)
+        if r.partial:
+            title += f" [PARTIAL: shards {', '.join(r.missing_shards)} did not answer]"
+        table = Table(title=escape(title), title_justify="left")
         table.add_column("rank", justify="right")
         table.add_column("global (score)")
         if r.reranked is not None:
