@@ -155,7 +155,9 @@ def test_a_full_disk_writes_no_output_and_keeps_the_old_ones(
     assert pairs.read_text().startswith(work.single.name) and rows.read_text().startswith("query")
 
 
-def test_check_outputs_names_what_it_refuses(tmp_path: Path) -> None:
+def test_check_outputs_names_what_it_refuses(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     image = tmp_path / "q.jpg"
     image.write_bytes(b"jpeg")
     check_outputs({"--csv": tmp_path / "r.csv", "--json": None}, {"query image": image})
@@ -166,3 +168,6 @@ def test_check_outputs_names_what_it_refuses(tmp_path: Path) -> None:
         check_outputs({"--csv": tmp_path / "out.csv"}, {"query image": image})
     with pytest.raises(UsageError, match="--b and --a are the same file"):
         check_outputs({"--a": tmp_path / "x", "--b": tmp_path / "sub" / ".." / "x"})
+    monkeypatch.setattr(os, "access", lambda *args: False)  # as for a user without rights
+    with pytest.raises(UsageError, match=f"the folder {tmp_path} is not writable"):
+        check_outputs({"--csv": tmp_path / "r.csv"})
