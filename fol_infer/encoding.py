@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from fol_infer.backends.base import Encoder
-from fol_infer.fileio import atomic_writer
+from fol_infer.fileio import write_outputs
 from fol_infer.images import ImageSource
 from fol_infer.loader import Failure, iter_batches
 from fol_infer.model.arch import GLOBAL_DIM, MAX_TOKENS, TOKEN_DIM
@@ -36,15 +36,15 @@ class Encoded:
         return [t[:n] for t, n in zip(self.tokens, self.counts.tolist())]
 
     def save_npz(self, out: Path | str) -> None:
-        """Write the `.npz` atomically: an interrupted write leaves any old file as it was."""
+        """Write the `.npz` atomically: a failed or interrupted write (disk full:
+        `OutputWriteError`) leaves any old file as it was."""
         arrays = {
             "global": self.descriptors,
             "tokens": self.tokens,
             "count": self.counts,
             "paths": np.array(self.paths),
         }
-        with atomic_writer(out) as f:
-            np.savez(f, **arrays)  # type: ignore[arg-type]  # numpy's stubs read ** as allow_pickle
+        write_outputs({Path(out): lambda f: np.savez(f, **arrays)})  # type: ignore[arg-type]
 
 
 def encode_images(

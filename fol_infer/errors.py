@@ -58,6 +58,11 @@ class DamagedFileError(UsageError):
         return type(self), (self.path, self.detail, self.repair)
 
 
+class OutputWriteError(FolInferError):
+    """An output file that could not be written (disk full, a folder that went away); the
+    message names it, and the files it would have replaced are left as they were."""
+
+
 class ShardUnavailableError(FolInferError):
     """A shard of a map that did not answer in time; the message names it and its ids."""
 

@@ -19,3 +19,13 @@ def printable(text: str) -> str:
     except UnicodeEncodeError:
         return text.encode("utf-8", "backslashreplace").decode("utf-8")
     return raw.decode("utf-8", "backslashreplace")
+
+
+def quoted(name: str) -> str:
+    """`name` in single quotes for a one-line message: undecodable bytes as ``\\xNN``
+    (`printable`), line breaks, tabs and other control characters escaped."""
+    shown = "".join(
+        c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
+        for c in printable(name)
+    )
+    return f"'{shown}'"

@@ -9,17 +9,24 @@ by its ``descriptors/`` token store's record. An empty folder may be replaced to
 lost), as may one holding only what a killed fol-infer write left (`fileio.is_leftover`).
 Anything else is refused, as is any folder that is, contains, or is inside one of the
 command's inputs (database folder, bundle, checkpoint), whatever it holds.
+
+The same rule guards every output file a command writes (`check_outputs`: ``query --csv``,
+``show ... --out``, ``bench --json``, ...): never an input, a link to one, or a path inside an
+input folder; never another output of the same command; never an existing folder, and only
+where its folder exists and is writable. All checked before any work starts.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from fol_infer.errors import UsageError
-from fol_infer.fileio import holds_only_leftovers
+from fol_infer.fileio import final_path, holds_only_leftovers
 
 Product = Literal["index", "bundle", "map"]
 _LEGACY_BUNDLE_KEYS = {"schema_version", "fingerprint", "graphs", "arch", "resolution"}
@@ -69,23 +76,95 @@ def _marker_file(product: Product) -> str:
     return _markers(product)[0][0]
 
 
-def check_not_input(folder: Path, inputs: Mapping[str, Path | str]) -> None:
-    """Refuse a `folder` that is, contains or is inside one of `inputs` (what -> path)."""
-    real = folder.resolve()
-    for what, given in inputs.items():
-        path = Path(given).resolve()
-        if path == real:
-            relation = "is"
-        elif path.is_relative_to(real):
-            relation = "contains"
-        elif real.is_relative_to(path):
-            relation = "is inside"
-        else:
+Inputs = Mapping[str, Path | str] | Iterable[tuple[str, Path | str]]  # what -> path
+
+
+@dataclass(frozen=True)
+class _Place:
+    """A path as given, normalised, resolved (links followed) and its file's identity."""
+
+    given: Path | str
+    normal: str
+    real: Path
+    inode: tuple[int, int] | None  # (device, inode) where it exists
+
+    @classmethod
+    def of(cls, given: Path | str) -> _Place:
+        try:
+            st = os.stat(given)
+            inode: tuple[int, int] | None = (st.st_dev, st.st_ino)
+        except OSError:
+            inode = None
+        return cls(given, os.path.abspath(given), Path(given).resolve(), inode)
+
+    def relation(self, other: _Place) -> str | None:
+        """How this path stands to `other`: it "is" it, "is a link to" it (a symbolic or hard
+        link, or a path through one), "contains" it, "is inside" it, or None."""
+        if self.real == other.real or (self.inode is not None and self.inode == other.inode):
+            return "is" if self.normal == other.normal else "is a link to"
+        if other.real.is_relative_to(self.real):
+            return "contains"
+        if self.real.is_relative_to(other.real):
+            return "is inside"
+        return None
+
+
+def _places(inputs: Inputs) -> list[tuple[str, _Place]]:
+    pairs = inputs.items() if isinstance(inputs, Mapping) else inputs
+    return [(what, _Place.of(given)) for what, given in pairs]
+
+
+def check_not_input(
+    path: Path,
+    inputs: Inputs,
+    action: str = "replace",
+    advice: str = "choose an --out outside it",
+) -> None:
+    """Refuse a `path` that is, contains or is inside one of `inputs` (what -> path), or is
+    a link to one: writing it would destroy what the command reads."""
+    _refuse_inputs(path, _places(inputs), action, advice)
+
+
+def _refuse_inputs(path: Path, inputs: list[tuple[str, _Place]], action: str, advice: str) -> None:
+    place = _Place.of(path)
+    for what, given in inputs:
+        relation = place.relation(given)
+        if relation is not None:
+            raise UsageError(
+                f"refusing to {action} {path}: it {relation} the {what} {given.given}, which "
+                f"this command reads; {advice}"
+            )
+
+
+def check_outputs(outputs: Mapping[str, Path | None], inputs: Inputs = ()) -> None:
+    """Refuse, before any work, output files (option -> path; None: not asked for) that would
+    overwrite an input or one another, or that cannot be written: an existing folder, a
+    missing or unwritable parent folder. `inputs` as for `check_not_input`."""
+    places = _places(inputs)
+    earlier: list[tuple[str, _Place]] = []
+    for option, path in outputs.items():
+        if path is None:
             continue
-        raise UsageError(
-            f"refusing to replace {folder}: it {relation} the {what} {given}, which this "
-            "command reads; choose an --out outside it"
-        )
+        _refuse_inputs(path, places, f"write {option}", f"choose another path for {option}")
+        place = _Place.of(path)
+        for other_option, other in earlier:
+            if place.relation(other) in ("is", "is a link to"):
+                raise UsageError(
+                    f"{option} and {other_option} are the same file ({path}): give each "
+                    "output its own path"
+                )
+        earlier.append((option, place))
+        if path.is_dir():
+            raise UsageError(f"{option} {path} is a folder: give the path of a file in it")
+        parent = final_path(path).parent
+        if not parent.is_dir():
+            raise UsageError(
+                f"{option} {path}: the folder {parent} does not exist; create it first"
+            )
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise UsageError(
+                f"{option} {path}: the folder {parent} is not writable; choose another path"
+            )
 
 
 def check_replaceable(folder: Path, product: Product, inputs: Mapping[str, Path | str]) -> None:

@@ -21,11 +21,13 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TextIO
 
 import numpy as np
 
 from fol_infer.choices import Choice
 from fol_infer.errors import UsageError
+from fol_infer.fsnames import quoted
 
 RADIUS_M = 25.0
 EARTH_RADIUS_M = 6_371_008.8  # IUGG mean radius
@@ -107,8 +109,7 @@ def positives(
             f"database positions are {db.kind.value} but query positions are "
             f"{qs.kind.value}: give both in the same kind"
         )
-    if not (np.isfinite(radius) and radius >= 0):
-        raise UsageError(f"the positive radius must be a finite distance >= 0 m, got {radius}")
+    check_radius(radius)
     if db.kind is PositionKind.LATLON:
         out = []
         for point in qs.coords:
@@ -128,6 +129,14 @@ def positives(
     return out
 
 
+def check_radius(radius: float) -> float:
+    """`radius` when it is a distance a positive can lie within: finite and above 0 m (NaN
+    would make every result wrong, 0 keeps only an exact position)."""
+    if not (isinstance(radius, (int, float, np.floating)) and math.isfinite(radius) and radius > 0):
+        raise UsageError(f"the positive radius must be a finite distance > 0 m, got {radius}")
+    return float(radius)
+
+
 def _as_positions(value: np.ndarray | Positions, name: str) -> Positions:
     if isinstance(value, Positions):
         return value
@@ -144,14 +153,30 @@ def _as_positions(value: np.ndarray | Positions, name: str) -> Positions:
 
 @dataclass(frozen=True)
 class PositionTable:
-    """A CSV's positions, keyed by the absolute, normalised path of each image."""
+    """A CSV's positions, keyed by the absolute, normalised path of each image, with the line
+    each row starts on (to name rows that match no image)."""
 
     source: Path
     kind: PositionKind
     by_path: dict[str, tuple[float, float]] = field(repr=False)
+    lines: dict[str, int] = field(default_factory=dict, repr=False)
 
     def get(self, path: str | os.PathLike[str]) -> tuple[float, float] | None:
         return self.by_path.get(_key(path))
+
+    def unmatched_note(self, paths: Sequence[str | os.PathLike[str]], limit: int = 5) -> str | None:
+        """'2 of 9 rows of pos.csv match no image: line 4 (x.jpg), line 7 (y.jpg)', naming the
+        first few rows no path in `paths` has, or None when every row is used."""
+        used = {_key(p) for p in paths}
+        unused = sorted((line, key) for key, line in self.lines.items() if key not in used)
+        if not unused:
+            return None
+        named = ", ".join(f"line {line} ({quoted(Path(key).name)})" for line, key in unused[:limit])
+        more = f" and {len(unused) - limit} more" if len(unused) > limit else ""
+        return (
+            f"{len(unused)} of {len(self.by_path)} rows of {self.source} match no image: "
+            f"{named}{more}"
+        )
 
 
 def _key(path: str | os.PathLike[str], base: Path | None = None) -> str:
@@ -164,25 +189,26 @@ def _key(path: str | os.PathLike[str], base: Path | None = None) -> str:
 def read_positions_csv(path: str | os.PathLike[str]) -> PositionTable:
     """Read ``path,easting,northing`` or ``path,lat,lon`` rows (extra columns are ignored).
 
-    Every bad row is named by line number and reason (missing value, duplicate path,
+    The file is parsed as RFC 4180 CSV (a quoted name may hold commas or newlines), and every
+    bad row is named by the line it starts on and its reason (missing value, duplicate path,
     non-numeric or out-of-range coordinate) in one `UsageError`, so a file is fixed in one go.
     """
     source = Path(path)
     try:
-        text = source.read_text(encoding="utf-8-sig")
+        with open(source, encoding="utf-8-sig", newline="") as f:
+            rows = _numbered_rows(f, source)
     except FileNotFoundError:
         raise UsageError(f"positions file not found: {source}") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise UsageError(f"cannot read positions file {source}: {exc}") from None
-    reader = csv.reader(text.splitlines())
-    header = [h.strip().lower() for h in next(reader, [])]
+    header = [h.strip().lower() for h in rows[0][1]] if rows else []
     kind = _kind_of(header, source)
     columns = [header.index(name) for name in ("path", *kind.columns)]
     base = source.resolve().parent
     by_path: dict[str, tuple[float, float]] = {}
     first_line: dict[str, int] = {}
     problems: list[str] = []
-    for line, row in enumerate(reader, start=2):
+    for line, row in rows[1:]:
         if not any(cell.strip() for cell in row):
             continue  # blank lines are not rows
         why, key, value = _parse_row(row, columns, kind, base)
@@ -200,7 +226,21 @@ def read_positions_csv(path: str | os.PathLike[str]) -> PositionTable:
         raise UsageError(f"{source}: {len(problems)} bad rows: " + "; ".join(shown) + tail)
     if not by_path:
         raise UsageError(f"{source} lists no positions (a header and no rows)")
-    return PositionTable(source, kind, by_path)
+    return PositionTable(source, kind, by_path, first_line)
+
+
+def _numbered_rows(f: TextIO, source: Path) -> list[tuple[int, list[str]]]:
+    """Every row of the open file with the line it starts on (a quoted field may span lines)."""
+    reader = csv.reader(f, strict=True)  # a stray quote is an error, not a merged row
+    rows = []
+    start = 1
+    try:
+        for row in reader:
+            rows.append((start, row))
+            start = reader.line_num + 1
+    except csv.Error as exc:
+        raise UsageError(f"{source}: line {start}: {exc}") from None
+    return rows
 
 
 def _kind_of(header: list[str], source: Path) -> PositionKind:
@@ -228,16 +268,36 @@ def _parse_row(
             value = float(cell)
         except ValueError:
             return f"{name} {cell!r} is not a number", None, None
-        if not math.isfinite(value):
-            return f"{name} {cell!r} is not a finite number", None, None
         values.append(value)
-    if kind is PositionKind.LATLON:
-        lat, lon = values
-        if not -90 <= lat <= 90:
-            return f"lat {lat} is outside [-90, 90]", None, None
-        if not -180 <= lon <= 180:
-            return f"lon {lon} is outside [-180, 180]", None, None
+    why = coordinate_problem(kind, values, [repr(c) for c in cells[1:]])
+    if why is not None:
+        return why, None, None
     return None, _key(cells[0], base), (values[0], values[1])
+
+
+def coordinate_problem(
+    kind: PositionKind, values: Sequence[object], shown: Sequence[str] | None = None
+) -> str | None:
+    """Why two values read from a file are not a position of `kind` ('lat 91.0 is outside
+    [-90, 90]', 'easting 'inf' is not a finite number'), or None. `shown`: how to quote each
+    value (default: as read)."""
+    shown = shown or [repr(v) for v in values]
+    if len(values) != 2:
+        return f"is not a pair of numbers ({', '.join(kind.columns)})"
+    numbers = []
+    for name, value, text in zip(kind.columns, values, shown):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return f"{name} {text} is not a number"
+        if not math.isfinite(value):
+            return f"{name} {text} is not a finite number"
+        numbers.append(float(value))
+    if kind is PositionKind.LATLON:
+        lat, lon = numbers
+        if not -90 <= lat <= 90:
+            return f"lat {lat} is outside [-90, 90]"
+        if not -180 <= lon <= 180:
+            return f"lon {lon} is outside [-180, 180]"
+    return None
 
 
 def positions_of(

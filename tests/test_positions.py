@@ -12,7 +12,7 @@ from sample_images import make_images
 from typer.testing import CliRunner, Result
 
 from fol_infer.cli import app
-from fol_infer.errors import UsageError
+from fol_infer.errors import IndexStoreError, UsageError
 from fol_infer.index.database import Database
 from fol_infer.index.positions_store import POSITIONS_FILE, load_positions
 from fol_infer.positions import (
@@ -143,11 +143,13 @@ def test_index_records_csv_positions_and_names_the_missing(
     db = tmp_path / "db"
     make_images(db, 3)
     names = sorted(p.name for p in db.iterdir())
-    csv = write(tmp_path, f"path,lat,lon\ndb/{names[0]},45.0,7.0\ndb/{names[1]},45.001,7.0\n")
+    rows = f"db/{names[0]},45.0,7.0\ndb/{names[1]},45.001,7.0\nqueries/q1.jpg,45.0,7.1\n"
+    csv = write(tmp_path, "path,lat,lon\n" + rows)
     result = index_cli(tiny_bundle, db, tmp_path / "ix", csv)
     assert result.exit_code == 0, result.output
     assert "positions from" in result.output and "2 of 3" in result.output
     assert "1 of 3 database images have no position: " + names[2] in result.output
+    assert f"note: 1 of 3 rows of {csv} match no image: line 4 ('q1.jpg')" in result.output
     with Database(tmp_path / "ix") as database:
         absolute = [database.absolute_path(i) for i in range(len(database))]
         found, missing = load_positions(tmp_path / "ix", database.paths, absolute)
@@ -195,7 +197,7 @@ def test_bench_reads_a_positions_csv_and_its_radius(tiny_bundle: Path, tmp_path:
             plain = path.with_name(f"img{i}.jpg")  # no UTM in the name
             path.rename(plain)
             rows.append(f"{folder}/{plain.name},{100.0 * i},0")
-    csv = write(root, "\n".join(rows) + "\n")
+    csv = write(root, "\n".join([*rows, "queries/gone.jpg,5,5"]) + "\n")
     out = tmp_path / "r.json"
     argv = ["bench", "--bundle", str(tiny_bundle), "--dataset", str(root), "--warmup", "0",
             "--reranker", "cpu", "--positions", str(csv), "--positive-radius", "30",
@@ -205,6 +207,8 @@ def test_bench_reads_a_positions_csv_and_its_radius(tiny_bundle: Path, tmp_path:
     report = json.loads(out.read_text())
     assert report["recall"]["unavailable"] is None and report["recall"]["global"]["1"] is not None
     assert report["inputs"]["positive_radius_m"] == 30.0
+    note = f"1 of 6 rows of {csv} match no image: line 7 ('gone.jpg')"
+    assert note in report["notes"] and note in " ".join(result.output.split())
 
 
 def test_dataset_with_a_csv_names_the_images_it_lacks(tmp_path: Path) -> None:
@@ -240,3 +244,41 @@ def test_show_results_refuses_a_bad_csv_before_any_work(tmp_path: Path) -> None:
               str(tmp_path / "r.png"), "--positions", str(bad)]
     )  # fmt: skip
     assert result.exit_code == 2 and "line 2: northing 'x' is not a number" in result.output
+
+
+def test_a_quoted_name_may_hold_a_newline_and_lines_stay_right(tmp_path: Path) -> None:
+    """RFC 4180: a quoted field may span lines; errors name the line a row starts on."""
+    text = 'path,easting,northing\n"two\nlines.jpg",1,2\n"a, b.jpg",3,4\nc.jpg,x,6\n'
+    csv = write(tmp_path, text)
+    with pytest.raises(UsageError, match=r"1 bad rows: line 5: easting 'x' is not a number$"):
+        read_positions_csv(csv)
+    table = read_positions_csv(write(tmp_path, 'path,easting,northing\n"two\nlines.jpg",1,2\n'))
+    assert table.get(tmp_path / "two\nlines.jpg") == (1.0, 2.0)
+    note = table.unmatched_note([tmp_path / "other.jpg"])
+    source = tmp_path / "pos.csv"
+    assert note == f"1 of 1 rows of {source} match no image: line 2 ('two\\nlines.jpg')"
+    assert table.unmatched_note([tmp_path / "two\nlines.jpg"]) is None
+    with pytest.raises(UsageError, match=r"q.csv: line 3: unexpected end of data"):
+        read_positions_csv(write(tmp_path, 'path,easting,northing\na,1,2\n"open,1,2\n', "q.csv"))
+
+
+@pytest.mark.parametrize(
+    ("entry", "why"),
+    [
+        ([float("nan"), 2.0], "easting nan is not a finite number"),
+        (["1", 2.0], "easting '1' is not a number"),
+        ([1.0], "is not a pair of numbers"),
+        (3.0, "is not a pair of numbers"),
+    ],
+)
+def test_a_tampered_positions_record_names_the_entry(
+    tmp_path: Path, entry: object, why: str
+) -> None:
+    record = {"format": "fol-infer-index-positions", "kind": "utm", "positions": {"a.jpg": entry}}
+    (tmp_path / POSITIONS_FILE).write_text(json.dumps(record))
+    with pytest.raises(IndexStoreError, match=f"positions\\['a.jpg'\\] {why}.*--append"):
+        load_positions(tmp_path, ["a.jpg"], [tmp_path / "a.jpg"])
+    record |= {"kind": "latlon", "positions": {"a.jpg": [95.0, 0.0]}}
+    (tmp_path / POSITIONS_FILE).write_text(json.dumps(record))
+    with pytest.raises(IndexStoreError, match=r"lat 95.0 is outside \[-90, 90\]"):
+        load_positions(tmp_path, ["a.jpg"], [tmp_path / "a.jpg"])

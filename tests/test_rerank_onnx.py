@@ -147,7 +147,7 @@ def test_dispatcher_runs_the_graph_like_the_cpu_backend() -> None:
     rng = np.random.default_rng(11)
     qs = [small_ints(rng, n, 8) for n in (30, 0, 5)]
     cls = [[small_ints(rng, n, 8).astype(np.float16) for n in (0, 3, 70, 12)] for _ in qs]
-    for thr in (0.7, -3.0, 5.0):
+    for thr in (0.7, -0.99, 0.99):  # small-integer similarities: every or almost no pair
         onnx_scores = count_mutual_matches_many(qs, cls, thr, backend="onnx")
         cpu_scores = count_mutual_matches_many(qs, cls, thr, backend="cpu")
         for a, b in zip(onnx_scores, cpu_scores, strict=True):

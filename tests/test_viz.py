@@ -3,6 +3,7 @@ checked against the encoder and the re-ranker; bad input; PNG and SVG files writ
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 from pathlib import Path
@@ -180,6 +181,11 @@ def test_show_results_and_regions_write_png_and_svg(tiny_bundle: Path, tmp_path:
     code, log = run("show", "results", tmp_path / "idx", query, "--out", out, "--top-k", "3")
     assert code == 0, log
     assert "<svg" in out.read_text()[:500] and "plain frames" not in log  # UTM names: frames
+    positions = tmp_path / "pos.csv"
+    positions.write_text(f"path,easting,northing\nq/{query.name},500000,4000000\nx.jpg,1,2\n")
+    code, log = run("show", "results", tmp_path / "idx", query, "--out", out,
+                    "--positions", positions)  # fmt: skip
+    assert code == 0 and "match no image: line 3 ('x.jpg')" in " ".join(log.split()), log
     plain = tmp_path / "plain.jpg"
     query.rename(plain)
     code, log = run("show", "results", tmp_path / "idx", plain, "--out", tmp_path / "r.png")
@@ -240,3 +246,28 @@ def test_matplotlib_is_imported_in_viz_only() -> None:
         if re.search(r"^\s*(from|import) matplotlib", p.read_text(), re.M)
     ]
     assert importers and all(name.startswith("viz/") for name in importers), importers
+
+
+def test_show_bench_names_the_field_of_a_truncated_or_edited_report(tmp_path: Path) -> None:
+    good = json.loads((REPORTS / "bench_default_onnx_cpu_run1.json").read_text())
+    edits = [
+        (lambda r: r["latency_ms"]["global"].pop("p50"), "latency_ms.global.p50 is missing"),
+        (lambda r: r["latency_ms"]["global"].update(p50="abc"), "global.p50 is not a number"),
+        (lambda r: r["latency_ms"]["rerank"].update(p50=float("nan")), "rerank.p50 is nan"),
+        (lambda r: r["latency_ms"].update(search=3), "latency_ms.search.p50 is missing"),
+        (lambda r: r["recall_vs_rerank_k"]["1"].pop(), "recall_vs_rerank_k.1 is not a list of"),
+        (lambda r: r["recall_vs_rerank_k"]["5"].__setitem__(0, 101), "5[0] is 101, not a num"),
+        (lambda r: r["recall_vs_rerank_k"].update(K=[0]), "K[0] is 0, not a depth"),
+        (lambda r: r["inputs"].update(trained="no"), "inputs.trained is not true or false"),
+        (lambda r: r.update(environment=[]), "environment is not an object"),
+    ]
+    out = tmp_path / "b.png"
+    for edit, field in edits:
+        report = json.loads(json.dumps(good))
+        edit(report)
+        path = tmp_path / "r.json"
+        path.write_text(json.dumps(report))
+        code, log = run("show", "bench", path, "--out", out)
+        assert code == 2 and f"{path}: " in log and field in log, log
+        assert log.count("\n") == 1 and "Traceback" not in log
+    assert not out.exists()

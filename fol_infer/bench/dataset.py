@@ -28,7 +28,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from fol_infer.errors import UsageError
-from fol_infer.fileio import replace_folder
+from fol_infer.fileio import new_sibling_folder, replace_folder
 from fol_infer.images import find_images
 from fol_infer.positions import (
     RADIUS_M,
@@ -217,17 +217,18 @@ class SyntheticPlan:
                     f"{out} is not an empty folder or a synthetic dataset: refusing to replace "
                     "it; remove it yourself or choose another output folder"
                 )
-        tmp = out.with_name(f".{out.name}.partial")
+        tmp = None
         try:
             out.parent.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(tmp, ignore_errors=True)  # a crashed earlier run's leftovers
+            tmp = new_sibling_folder(out)
             self._draw(tmp, progress)
             (tmp / _README).write_text(self._readme(), encoding="utf-8")
             replace_folder(tmp, out)
         except OSError as exc:
             raise UsageError(f"cannot write the dataset to {out}: {exc.strerror or exc}") from exc
         finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
         return out
 
     def _draw(self, tmp: Path, progress: Advance | None) -> None:

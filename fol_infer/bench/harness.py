@@ -27,7 +27,7 @@ from fol_infer.errors import UsageError
 from fol_infer.images import DEFAULT_RESOLUTION
 from fol_infer.model.arch import MAX_TOKENS, TOKEN_DIM
 from fol_infer.pipeline import STAGES, QueryResult, Retriever
-from fol_infer.positions import RADIUS_M, read_positions_csv
+from fol_infer.positions import RADIUS_M, check_radius, read_positions_csv
 from fol_infer.progress import Progress
 from fol_infer.rerank.settings import RerankSettings
 
@@ -95,6 +95,8 @@ class Bench:
         from fol_infer.bench import defaults
 
         opts, notes = self.options, self.report["notes"]
+        check_radius(opts.positive_radius)  # before any work, as a bad CSV
+        table = read_positions_csv(opts.positions) if opts.positions else None
         if opts.bundle is not None:
             bundle_dir = opts.bundle
         else:
@@ -106,8 +108,11 @@ class Bench:
                 "UNTRAINED seeded checkpoint: latencies are real, "
                 "recall says nothing about FoL's accuracy"
             )
-        table = read_positions_csv(opts.positions) if opts.positions else None
         dataset = open_dataset(opts.dataset or defaults.default_dataset(self.say), table)
+        unmatched = table and table.unmatched_note([*dataset.database, *dataset.queries])
+        if unmatched:
+            notes.append(unmatched)
+            self.say(f"note: {unmatched}")
         if dataset.synthetic:
             notes.append(
                 "synthetic dataset (fol-infer make-dataset): it exercises the pipeline only"

@@ -21,15 +21,18 @@ JSON schema, version 1 (keys always present unless marked optional):
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
-from fol_infer.fileio import atomic_write_json
-from fol_infer.viz.bench_charts import STAGE_ORDER, chart_series, draw_bench
+from fol_infer.fileio import Writer
+from fol_infer.viz.bench_charts import STAGE_ORDER, bench_figure, chart_series
+from fol_infer.viz.figure import writer
 
 
-def write_json(report: dict[str, Any], path: Path) -> None:
-    atomic_write_json(path, report)
+def json_bytes(report: dict[str, Any]) -> bytes:
+    """The report as the JSON file ``bench --json`` writes (schema above)."""
+    return (json.dumps(report, indent=2) + "\n").encode()
 
 
 def _fmt(value: float | None, digits: int = 1) -> str:
@@ -120,6 +123,7 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def chart(report: dict[str, Any], path: Path) -> None:
-    """p50 latency per stage and recall vs re-rank depth (`fol_infer.viz.bench_charts`)."""
-    draw_bench(chart_series([report], [path.stem]), path)
+def chart(report: dict[str, Any], path: Path) -> Writer:
+    """What writes the chart of p50 latency per stage and recall vs re-rank depth
+    (`fol_infer.viz.bench_charts`) to `path`'s format."""
+    return writer(bench_figure(chart_series([report], [path.stem])), path)

@@ -17,8 +17,9 @@ from fol_infer.cli.options import (
     choice,
     tokens_option,
 )
-from fol_infer.fileio import atomic_write_bytes
+from fol_infer.fileio import Writer, write_outputs
 from fol_infer.images import DEFAULT_RESOLUTION
+from fol_infer.ownership import check_outputs
 from fol_infer.positions import RADIUS_M
 from fol_infer.rerank.settings import DEFAULT_THRESHOLD, RerankSettings
 
@@ -73,12 +74,16 @@ def bench(
     """Benchmark an encoder backend end to end; with no arguments, on an embedded UNTRAINED
     default."""
     from fol_infer.bench.harness import Bench, BenchOptions
-    from fol_infer.bench.report import chart, markdown, write_json
+    from fol_infer.bench.report import chart, json_bytes, markdown
 
     if plot is not None:
         from fol_infer.viz.figure import check_out
 
         check_out(plot)  # before the run, not after it
+    inputs = {"bundle": bundle, "checkpoint": checkpoint, "dataset": dataset}
+    inputs["positions CSV"] = positions
+    outputs = {"--json": json_out, "--markdown": markdown_out, "--plot": plot}
+    check_outputs(outputs, {what: p for what, p in inputs.items() if p is not None})
     if bundle is not None and checkpoint is not None and backend != EncoderBackend.TORCH:
         console.print("note: --bundle given; --checkpoint is used only for the PyTorch reference")
     rerank = RerankSettings(threshold, reranker)
@@ -113,11 +118,13 @@ def bench(
         report = runner.report
         console.print("[yellow]interrupted: what was measured so far follows[/yellow]")
     stdout.print(markdown(report), markup=False, highlight=False, soft_wrap=True)
+    files: dict[Path, bytes | Writer] = {}  # all written, or none
     if json_out:
-        write_json(report, json_out)
+        files[json_out] = json_bytes(report)
     if markdown_out:
-        atomic_write_bytes(markdown_out, markdown(report).encode())
+        files[markdown_out] = markdown(report).encode()
     if plot:
-        chart(report, plot)
+        files[plot] = chart(report, plot)
+    write_outputs(files)
     if interrupted:
         raise typer.Exit(130)

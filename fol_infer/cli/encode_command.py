@@ -13,6 +13,7 @@ from fol_infer.cli.options import BackendOption, BatchOption, CheckpointOption
 from fol_infer.cli.progress import progress_bar
 from fol_infer.errors import UsageError
 from fol_infer.fsnames import printable
+from fol_infer.ownership import check_outputs
 
 
 @app.command()
@@ -35,13 +36,16 @@ def encode(
 
     if out.suffix != ".npz":
         raise UsageError(f"--out {out}: the output is a .npz file")
+    files = find_images(paths)
+    if not files:
+        raise UsageError(f"no images found in {', '.join(map(str, paths))}")
+    given = [("image folder" if p.is_dir() else "image", p) for p in paths]
+    inputs = [("bundle", bundle_dir), *given, *(("image", f) for f in files)]
+    check_outputs({"--out": out}, inputs + ([("checkpoint", checkpoint)] if checkpoint else []))
     if out.exists() and not force:
         raise UsageError(f"{out} already exists: pass --force to overwrite it")
     bundle = Bundle.open(bundle_dir)
     untrained_banner(bundle.manifest.trained)
-    files = find_images(paths)
-    if not files:
-        raise UsageError(f"no images found in {', '.join(map(str, paths))}")
     encoder = open_encoder(bundle, backend, checkpoint=checkpoint)
     try:
         with progress_bar(console, "encoding", total=len(files)) as advance:

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from fol_infer.choices import EncoderBackend, IndexMode, RerankBackend, TokenFormat
@@ -18,11 +19,14 @@ from fol_infer.cli.options import (
     RayOption,
     RerankerOption,
     ThresholdOption,
+    bounded,
+    float_option,
     tokens_option,
 )
 from fol_infer.cli.progress import progress_bar
 from fol_infer.errors import ImageError, UsageError
 from fol_infer.fsnames import printable
+from fol_infer.ownership import check_outputs
 from fol_infer.positions import PositionTable, missing_note, read_positions_csv
 from fol_infer.rerank.settings import DEFAULT_THRESHOLD
 
@@ -159,24 +163,56 @@ def _record_positions(out: Path, table: PositionTable) -> None:
             highlight=False,
             soft_wrap=True,
         )
+    unmatched_note(table, absolute)
+
+
+def unmatched_note(table: PositionTable, images: list[Path]) -> None:
+    """Say which rows of a positions CSV match none of the `images` it was applied to."""
+    note = table.unmatched_note(images)
+    if note is not None:
+        console.print(f"note: {escape(printable(note))}", highlight=False, soft_wrap=True)
+
+
+def query_inputs(
+    index_dir: Path, bundle_dir: Path, given: list[Path], files: list[Path]
+) -> list[tuple[str, Path]]:
+    """What a query over an index reads, which no output may overwrite (`check_outputs`): the
+    index or map, the bundle, the database folder it names, the query folders and images."""
+    from fol_infer.index.shards import is_map
+    from fol_infer.shard_set import read_manifest
+
+    root = Path(read_manifest(index_dir, None).root)
+    return [
+        ("map" if is_map(index_dir) else "index", index_dir),
+        ("bundle", bundle_dir),
+        ("database folder", root),
+        *((("query folder" if p.is_dir() else "query image"), p) for p in given),
+        *(("query image", f) for f in files),
+    ]
 
 
 def _write_outputs(
     results: list[QueryResult],
-    files: list[Path],
-    given: list[Path],
+    names: dict[str, str],
     pairs_out: Path | None,
     csv_out: Path | None,
+    allow_partial: bool,
 ) -> None:
-    """The files the next tool reads (`fol_infer.outputs`); skipped queries are left out."""
-    from fol_infer.outputs import csv_text, pairs_text, query_names, write_text
+    """The files the next tool reads (`fol_infer.outputs`), all or none; skipped queries are
+    left out. `names`: each query file's name in the pairs file."""
+    from fol_infer.fileio import write_outputs
+    from fol_infer.outputs import csv_text, pairs_text, text_bytes
 
+    outputs: dict[Path, bytes] = {}
     if pairs_out is not None:
-        by_file = dict(zip(map(str, files), query_names(files, given)))
-        write_text(pairs_out, pairs_text(results, [by_file[r.query] for r in results]))
+        pairs = pairs_text(results, [names[r.query] for r in results], allow_partial)
+        outputs[pairs_out] = text_bytes(pairs)
+    if csv_out is not None:
+        outputs[csv_out] = text_bytes(csv_text(results))
+    write_outputs(outputs)
+    if pairs_out is not None:
         console.print(f"wrote {printable(str(pairs_out))} (hloc retrieval pairs)")
     if csv_out is not None:
-        write_text(csv_out, csv_text(results))
         console.print(f"wrote {printable(str(csv_out))}")
 
 
@@ -189,8 +225,8 @@ def query(
         Path | None,
         typer.Option("--bundle", help="Bundle folder (default: the one that built the index)."),
     ] = None,
-    top_k: Annotated[int, typer.Option(help="Results per query.")] = 10,
-    rerank_k: Annotated[int, typer.Option(help="Global candidates to re-rank.")] = 100,
+    top_k: Annotated[int, typer.Option(min=1, help="Results per query (of the final order).")] = 10,
+    rerank_k: Annotated[int, typer.Option(min=1, help="Global candidates to re-rank.")] = 100,
     no_rerank: Annotated[
         bool, typer.Option("--no-rerank", help="Global search only (skips the local branch).")
     ] = False,
@@ -219,13 +255,19 @@ def query(
         ),
     ] = False,
     timeout: Annotated[
-        float, typer.Option(help="Seconds a shard may take to answer (--ray).")
+        float,
+        float_option(
+            "Seconds a shard may take to answer (--ray), 0.1 to 3600.",
+            bounded(0.1, 3600.0),
+            metavar="SECONDS",
+        ),
     ] = 30.0,
 ) -> None:
     """Retrieve database images for each query (from an index or a map), re-ranked by
     region-token matches."""
     from fol_infer.images import find_images
     from fol_infer.index.database import recorded_bundle
+    from fol_infer.outputs import check_pairs_name, partial_warning, query_names
     from fol_infer.pipeline import Retriever
     from fol_infer.rerank.settings import RerankSettings
     from fol_infer.shard_set import ShardSet
@@ -235,7 +277,22 @@ def query(
     files = find_images(paths)
     if not files:
         raise UsageError("no query images found")
+    if pairs_out is not None or csv_out is not None:
+        outputs = {"--pairs-out": pairs_out, "--csv": csv_out}
+        check_outputs(outputs, query_inputs(index_dir, bundle_dir, paths, files))
+    names: dict[str, str] = {}
+    if pairs_out is not None:  # names that hloc cannot tell apart or read: refused now
+        names = dict(zip(map(str, files), query_names(files, paths)))
+        for name in names.values():
+            check_pairs_name(name)
     rerank = RerankSettings(threshold, reranker)
+    if not no_rerank and rerank_k < top_k:
+        console.print(
+            f"note: --rerank-k {rerank_k} < --top-k {top_k}: each query's first {rerank_k} "
+            "results are re-ranked (with a match count), the rest follow in the global order",
+            highlight=False,
+            soft_wrap=True,
+        )
     results = []
     shard_set = ShardSet.ray(index_dir, None, ray, timeout) if ray else index_dir
     with Retriever(
@@ -251,12 +308,18 @@ def query(
                 console.print(
                     f"[yellow]skipped[/yellow] {message}", highlight=False, soft_wrap=True
                 )
-    _write_outputs(results, files, paths, pairs_out, csv_out)
+    _write_outputs(results, names, pairs_out, csv_out, allow_partial)
+    warning = partial_warning(results)
+    if warning is not None:  # whatever the format: stderr says it, every output marks it
+        console.print(f"[yellow]warning:[/yellow] {escape(warning)}", highlight=False)
     if as_json:
         print(json.dumps([r.to_json() for r in results], indent=2))
         return
     for r in results:
-        table = Table(title=printable(r.query), title_justify="left")
+        title = printable(r.query)
+        if r.partial:
+            title += f" [PARTIAL: shards {', '.join(r.missing_shards)} did not answer]"
+        table = Table(title=escape(title), title_justify="left")
         table.add_column("rank", justify="right")
         table.add_column("global (score)")
         if r.reranked is not None:

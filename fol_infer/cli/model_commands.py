@@ -15,6 +15,7 @@ from fol_infer.cli.app import app, console, friendly_errors, status, stdout, unt
 from fol_infer.cli.options import BackendOption, CheckpointOption, choice
 from fol_infer.errors import UsageError
 from fol_infer.images import DEFAULT_RESOLUTION
+from fol_infer.ownership import check_outputs
 
 
 @app.command("make-checkpoint")
@@ -30,6 +31,7 @@ def make_checkpoint(
     from fol_infer.model.checkpoint import make_checkpoint as make
 
     get_arch(arch)
+    check_outputs({"OUT": out})
     if out.exists() and not force:
         raise UsageError(f"{out} already exists: pass --force to overwrite it")
     make(arch, seed, out)

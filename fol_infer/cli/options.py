@@ -1,18 +1,26 @@
-"""Typer options shared by several commands, and the one way a choice list becomes an option.
+"""Typer options shared by several commands, and the one way a choice list or a float becomes
+an option.
 
 `choice` builds an option from an enum of `fol_infer.choices`: typer converts and validates
 the word, the help lists the enum's values, and a wrong word is refused with those values.
+`float_option` builds every float option: text, NaN and infinities (typer takes ``nan``,
+``inf`` and ``1e309`` as floats) and values its check refuses are typer's own usage error
+(exit 2) naming the option; `bounded` is the check for a range. Counts use typer's ``min=``.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
 
 from fol_infer.choices import Choice, EncoderBackend, RerankBackend, TokenFormat
-from fol_infer.rerank.settings import DEFAULT_THRESHOLD
+from fol_infer.errors import UsageError
+from fol_infer.positions import check_radius
+from fol_infer.rerank.settings import DEFAULT_THRESHOLD, check_threshold
 
 C = TypeVar("C", bound=Choice)
 
@@ -35,6 +43,38 @@ def choice(enum: type[C], help: str, *names: str, hidden: bool = False) -> Any:
     )
 
 
+def float_option(
+    help: str, check: Callable[[float], object], *names: str, metavar: str = "FLOAT"
+) -> Any:
+    """A typer option taking a float that `check` accepts (it raises `UsageError` otherwise)."""
+
+    def parse(value: str | float) -> float:
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise typer.BadParameter(f"{value!r} is not a number") from None
+        try:
+            check(number)
+        except UsageError as exc:
+            raise typer.BadParameter(str(exc)) from None
+        return number
+
+    return typer.Option(*names, parser=parse, metavar=metavar, help=help)
+
+
+def bounded(lo: float, hi: float = math.inf, above: bool = False) -> Callable[[float], None]:
+    """A check refusing NaN, infinities and numbers outside [lo, hi] (with `above`: (lo, hi])."""
+
+    def check(number: float) -> None:
+        low_ok = number > lo if above else number >= lo
+        if not (math.isfinite(number) and low_ok and number <= hi):
+            low = f"> {lo:g}" if above else f">= {lo:g}"
+            high = f" and <= {hi:g}" if math.isfinite(hi) else ""
+            raise UsageError(f"must be a finite number {low}{high}, got {number:g}")
+
+    return check
+
+
 BackendOption = Annotated[
     EncoderBackend, choice(EncoderBackend, "Encoder backend.", "--backend", "-b")
 ]
@@ -52,9 +92,10 @@ RerankerOption = Annotated[
 ]
 ThresholdOption = Annotated[
     float,
-    typer.Option(
-        help="Re-ranking threshold: a token pair matches when its cosine similarity is above it "
-        f"(the published value is {DEFAULT_THRESHOLD})."
+    float_option(
+        "Re-ranking threshold in [-1, 1): a token pair matches when its cosine similarity is "
+        f"above it (the published value is {DEFAULT_THRESHOLD}).",
+        check_threshold,
     ),
 ]
 BatchOption = Annotated[int, typer.Option(min=1, help="Images per forward pass.")]
@@ -83,5 +124,9 @@ PositionsOption = Annotated[
 ]
 RadiusOption = Annotated[
     float,
-    typer.Option(help="A database image within this many metres of a query is a positive."),
+    float_option(
+        "A database image within this many metres (> 0) of a query is a positive.",
+        check_radius,
+        metavar="METRES",
+    ),
 ]

@@ -9,6 +9,7 @@ import typer
 
 from fol_infer.choices import EncoderBackend, RerankBackend
 from fol_infer.cli.app import app, console, friendly_errors, untrained_banner
+from fol_infer.cli.index_commands import query_inputs, unmatched_note
 from fol_infer.cli.options import (
     BackendOption,
     PositionsOption,
@@ -17,6 +18,7 @@ from fol_infer.cli.options import (
     ThresholdOption,
 )
 from fol_infer.errors import UsageError
+from fol_infer.ownership import check_outputs
 from fol_infer.positions import RADIUS_M
 from fol_infer.rerank.settings import DEFAULT_THRESHOLD, RerankSettings
 
@@ -59,6 +61,7 @@ def regions(
     from fol_infer.viz.regions import draw_regions, region_figure
 
     check_out(out)
+    check_outputs({"--out": out}, {"bundle": bundle_dir, "image": image})
     trained, (encoded,) = _encode(bundle_dir, [image], backend)
     data = region_figure(encoded)
     draw_regions(data, out, trained)
@@ -80,7 +83,9 @@ def matches(
     ] = None,
     threshold: ThresholdOption = DEFAULT_THRESHOLD,
     reranker: RerankerOption = RerankBackend.AUTO,
-    max_lines: Annotated[int, typer.Option(help="Most match lines drawn (subsampled).")] = 80,
+    max_lines: Annotated[
+        int, typer.Option(min=0, help="Most match lines drawn (subsampled; 0: tokens only).")
+    ] = 80,
     backend: BackendOption = EncoderBackend.ONNX,
 ) -> None:
     """Two images side by side, the token pairs re-ranking counts drawn as lines."""
@@ -88,9 +93,11 @@ def matches(
     from fol_infer.viz.matches import draw_matches, match_figure
 
     check_out(out)
+    inputs = [("bundle", bundle_dir), ("query image", query), ("candidate image", candidate)]
+    if candidate_bundle is not None:
+        inputs.append(("candidate bundle", candidate_bundle))
+    check_outputs({"--out": out}, inputs)
     settings = RerankSettings(threshold, reranker)
-    if max_lines < 0:
-        raise UsageError("--max-lines must be >= 0")
     if candidate_bundle is None:
         trained, (q, c) = _encode(bundle_dir, [query, candidate], backend)
     else:
@@ -112,8 +119,8 @@ def results(
         Path | None,
         typer.Option("--bundle", help="Bundle folder (default: the one that built the index)."),
     ] = None,
-    top_k: Annotated[int, typer.Option(help="Results shown per query and list.")] = 5,
-    rerank_k: Annotated[int, typer.Option(help="Global candidates to re-rank.")] = 100,
+    top_k: Annotated[int, typer.Option(min=1, help="Results shown per query and list.")] = 5,
+    rerank_k: Annotated[int, typer.Option(min=1, help="Global candidates to re-rank.")] = 100,
     no_rerank: Annotated[bool, typer.Option("--no-rerank", help="Global list only.")] = False,
     positions: PositionsOption = None,
     positive_radius: RadiusOption = RADIUS_M,
@@ -138,6 +145,8 @@ def results(
         raise UsageError("no query images found")
     rerank = RerankSettings(threshold, reranker)
     bundle = bundle_dir or recorded_bundle(index_dir)
+    inputs = query_inputs(index_dir, bundle, queries, files)
+    check_outputs({"--out": out}, inputs + ([("positions CSV", positions)] if positions else []))
     with Retriever(bundle, index_dir, backend=backend, rerank=rerank) as retriever:
         trained = retriever.bundle.manifest.trained
         untrained_banner(trained)
@@ -149,6 +158,8 @@ def results(
         else:
             db_positions, db_missing = positions_of(absolute, table)
     query_positions, _ = positions_of(files, table)
+    if table is not None:
+        unmatched_note(table, [*absolute, *files])
     data = results_figure(found, db_positions, query_positions, positive_radius, db_missing)
     for note in data.notes:
         console.print(f"note: {note}", highlight=False, soft_wrap=True)
@@ -167,6 +178,7 @@ def bench_reports(
     from fol_infer.viz.figure import check_out
 
     check_out(out)
+    check_outputs({"--out": out}, [("report", p) for p in reports])
     series = chart_series([load_report(p) for p in reports], [p.stem for p in reports])
     draw_bench(series, out)
     console.print(f"wrote {out}: {len(series)} reports", soft_wrap=True)

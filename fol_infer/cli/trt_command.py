@@ -15,8 +15,9 @@ from rich.table import Table
 
 from fol_infer.choices import Precision
 from fol_infer.cli.app import app, console, friendly_errors, status, stdout
-from fol_infer.cli.options import choice
+from fol_infer.cli.options import bounded, choice, float_option
 from fol_infer.export.rerank_engine import DEFAULT_RERANK_CHUNK
+from fol_infer.ownership import check_outputs
 
 
 @app.command("build-trt")
@@ -38,7 +39,12 @@ def build_trt(
         int | None, typer.Option(help="Batch TensorRT tunes for (default: --max-batch).")
     ] = None,
     workspace: Annotated[
-        float | None, typer.Option(help="Builder workspace in GiB (default: TensorRT's).")
+        float | None,
+        float_option(
+            "Builder workspace in GiB, > 0 (default: TensorRT's).",
+            bounded(0.0, above=True),
+            metavar="GIB",
+        ),
     ] = None,
     timing_cache: Annotated[
         Path | None, typer.Option(help="Timing cache file, read and updated: faster rebuilds.")
@@ -51,6 +57,7 @@ def build_trt(
     ] = DEFAULT_RERANK_CHUNK,
 ) -> None:
     """Build TensorRT engines for a bundle on this GPU (engines only run where they were built)."""
+    check_outputs({"--timing-cache": timing_cache}, {"bundle": bundle_dir})
     build_and_report(
         bundle_dir,
         precision,

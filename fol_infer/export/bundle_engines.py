@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import math
 import os
 import tempfile
 import time
@@ -60,7 +61,7 @@ def build_bundle_engines(
     precision = Precision.parse(precision, "--precision")
     profile = Profile.for_batch(max_batch, opt_batch)
     chunks = chunk_profile(rerank_chunk)
-    if workspace_gib is not None and not workspace_gib > 0:
+    if workspace_gib is not None and not (math.isfinite(workspace_gib) and workspace_gib > 0):
         raise UsageError(f"--workspace must be a positive number of GiB, not {workspace_gib}")
     cache = Path(timing_cache) if timing_cache is not None else None
     if cache is not None and cache.is_dir():

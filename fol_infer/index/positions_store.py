@@ -15,7 +15,13 @@ import numpy as np
 
 from fol_infer.errors import IndexStoreError
 from fol_infer.index.metadata import read_json, write_json_atomic
-from fol_infer.positions import PositionKind, Positions, PositionTable, positions_of
+from fol_infer.positions import (
+    PositionKind,
+    Positions,
+    PositionTable,
+    coordinate_problem,
+    positions_of,
+)
 
 POSITIONS_FILE = "positions.json"
 _FORMAT = "fol-infer-index-positions"
@@ -41,16 +47,7 @@ def load_positions(
         found, _ = positions_of(absolute)
         known = found.known if found is not None else np.zeros(len(names), bool)
         return found, [n for n, k in zip(names, known) if not k]
-    obj = read_json(path, "positions record")
-    try:
-        if obj.get("format") != _FORMAT:
-            raise ValueError("not a positions record")
-        kind = PositionKind(obj["kind"])
-        rows = {str(k): (float(v[0]), float(v[1])) for k, v in dict(obj["positions"]).items()}
-    except (KeyError, TypeError, ValueError, IndexError) as exc:
-        raise IndexStoreError(
-            f"{path} is damaged ({exc}): rerun `fol-infer index ... --append --positions FILE`"
-        ) from None
+    rows, kind = _read_record(path)
     nan = (np.nan, np.nan)
     coords = np.array([rows.get(n, nan) for n in names], np.float64).reshape(-1, 2)
     if kind is PositionKind.UTM:  # names fill in what the file does not list
@@ -61,6 +58,34 @@ def load_positions(
     positions = Positions(kind, coords)
     missing = [n for n, k in zip(names, positions.known) if not k]
     return (None if len(missing) == len(names) else positions), missing
+
+
+def _read_record(path: Path) -> tuple[dict[str, tuple[float, float]], PositionKind]:
+    """Every recorded position, each checked as a CSV row is (finite, lat/lon in range): a
+    hand-edited or damaged file is named with the entry and what is wrong with it."""
+    obj = read_json(path, "positions record")
+
+    def damaged(why: str) -> IndexStoreError:
+        repair = "rerun `fol-infer index ... --append --positions FILE`"
+        return IndexStoreError(f"{path} is damaged: {why}; {repair}")
+
+    if obj.get("format") != _FORMAT:
+        raise damaged("not a positions record (format)")
+    try:
+        kind = PositionKind(obj.get("kind"))
+    except (TypeError, ValueError):
+        raise damaged(f"kind {obj.get('kind')!r} is not one of {PositionKind.listed()}") from None
+    entries = obj.get("positions")
+    if not isinstance(entries, dict):
+        raise damaged("positions is not an object")
+    rows = {}
+    for name, value in entries.items():
+        values = value if isinstance(value, list) else [value]
+        why = coordinate_problem(kind, values)
+        if why is not None:
+            raise damaged(f"positions[{name!r}] {why}")
+        rows[name] = (float(values[0]), float(values[1]))
+    return rows, kind
 
 
 def record_positions(

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from fol_infer.errors import CheckpointError
+from fol_infer.fileio import write_outputs
 from fol_infer.model.arch import ArchSpec, detect_arch, expected_shapes, get_arch
 from fol_infer.model.fol import FoLModel
 
@@ -168,9 +169,7 @@ def make_checkpoint(arch: str, seed: int, out: str | Path) -> Path:
         "fol_infer_seed": seed,
     }
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".partial")
-    torch.save(payload, tmp)
-    tmp.replace(out)
+    write_outputs({out: lambda f: torch.save(payload, f)})  # atomic: never half a checkpoint
     return out
 
 

@@ -69,8 +69,9 @@ def count_mutual_matches(
     to the lowest index. ``bundle`` supplies rerank.onnx (``onnx``; without one the graph is
     built in memory) and the rerank engine (``trt``, and ``auto`` where TensorRT is the GPU
     path). Raises ValueError on NaN/Inf or mis-shaped tokens, UsageError on an unknown backend
-    or a non-finite threshold, BackendUnavailableError when an explicitly chosen backend cannot
-    run here, BundleError when the bundle lacks what the backend runs.
+    or a threshold outside [-1, 1) (tokens are unit vectors: S is a cosine),
+    BackendUnavailableError when an explicitly chosen backend cannot run here, BundleError when
+    the bundle lacks what the backend runs.
     """
     return count_mutual_matches_many([query], [candidates], threshold, backend, bundle)[0]
 

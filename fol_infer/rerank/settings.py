@@ -7,7 +7,6 @@ similarity is above it. `Retriever`, ``fol-infer query --threshold`` and ``fol-i
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from numbers import Real
 from typing import Any
@@ -17,6 +16,18 @@ from fol_infer.errors import UsageError
 
 DEFAULT_THRESHOLD = 0.7  # the published value (spec section 7)
 DEFAULT_BLOCK_BYTES = 8 << 20  # CPU tile per worker: ~600 x 3,400; amortises packing Q in sgemm
+
+
+def check_threshold(threshold: Any) -> float:
+    """The threshold as a float, or a `UsageError`: FoL's tokens are unit vectors, so a
+    similarity is a cosine in [-1, 1] and a pair matches when it is above the threshold; at 1
+    or beyond nothing can match (every count 0), and NaN compares false with everything."""
+    if not isinstance(threshold, Real) or not -1.0 <= float(threshold) < 1.0:
+        raise UsageError(
+            "re-ranking threshold must be a finite number in [-1, 1) (a cosine similarity; "
+            f"the published value is {DEFAULT_THRESHOLD}), got {threshold!r}"
+        )
+    return float(threshold)
 
 
 @dataclass(frozen=True)
@@ -32,13 +43,7 @@ class RerankSettings:
     workers: int | None = None
 
     def __post_init__(self) -> None:
-        threshold: Any = self.threshold
-        if not isinstance(threshold, Real) or not math.isfinite(float(threshold)):
-            raise UsageError(
-                f"re-ranking threshold must be a finite number (e.g. {DEFAULT_THRESHOLD}), "
-                f"got {threshold!r}"
-            )
-        object.__setattr__(self, "threshold", float(threshold))
+        object.__setattr__(self, "threshold", check_threshold(self.threshold))
         backend = RerankBackend.parse(self.backend, "re-ranking backend")
         object.__setattr__(self, "backend", backend)
         if int(self.block_bytes) < 1:

@@ -4,13 +4,17 @@ reports (`fol-infer bench --json`) side by side."""
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from fol_infer.errors import UsageError
 from fol_infer.viz.figure import new_figure, save, untrained_caption
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 STAGE_ORDER = ("preprocess", "global", "search", "local", "fetch", "rerank", "unattributed")
 
@@ -28,7 +32,8 @@ class ReportSeries:
 
 
 def load_report(path: Path) -> dict[str, Any]:
-    """A bench report from its JSON file, or a clear error naming the file."""
+    """A bench report from its JSON file, every field the chart reads checked: a clear error
+    naming the file and the field (``r.json: latency_ms.global.p50 is missing``)."""
     try:
         report = json.loads(path.read_text())
     except FileNotFoundError:
@@ -37,7 +42,55 @@ def load_report(path: Path) -> dict[str, Any]:
         raise UsageError(f"{path} is not a readable JSON report ({exc})") from None
     if not isinstance(report, dict) or report.get("schema") != "fol-infer-bench":
         raise UsageError(f"{path} is not a fol-infer bench report (fol-infer bench --json)")
+    _check_fields(report, path)
     return report
+
+
+def _check_fields(report: dict[str, Any], path: Path) -> None:
+    """Refuse a truncated or edited report before it is drawn (see `chart_series`)."""
+
+    def fail(field: str, why: str) -> NoReturn:
+        raise UsageError(f"{path}: {field} {why} (write it again with fol-infer bench --json)")
+
+    def section(name: str) -> dict[str, Any]:
+        value = report.get(name, {})
+        if not isinstance(value, dict):
+            fail(name, "is not an object")
+        return value
+
+    def number(value: Any, field: str, lo: float, hi: float = math.inf) -> None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            fail(field, "is not a number")
+        if not (math.isfinite(value) and lo <= value <= hi):
+            fail(field, f"is {value}, not a number in [{lo:g}, {hi:g}]")
+
+    latency = section("latency_ms")
+    for stage in (s for s in STAGE_ORDER if s in latency):
+        if not isinstance(latency[stage], dict) or "p50" not in latency[stage]:
+            fail(f"latency_ms.{stage}.p50", "is missing")
+        number(latency[stage]["p50"], f"latency_ms.{stage}.p50", 0.0)
+    curve = section("recall_vs_rerank_k")
+    depths = curve.get("K", [])
+    if not isinstance(depths, list):
+        fail("recall_vs_rerank_k.K", "is not a list")
+    for i, k in enumerate(depths):
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            fail(f"recall_vs_rerank_k.K[{i}]", f"is {k!r}, not a depth (an integer >= 1)")
+    for n in ("1", "5"):
+        values = curve.get(n, [])
+        if not isinstance(values, list) or len(values) != len(depths):
+            fail(f"recall_vs_rerank_k.{n}", f"is not a list of {len(depths)} recalls (one per K)")
+        for i, value in enumerate(values):
+            if value is not None:
+                number(value, f"recall_vs_rerank_k.{n}[{i}]", 0.0, 100.0)
+    inputs, environment = section("inputs"), section("environment")
+    if not isinstance(inputs.get("trained", True), bool):
+        fail("inputs.trained", "is not true or false")
+    for where, key in (("inputs", "engine"), ("inputs", "tokens"), ("environment", "cpu")):
+        if not isinstance(section(where).get(key, ""), str):
+            fail(f"{where}.{key}", "is not a string")
+    if not isinstance(environment.get("gpu"), (str, type(None))):
+        fail("environment.gpu", "is not a string or null")
 
 
 def chart_series(reports: Sequence[dict[str, Any]], names: Sequence[str]) -> list[ReportSeries]:
@@ -68,6 +121,11 @@ def _label(report: dict[str, Any]) -> str:
 
 
 def draw_bench(series: Sequence[ReportSeries], out: Path) -> None:
+    """`bench_figure`, written to `out`."""
+    save(bench_figure(series), out)
+
+
+def bench_figure(series: Sequence[ReportSeries]) -> Figure:
     """Left: stacked p50 stage latency, one bar per report; right: re-ranked recall vs K."""
     figure = new_figure(figsize=(12, max(3.4, 1.6 + 0.8 * len(series))))
     from matplotlib import colormaps
@@ -112,4 +170,4 @@ def draw_bench(series: Sequence[ReportSeries], out: Path) -> None:
     machines = sorted({s.machine for s in series})
     figure.suptitle("fol-infer bench: " + "; ".join(machines), fontsize=10)
     untrained_caption(figure, all(s.trained for s in series))
-    save(figure, out)
+    return figure

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fol_infer.errors import UsageError
+from fol_infer.fileio import Writer, write_outputs
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -40,13 +41,17 @@ def _figure_class() -> type[Figure]:
     return Figure
 
 
-def save(figure: Figure, path: Path) -> None:
-    """Write ``figure`` as PNG or SVG, by ``path``'s suffix."""
+def writer(figure: Figure, path: Path) -> Writer:
+    """What writes ``figure`` as PNG or SVG, by ``path``'s suffix, into an open file: for
+    `fol_infer.fileio.write_outputs`, beside a command's other outputs."""
     check_out(path)
-    try:
-        figure.savefig(path, format=path.suffix.lower()[1:], dpi=110, bbox_inches="tight")
-    except OSError as exc:
-        raise UsageError(f"cannot write {path}: {exc.strerror or exc}") from None
+    fmt = path.suffix.lower()[1:]
+    return lambda f: figure.savefig(f, format=fmt, dpi=110, bbox_inches="tight")
+
+
+def save(figure: Figure, path: Path) -> None:
+    """Write ``figure`` to ``path`` atomically: a failed write keeps any old file."""
+    write_outputs({path: writer(figure, path)})
 
 
 def untrained_caption(figure: Figure, trained: bool) -> None:

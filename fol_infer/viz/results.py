@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from fol_infer.pipeline import QueryResult
-from fol_infer.positions import Positions, missing_note
+from fol_infer.positions import Positions, check_radius, missing_note
 from fol_infer.viz.figure import GREEN, GREY, RED, new_figure, save, untrained_caption
 
 THUMB = 256  # pixels, longest side of each tile
@@ -62,6 +62,7 @@ def results_figure(
     database_missing: Sequence[str] = (),
 ) -> ResultsFigure:
     """Tiles for each query: global top-K (score) and re-ranked top-K (matches)."""
+    check_radius(radius_m)
     notes = []
     if database is None:
         notes.append(
