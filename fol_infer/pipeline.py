@@ -158,6 +158,7 @@ class Retriever:
             raise
         self.rerank = rerank
         self._root = os.path.abspath(self.shards.manifest.root)
+        self._clamped: set[tuple[str, int, int]] = set()  # depths already said to be clamped
 
     def query(
         self,
@@ -178,7 +179,10 @@ class Retriever:
         if not images:
             return []
         n = len(self.shards)
-        top_k, rerank_k = self._clamp(top_k, "top_k", n), self._clamp(rerank_k, "rerank_k", n)
+        top_k, rerank_k = (
+            self._clamp(top_k, "top_k", n),
+            self._clamp(rerank_k, "rerank_k", n, rerank),
+        )
         timer = Timer()
         with timer.stage("preprocess"):
             batch = np.stack([preprocess(img, self.bundle.resolution) for img in images])
@@ -227,11 +231,13 @@ class Retriever:
             )
         return results
 
-    @staticmethod
-    def _clamp(k: int, name: str, n: int) -> int:
+    def _clamp(self, k: int, name: str, n: int, used: bool = True) -> int:
+        """`k` within the database size; said once per setting (a query loop would repeat
+        it), and not for a depth this query does not use (``rerank_k`` without re-ranking)."""
         if k < 1:
             raise UsageError(f"{name} must be at least 1, got {k}")
-        if k > n:
+        if k > n and used and (name, k, n) not in self._clamped:
+            self._clamped.add((name, k, n))
             log.warning("%s = %d is larger than the database (%d images): using %d", name, k, n, n)
         return min(k, n)
 
