@@ -19,9 +19,9 @@ import numpy as np
 import torch
 
 from fol_infer.backends.base import EncoderOutput, GlobalOutput, LocalOutput
-from fol_infer.export.graphs import GlobalGraph, LocalGraph
 from fol_infer.export.reference import reference_images
 from fol_infer.model.checkpoint import random_model
+from fol_infer.model.graphs import GlobalGraph, LocalGraph
 from fol_infer.parity import compare
 
 

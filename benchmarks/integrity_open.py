@@ -48,14 +48,14 @@ import numpy as np
 from fol_infer.bench.defaults import bundle_for, default_checkpoint
 from fol_infer.bench.environment import cpu_model
 from fol_infer.bundle import Bundle
+from fol_infer.files.integrity import CACHE_FILE
+from fol_infer.files.user_cache import cache_dir
 from fol_infer.index.database import DESCRIPTORS, FAISS_FILE, METADATA, TOKENS, Database
 from fol_infer.index.global_index import GlobalIndex
 from fol_infer.index.metadata import IndexMetadata
 from fol_infer.index.shards import MapManifest, ShardEntry, name_key, shard_name
 from fol_infer.index.token_store import TokenStore
-from fol_infer.integrity import CACHE_FILE
 from fol_infer.model.arch import GLOBAL_DIM
-from fol_infer.user_cache import cache_dir
 
 CHUNK = 500
 LEVELS = ("without checks", "sizes", "cold", "warm", "full")  # see the module doc

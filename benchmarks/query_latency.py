@@ -22,7 +22,8 @@ from untrained_setup import untrained_setup, write_report
 from fol_infer.backends import open_encoder
 from fol_infer.bundle import Bundle
 from fol_infer.choices import RerankBackend
-from fol_infer.index.database import BuildSettings, Database, build_index
+from fol_infer.index.build import BuildSettings, build_index
+from fol_infer.index.database import Database
 from fol_infer.pipeline import STAGES, Retriever
 from fol_infer.rerank import RerankSettings
 

@@ -29,7 +29,7 @@ from fol_infer.backends import open_encoder
 from fol_infer.bundle import Bundle
 from fol_infer.choices import RerankBackend
 from fol_infer.images import preprocess
-from fol_infer.index.database import BuildSettings
+from fol_infer.index.build import BuildSettings
 from fol_infer.index.map_build import LocalRunner, build_map
 from fol_infer.pipeline import Timer
 from fol_infer.rerank import RerankSettings

@@ -40,8 +40,8 @@ sys.path.insert(0, str(HERE))
 
 from rerank_cpu import Spec, _status_kib, best_run, make_case, pair_flops, sgemm_flops  # noqa: E402
 
-from fol_infer.export.rerank_graph import build_rerank_model  # noqa: E402
 from fol_infer.rerank.cpu import count_mutual_matches_many_cpu  # noqa: E402
+from fol_infer.rerank.graph import build_rerank_model  # noqa: E402
 from fol_infer.rerank.onnx_runner import CPU, CUDA, OnnxReranker  # noqa: E402
 
 CAPACITY, DIM, THRESHOLD = 3600, 128, 0.7

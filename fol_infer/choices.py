@@ -80,7 +80,7 @@ class Precision(Choice):
 
 
 # Choices that never reach the command line: typed lists for the library's own arguments.
-# What opening checks (fol_infer.integrity): sizes only; the hashes the verification cache
+# What opening checks (fol_infer.files.integrity): sizes only; the hashes the verification cache
 # cannot vouch for (the default); or every hash, every time.
 VerifyLevel = Literal["sizes", "cached", "full"]
 FaissDevice = Literal["auto", "cpu", "gpu"]

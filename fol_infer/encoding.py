@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from fol_infer.backends.base import Encoder
-from fol_infer.fileio import write_outputs
+from fol_infer.files.atomic import write_outputs
 from fol_infer.images import ImageSource
 from fol_infer.loader import Failure, iter_batches
 from fol_infer.model.arch import GLOBAL_DIM, MAX_TOKENS, TOKEN_DIM

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fol_infer.errors import UsageError
-from fol_infer.fsnames import printable, quoted
+from fol_infer.files.names import printable, quoted
 from fol_infer.pipeline import QueryResult
 
 CSV_COLUMNS = (
@@ -89,7 +89,7 @@ def query_names(files: Sequence[Path], given: Sequence[str | os.PathLike[str]]) 
 
 def check_pairs_name(name: str) -> None:
     """Refuse a name hloc cannot read back from a pairs file: whitespace (its separator), or
-    bytes that are not UTF-8 (a file name kept with surrogateescape, `fol_infer.fsnames`)."""
+    bytes that are not UTF-8 (a file name kept with surrogateescape, `fol_infer.files.names`)."""
     if any(c.isspace() for c in name):
         why = "contains whitespace, which hloc reads as a separator"
     else:

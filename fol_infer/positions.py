@@ -27,7 +27,7 @@ import numpy as np
 
 from fol_infer.choices import Choice
 from fol_infer.errors import UsageError
-from fol_infer.fsnames import quoted
+from fol_infer.files.names import quoted
 
 RADIUS_M = 25.0
 EARTH_RADIUS_M = 6_371_008.8  # IUGG mean radius

@@ -153,6 +153,11 @@ def read_manifest(folder: Path, bundle: Bundle | None) -> MapManifest:
     return manifest
 
 
+def recorded_bundle(folder: str | Path) -> Path:
+    """The bundle folder an index or a map was built with, as it records it."""
+    return Path(read_manifest(Path(folder), None).bundle_name)
+
+
 def indexed_paths(folder: Path) -> tuple[list[str], Path]:
     """Every image's recorded path by global id, and the database root, of a complete map or
     an index: from its metadata alone (no FAISS index or token store is opened)."""

@@ -84,7 +84,7 @@ class MapBuilds:
         if key not in self._built:
             from fol_infer.backends import open_encoder
             from fol_infer.bundle import Bundle
-            from fol_infer.index.database import BuildSettings, build_index
+            from fol_infer.index.build import BuildSettings, build_index
             from fol_infer.index.map_build import LocalRunner, build_map
 
             bundle = Bundle.open(self.bundle)

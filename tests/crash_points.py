@@ -28,8 +28,9 @@ import numpy as np
 
 from fol_infer.backends.base import Encoder, GlobalOutput, LocalOutput
 from fol_infer.bundle import Bundle
-from fol_infer.fileio import is_leftover
-from fol_infer.index.database import DESCRIPTORS, BuildSettings, Database, build_index
+from fol_infer.files.atomic import is_leftover
+from fol_infer.index.build import BuildSettings, build_index
+from fol_infer.index.database import DESCRIPTORS, Database
 from fol_infer.index.map_build import LocalRunner, build_map
 from fol_infer.index.shards import MapManifest, is_map
 from fol_infer.index.token_store import TokenStore

@@ -46,7 +46,7 @@ def test_make_checkpoint_export_verify_info(tmp_path: Path) -> None:
 
 def test_verify_fails_with_exit_1_beyond_tolerance(tiny_bundle: Path, tmp_path: Path) -> None:
     from fol_infer.bundle import Manifest
-    from fol_infer.integrity import sha256_file
+    from fol_infer.files.integrity import sha256_file
 
     copy = tmp_path / "b"
     shutil.copytree(tiny_bundle, copy)

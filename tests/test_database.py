@@ -19,13 +19,8 @@ from fol_infer.backends import open_encoder
 from fol_infer.bundle import Bundle
 from fol_infer.errors import IndexStoreError, UsageError
 from fol_infer.images import preprocess
-from fol_infer.index.database import (
-    EXACT_TOKENS,
-    METADATA,
-    BuildSettings,
-    Database,
-    build_index,
-)
+from fol_infer.index.build import BuildSettings, build_index
+from fol_infer.index.database import EXACT_TOKENS, METADATA, Database
 from fol_infer.index.token_store import TokenStore
 
 

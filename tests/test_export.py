@@ -42,7 +42,7 @@ def test_bundle_contents_and_manifest(tiny_bundle: Path, tiny_checkpoint: Path) 
     local = {o["name"]: (o["shape"], o["dtype"]) for o in m["graphs"]["local"]["outputs"]}
     assert local["tokens"] == (["batch", 3600, 128], "float32")
     assert local["count"] == (["batch"], "int32")
-    from fol_infer.integrity import sha256_file
+    from fol_infer.files.integrity import sha256_file
 
     assert m["checkpoint"]["sha256"] == sha256_file(tiny_checkpoint)
     rerank = m["rerank"]

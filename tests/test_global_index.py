@@ -15,7 +15,7 @@ from fol_infer.errors import (
     IndexStoreError,
     UsageError,
 )
-from fol_infer.fileio import atomic_writer
+from fol_infer.files.atomic import atomic_writer
 from fol_infer.index import global_index
 from fol_infer.index.global_index import GlobalIndex, gpu_available
 from fol_infer.index.metadata import IndexMetadata

@@ -14,7 +14,8 @@ from sample_images import make_images
 from fol_infer.backends import open_encoder
 from fol_infer.bundle import Bundle
 from fol_infer.images import preprocess
-from fol_infer.index.database import DESCRIPTORS, METADATA, Database, build_index
+from fol_infer.index.build import build_index
+from fol_infer.index.database import DESCRIPTORS, METADATA, Database
 from fol_infer.index.lock import IndexBusyError, WriterLock, lock_path
 from fol_infer.index.token_store import COMMIT, TokenStore
 

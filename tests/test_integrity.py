@@ -12,13 +12,14 @@ import pytest
 from sample_images import make_images
 from typer.testing import CliRunner
 
-from fol_infer import integrity
 from fol_infer.backends import open_encoder
 from fol_infer.bundle import Bundle
 from fol_infer.cli import app
 from fol_infer.errors import BundleError, DamagedFileError
-from fol_infer.index.database import FAISS_FILE, BuildSettings, Database, build_index
-from fol_infer.user_cache import cache_dir
+from fol_infer.files import integrity
+from fol_infer.files.user_cache import cache_dir
+from fol_infer.index.build import BuildSettings, build_index
+from fol_infer.index.database import FAISS_FILE, Database
 
 runner = CliRunner()
 

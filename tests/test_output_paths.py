@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from fol_infer.cli import app
 from fol_infer.errors import UsageError
-from fol_infer.ownership import check_outputs
+from fol_infer.files.ownership import check_outputs
 
 REPORT = Path(__file__).resolve().parents[1] / "benchmarks/results/bench_default_torch_cpu.json"
 

@@ -9,10 +9,12 @@ import pytest
 from sample_images import make_images
 from typer.testing import CliRunner
 
+from fol_infer.bundle import PRODUCT as BUNDLE
 from fol_infer.cli import app
 from fol_infer.errors import UsageError
+from fol_infer.files.ownership import check_replaceable, is_product
 from fol_infer.index.database import METADATA
-from fol_infer.ownership import check_replaceable, is_product
+from fol_infer.index.database import PRODUCT as INDEX
 
 runner = CliRunner()
 
@@ -66,29 +68,29 @@ def test_index_force_refuses_a_users_folder_and_the_database(
 def test_products_are_recognised_by_their_markers_not_their_names(
     tiny_bundle: Path, tmp_path: Path
 ) -> None:
-    assert is_product(tiny_bundle, "bundle") and not is_product(tiny_bundle, "index")
+    assert is_product(tiny_bundle, BUNDLE) and not is_product(tiny_bundle, INDEX)
     fake = tmp_path / "engines-vitb14-322"  # a bundle-like name, a user's content
     fake.mkdir()
     (fake / "manifest.json").write_text(json.dumps({"name": "my shipping manifest"}))
-    assert not is_product(fake, "bundle")
+    assert not is_product(fake, BUNDLE)
     with pytest.raises(UsageError, match="not a fol-infer bundle"):
-        check_replaceable(fake, "bundle", {})
+        check_replaceable(fake, BUNDLE, {})
     legacy = tmp_path / "legacy"  # a bundle written before the format marker
     legacy.mkdir()
     manifest = json.loads((tiny_bundle / "manifest.json").read_text())
     del manifest["format"]
     (legacy / "manifest.json").write_text(json.dumps(manifest))
-    assert is_product(legacy, "bundle")
+    assert is_product(legacy, BUNDLE)
     damaged = tmp_path / "idx"  # an index whose index.json is damaged can still be rebuilt
     (damaged / "descriptors").mkdir(parents=True)
     (damaged / METADATA).write_text("{not json")
     (damaged / "descriptors" / "commit.json").write_text(
         json.dumps({"format": "fol-infer-token-store"})
     )
-    assert is_product(damaged, "index")
-    check_replaceable(damaged, "index", {})
+    assert is_product(damaged, INDEX)
+    check_replaceable(damaged, INDEX, {})
     (tmp_path / "empty").mkdir()
-    check_replaceable(tmp_path / "empty", "index", {})  # nothing to lose
+    check_replaceable(tmp_path / "empty", INDEX, {})  # nothing to lose
     (tmp_path / "file").write_text("x")
     with pytest.raises(UsageError, match="it is a file"):
-        check_replaceable(tmp_path / "file", "index", {})
+        check_replaceable(tmp_path / "file", INDEX, {})

@@ -19,7 +19,7 @@ from fol_infer.choices import RerankBackend
 from fol_infer.cli import app
 from fol_infer.errors import UsageError
 from fol_infer.images import preprocess
-from fol_infer.index.database import BuildSettings, build_index
+from fol_infer.index.build import BuildSettings, build_index
 from fol_infer.pipeline import Retriever
 from fol_infer.rerank import DEFAULT_THRESHOLD, RerankSettings, count_mutual_matches
 

@@ -13,11 +13,11 @@ import pytest
 from sample_images import make_images
 from typer.testing import CliRunner
 
-from fol_infer import rerank
 from fol_infer.cli import app
 from fol_infer.errors import UsageError
 from fol_infer.outputs import CSV_COLUMNS, csv_text, pairs_text, query_names
 from fol_infer.pipeline import GlobalHit, QueryResult, RerankHit
+from fol_infer.rerank import dispatch as rerank
 
 
 @pytest.fixture(scope="module")

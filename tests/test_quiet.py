@@ -54,7 +54,7 @@ def test_exporter_chatter_only_under_verbose(chatty: tuple[logging.Logger, Colle
 
 def test_cli_notes_and_warnings_read_plainly(capsys: pytest.CaptureFixture[str]) -> None:
     configure_logging(verbose=False)
-    log = logging.getLogger("fol_infer.rerank")
+    log = logging.getLogger("fol_infer.rerank.dispatch")
     log.info("re-ranking on the CPU (no NVIDIA GPU on this machine)")
     log.warning("something to act on")
     log.debug("hidden")

@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 
 from fol_infer.errors import IndexStoreError, ShardUnavailableError
-from fol_infer.index.database import DESCRIPTORS, METADATA, TOKENS, BuildSettings
+from fol_infer.index.build import BuildSettings
+from fol_infer.index.database import DESCRIPTORS, METADATA, TOKENS
 from fol_infer.index.metadata import IndexMetadata
 from fol_infer.index.shards import MapManifest
 from fol_infer.index.token_store import TokenStore

@@ -19,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from rerank_reference import reference_order, reference_score, reference_scores
 
-import fol_infer.rerank as rerank
+import fol_infer.rerank.dispatch as rerank
 from fol_infer.errors import BackendUnavailableError, UsageError
 from fol_infer.rerank import cpu
 from fol_infer.rerank.cpu import count_mutual_matches_many_cpu, threshold_f32, tile_shape
@@ -294,11 +294,11 @@ def test_auto_falls_back_to_cpu_with_one_notice(
     monkeypatch.setattr(rerank, "_triton_unavailable_reason", lambda: reason)
     monkeypatch.setattr(rerank, "_fallback_noted", False)
     q = np.array([[1, 0], [0, 1]], np.float32)
-    with caplog.at_level(logging.DEBUG, logger="fol_infer.rerank"):
+    with caplog.at_level(logging.DEBUG, logger=rerank.__name__):
         first = rerank.count_mutual_matches(q, [q, q[:1]])
         second = rerank.count_mutual_matches(q, [q])
     assert first.tolist() == [2, 1] and second.tolist() == [2]
-    notices = [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "fol_infer.rerank"]
+    notices = [(r.levelno, r.getMessage()) for r in caplog.records if r.name == rerank.__name__]
     assert notices == [(level, notice)]
 
 

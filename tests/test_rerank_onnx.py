@@ -17,7 +17,7 @@ from rerank_reference import reference_scores
 
 from fol_infer.bundle import Bundle
 from fol_infer.errors import BackendUnavailableError, BundleError, FolInferError, UsageError
-from fol_infer.integrity import sha256_file
+from fol_infer.files.integrity import sha256_file
 from fol_infer.rerank import RerankSettings, count_mutual_matches, count_mutual_matches_many
 from fol_infer.rerank.cpu import count_mutual_matches_many_cpu
 
@@ -25,7 +25,7 @@ onnx = pytest.importorskip("onnx", reason="the re-rank graph is built with onnx"
 from typer.testing import CliRunner  # noqa: E402
 
 from fol_infer.cli import app  # noqa: E402
-from fol_infer.export.rerank_graph import build_rerank_model  # noqa: E402
+from fol_infer.rerank.graph import build_rerank_model  # noqa: E402
 from fol_infer.rerank.onnx_runner import CPU, CUDA, OnnxReranker  # noqa: E402
 
 CAPACITY, DIM = 16, 4
@@ -249,7 +249,7 @@ def test_pipeline_re_ranks_with_the_bundle_graph(tiny_bundle: Path, tmp_path: Pa
     from sample_images import make_images
 
     from fol_infer.backends import open_encoder
-    from fol_infer.index.database import BuildSettings, build_index
+    from fol_infer.index.build import BuildSettings, build_index
     from fol_infer.pipeline import Retriever
 
     make_images(tmp_path / "db", 5)

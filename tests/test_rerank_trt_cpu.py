@@ -18,15 +18,16 @@ import pytest
 
 from fol_infer.bundle import Bundle
 from fol_infer.errors import BackendUnavailableError, BundleError, UsageError
-from fol_infer.export import engines
-from fol_infer.export.engines import EngineRecord, GpuInfo, Profile
 from fol_infer.rerank.cpu import count_mutual_matches_many_cpu
+from fol_infer.trt import record as trt_record
+from fol_infer.trt.record import EngineRecord, GpuInfo, Profile
 
 onnx = pytest.importorskip("onnx", reason="the re-rank graph is built with onnx")
 from onnx import TensorProto  # noqa: E402
 
 from fol_infer.export import rerank_engine  # noqa: E402
 from fol_infer.export.opcheck import check_graph  # noqa: E402
+from fol_infer.rerank import trt_runner  # noqa: E402
 from fol_infer.rerank.onnx_runner import CPU, OnnxReranker  # noqa: E402
 
 HERE = GpuInfo("NVIDIA Jetson AGX Orin", "8.7", "12.6")
@@ -75,7 +76,7 @@ def test_engine_graph_casts_float16_candidates_up_and_computes_in_float32(
 
 
 def test_engine_graph_counts_like_the_cpu_on_float16_candidates() -> None:
-    from fol_infer.export.rerank_graph import build_rerank_model
+    from fol_infer.rerank.graph import build_rerank_model
 
     r = OnnxReranker(
         build_rerank_model(64, 32, "float16").SerializeToString(), providers=[CPU], chunk=3
@@ -114,7 +115,7 @@ def with_rerank_engine(bundle_dir: Path, tmp_path: Path, gpu: GpuInfo = HERE) ->
         fp32_nodes=26,
         built="2026-01-01T00:00:00+00:00",
     )
-    engines.set_records(bundle.manifest, {"rerank": record})
+    trt_record.set_records(bundle.manifest, {"rerank": record})
     bundle.manifest.write(copy)
     return Bundle.open(copy)
 
@@ -123,21 +124,21 @@ def test_rerank_records_are_read_checked_and_name_their_rebuild(
     tiny_bundle: Path, tmp_path: Path
 ) -> None:
     with pytest.raises(BundleError, match="no TensorRT rerank engine: build it .* build-trt"):
-        rerank_engine.rerank_record(Bundle.open(tiny_bundle))
+        trt_runner.rerank_record(Bundle.open(tiny_bundle))
     bundle = with_rerank_engine(tiny_bundle, tmp_path)
-    record = rerank_engine.rerank_record(bundle)
+    record = trt_runner.rerank_record(bundle)
     assert record.profile == Profile(1, 8, 8)
-    assert engines.rebuild_command(bundle.folder, record).endswith("--rerank-chunk 8")
-    engines.check_record(bundle, record, "10.3.0", HERE)  # loadable here
+    assert trt_record.rebuild_command(bundle.folder, record).endswith("--rerank-chunk 8")
+    trt_record.check_record(bundle, record, "10.3.0", HERE)  # loadable here
     with pytest.raises(BundleError, match="built with TensorRT 10.3.0 for NVIDIA Jetson"):
-        engines.check_record(bundle, record, "10.3.0", replace(HERE, name="NVIDIA H100"))
+        trt_record.check_record(bundle, record, "10.3.0", replace(HERE, name="NVIDIA H100"))
     with pytest.raises(BundleError, match="older rerank graph .* --rerank-chunk 8"):
-        engines.check_record(bundle, replace(record, onnx_sha256="1" * 64), "10.3.0", HERE)
+        trt_record.check_record(bundle, replace(record, onnx_sha256="1" * 64), "10.3.0", HERE)
     manifest = json.loads((bundle.folder / "manifest.json").read_text())
     manifest["engines"]["rerank"]["profile"] = "eight"
     (bundle.folder / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(BundleError, match="malformed rerank engine record"):
-        rerank_engine.rerank_record(Bundle.open(bundle.folder))
+        trt_runner.rerank_record(Bundle.open(bundle.folder))
 
 
 def test_trt_reranker_here_says_why_it_cannot_run(tiny_bundle: Path, tmp_path: Path) -> None:
@@ -171,11 +172,11 @@ def test_build_refuses_a_bad_chunk_before_tensorrt_and_leaves_the_bundle(
 def test_rerank_engine_builds_and_counts_exactly_on_a_gpu(
     tiny_bundle: Path, tmp_path: Path
 ) -> None:
-    from fol_infer.export.trt_build import require_tensorrt
+    from fol_infer.trt.library import require_tensorrt
 
     try:
         require_tensorrt()
-        engines.current_gpu()
+        trt_record.current_gpu()
     except BackendUnavailableError as exc:
         pytest.skip(str(exc))
     from fol_infer.export.bundle_engines import build_bundle_engines
@@ -201,7 +202,7 @@ def test_auto_picks_the_rerank_engine_where_tensorrt_loads_it_and_triton_does_no
     tiny_bundle: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The Jetson case, with the engine replaced by a stand-in that scores on the CPU."""
-    import fol_infer.rerank as rerank
+    import fol_infer.rerank.dispatch as rerank
     from fol_infer.rerank import count_mutual_matches, trt_runner
 
     calls: list[int] = []
@@ -229,8 +230,8 @@ def test_build_trt_builds_and_records_the_rerank_engine(
     """build-trt with the TensorRT calls replaced: what the rerank build is given and records."""
     from trt_fakes import fake_build_calls
 
-    from fol_infer.export import trt_build
     from fol_infer.export.bundle_engines import build_bundle_engines
+    from fol_infer.trt import build as trt_build
 
     seen: dict[str, tuple[Any, ...]] = {}
 
@@ -247,8 +248,8 @@ def test_build_trt_builds_and_records_the_rerank_engine(
     assert options.batch == (1, 4, 4) and options.strongly_typed
     assert graph.graph.input[2].type.tensor_type.elem_type == TensorProto.FLOAT16
     bundle = Bundle.open(copy, verify="full")
-    record = rerank_engine.rerank_record(bundle)
+    record = trt_runner.rerank_record(bundle)
     assert record == records["rerank"] and record.profile == Profile(1, 4, 4)
     assert record.onnx_sha256 == bundle.manifest.rerank.sha256  # type: ignore[union-attr]
     assert (copy / "rerank.fp16.engine").read_bytes().endswith(b"fp16-candidates.onnx")
-    engines.check_record(bundle, record, "10.3.0", HERE)
+    trt_record.check_record(bundle, record, "10.3.0", HERE)

@@ -13,7 +13,7 @@ from sample_images import make_images
 from typer.testing import CliRunner
 
 from fol_infer.cli import app
-from fol_infer.fsnames import printable
+from fol_infer.files.names import printable
 from fol_infer.index.database import METADATA, Database
 from fol_infer.index.metadata import IndexMetadata
 

@@ -181,7 +181,7 @@ def test_interrupted_build_is_not_served_and_resumes_to_the_same_bytes(  # type:
 ) -> None:
     from fol_infer.backends import open_encoder
     from fol_infer.bundle import Bundle
-    from fol_infer.index.database import BuildSettings
+    from fol_infer.index.build import BuildSettings
     from fol_infer.index.map_build import LocalRunner, build_map
 
     bundle, out = Bundle.open(map_builds.bundle), tmp_path / "map"

@@ -24,9 +24,13 @@ import pytest
 
 from fol_infer.bundle import Bundle
 from fol_infer.errors import BackendUnavailableError, BundleError, UsageError
-from fol_infer.export import engines, layer_pins, precision, trt_build
-from fol_infer.export.engines import EngineRecord, GpuInfo, Profile
+from fol_infer.export import precision
 from fol_infer.parity import TOLERANCES
+from fol_infer.trt import build as trt_build
+from fol_infer.trt import library as trt_library
+from fol_infer.trt import pins as trt_pins
+from fol_infer.trt import record as trt_record
+from fol_infer.trt.record import EngineRecord, GpuInfo, Profile
 
 REPO = Path(__file__).resolve().parents[1]
 onnx = pytest.importorskip("onnx", reason="the precision plan reads ONNX graphs (pip install onnx)")
@@ -36,7 +40,7 @@ HERE = GpuInfo("NVIDIA H100 80GB HBM3", "9.0", "12.8")
 
 def tensorrt_installed() -> bool:
     try:
-        trt_build.require_tensorrt()
+        trt_library.require_tensorrt()
     except BackendUnavailableError:
         return False
     return True
@@ -184,7 +188,7 @@ def test_profiles_cover_batch_one_to_max() -> None:
     assert Profile.for_batch(8, opt_batch=2) == Profile(1, 2, 8)
     for bad in (
         {"max_batch": 0},
-        {"max_batch": engines.MAX_BATCH + 1},
+        {"max_batch": trt_record.MAX_BATCH + 1},
         {"max_batch": 4, "opt_batch": 5},
     ):
         with pytest.raises(UsageError, match="batch"):
@@ -201,10 +205,10 @@ def fake_engines(
     records = {}
     for graph, spec in bundle.manifest.graphs.items():
         data = f"not a real {graph} engine".encode()
-        (copy / engines.engine_file(graph, "fp16")).write_bytes(data)
+        (copy / trt_record.engine_file(graph, "fp16")).write_bytes(data)
         records[graph] = EngineRecord(
             graph=graph,
-            file=engines.engine_file(graph, "fp16"),
+            file=trt_record.engine_file(graph, "fp16"),
             sha256="0" * 64,
             bytes=len(data),
             onnx_sha256=spec.sha256,
@@ -218,18 +222,18 @@ def fake_engines(
             fp32_nodes=12,
             built="2026-01-01T00:00:00+00:00",
         )
-    engines.set_records(bundle.manifest, records)
+    trt_record.set_records(bundle.manifest, records)
     bundle.manifest.write(copy)
     return Bundle.open(copy)
 
 
 def test_engine_records_round_trip_through_the_manifest(tiny_bundle: Path, tmp_path: Path) -> None:
     bundle = fake_engines(tiny_bundle, tmp_path)
-    records = engines.read_records(bundle)
+    records = trt_record.read_records(bundle)
     assert set(records) == set(bundle.manifest.graphs)
     assert records["global"].profile == Profile(1, 8, 8)
     for record in records.values():
-        engines.check_record(bundle, record, "10.13.0.35", HERE)
+        trt_record.check_record(bundle, record, "10.13.0.35", HERE)
     assert bundle.manifest.fingerprint == Bundle.open(tiny_bundle).manifest.fingerprint
 
 
@@ -245,9 +249,9 @@ def test_engine_from_another_gpu_or_tensorrt_is_refused(
     tiny_bundle: Path, tmp_path: Path, tensorrt: str, gpu: GpuInfo, what: str
 ) -> None:
     bundle = fake_engines(tiny_bundle, tmp_path)
-    record = engines.read_records(bundle)["global"]
+    record = trt_record.read_records(bundle)["global"]
     with pytest.raises(BundleError, match=what) as info:
-        engines.check_record(bundle, record, tensorrt, gpu)
+        trt_record.check_record(bundle, record, tensorrt, gpu)
     message = str(info.value)
     assert (
         f"rebuild here with fol-infer build-trt {bundle.folder} --precision fp16 --max-batch 8"
@@ -257,33 +261,35 @@ def test_engine_from_another_gpu_or_tensorrt_is_refused(
 
 def test_stale_missing_or_truncated_engines_are_refused(tiny_bundle: Path, tmp_path: Path) -> None:
     bundle = fake_engines(tiny_bundle, tmp_path)
-    record = engines.read_records(bundle)["local"]
+    record = trt_record.read_records(bundle)["local"]
     with pytest.raises(BundleError, match="re-exported"):
-        engines.check_record(bundle, replace(record, onnx_sha256="f" * 64), record.tensorrt, HERE)
+        trt_record.check_record(
+            bundle, replace(record, onnx_sha256="f" * 64), record.tensorrt, HERE
+        )
     (bundle.folder / record.file).write_bytes(b"short")
     with pytest.raises(BundleError, match="changed or truncated"):
-        engines.check_record(bundle, record, record.tensorrt, HERE)
+        trt_record.check_record(bundle, record, record.tensorrt, HERE)
     (bundle.folder / record.file).unlink()
     with pytest.raises(BundleError, match="missing: rebuild with fol-infer build-trt"):
-        engines.check_record(bundle, record, record.tensorrt, HERE)
+        trt_record.check_record(bundle, record, record.tensorrt, HERE)
 
 
 def test_bundle_without_engines_is_refused(tiny_bundle: Path) -> None:
     with pytest.raises(
         BundleError, match="no TensorRT engines: build them with fol-infer build-trt"
     ):
-        engines.read_records(Bundle.open(tiny_bundle))
+        trt_record.read_records(Bundle.open(tiny_bundle))
 
 
 def test_batch_above_the_profile_maximum_is_refused(tiny_bundle: Path, tmp_path: Path) -> None:
     bundle = fake_engines(tiny_bundle, tmp_path, max_batch=4)
-    record = engines.read_records(bundle)["global"]
-    engines.check_batch(4, record, bundle.folder)
+    record = trt_record.read_records(bundle)["global"]
+    trt_record.check_batch(4, record, bundle.folder)
     with pytest.raises(UsageError, match="batch of 5 images is above .* maximum of 4") as info:
-        engines.check_batch(5, record, bundle.folder)
+        trt_record.check_batch(5, record, bundle.folder)
     assert "--max-batch 5" in str(info.value)
     with pytest.raises(UsageError, match="at least 1"):
-        engines.check_batch(0, record, bundle.folder)
+        trt_record.check_batch(0, record, bundle.folder)
 
 
 # --- a missing TensorRT, driver or GPU ------------------------------------------------------
@@ -293,17 +299,17 @@ def test_missing_tensorrt_names_the_packages(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     monkeypatch.setitem(sys.modules, "tensorrt", None)  # the import fails as if not installed
-    monkeypatch.setattr(trt_build, "JETSON_RELEASE", tmp_path / "absent")
-    monkeypatch.setattr(engines.ctypes, "CDLL", lambda name: FakeDriver(0))
+    monkeypatch.setattr(trt_library, "JETSON_RELEASE", tmp_path / "absent")
+    monkeypatch.setattr(trt_record.ctypes, "CDLL", lambda name: FakeDriver(0))
     with pytest.raises(BackendUnavailableError, match="TensorRT is not installed") as info:
-        trt_build.require_tensorrt()
+        trt_library.require_tensorrt()
     assert "tensorrt-cu12" in str(info.value) and "tensorrt-cu13" in str(info.value)
-    monkeypatch.setattr(engines.ctypes, "CDLL", lambda name: FakeDriver(1))  # a CUDA 12.6 driver
+    monkeypatch.setattr(trt_record.ctypes, "CDLL", lambda name: FakeDriver(1))  # a CUDA 12.6 driver
     with pytest.raises(BackendUnavailableError, match="CUDA 12.6: pip install tensorrt-cu12"):
-        trt_build.require_tensorrt()
+        trt_library.require_tensorrt()
     (tmp_path / "absent").write_text("# R36 (release), REVISION: 4.3\n")  # now a Jetson
     with pytest.raises(BackendUnavailableError, match="JetPack's TensorRT"):
-        trt_build.require_tensorrt()
+        trt_library.require_tensorrt()
 
 
 def test_type_stubs_alone_do_not_count_as_tensorrt() -> None:
@@ -312,7 +318,7 @@ def test_type_stubs_alone_do_not_count_as_tensorrt() -> None:
     if importlib.util.find_spec("tensorrt") is None:
         pytest.skip("tensorrt-stubs is not installed here")
     with pytest.raises(BackendUnavailableError, match="TensorRT is not installed"):
-        trt_build.require_tensorrt()
+        trt_library.require_tensorrt()
 
 
 class FakeDriver:
@@ -347,22 +353,22 @@ class FakeDriver:
 
 
 def test_gpu_identity_comes_from_the_driver(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(engines.ctypes, "CDLL", lambda name: FakeDriver(1))
-    assert engines.current_gpu() == GpuInfo("Orin (nvgpu)", "8.7", "12.6")
+    monkeypatch.setattr(trt_record.ctypes, "CDLL", lambda name: FakeDriver(1))
+    assert trt_record.current_gpu() == GpuInfo("Orin (nvgpu)", "8.7", "12.6")
     with pytest.raises(UsageError, match="GPU 3 does not exist"):
-        engines.current_gpu(3)
-    monkeypatch.setattr(engines.ctypes, "CDLL", lambda name: FakeDriver(0))
+        trt_record.current_gpu(3)
+    monkeypatch.setattr(trt_record.ctypes, "CDLL", lambda name: FakeDriver(0))
     with pytest.raises(BackendUnavailableError, match=r"driver \(CUDA 12.6\) sees no usable GPU"):
-        engines.current_gpu()
+        trt_record.current_gpu()
 
 
 def test_no_driver_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
     def no_library(name: str) -> ctypes.CDLL:
         raise OSError(name)
 
-    monkeypatch.setattr(engines.ctypes, "CDLL", no_library)
+    monkeypatch.setattr(trt_record.ctypes, "CDLL", no_library)
     with pytest.raises(BackendUnavailableError, match="no NVIDIA driver found"):
-        engines.current_gpu()
+        trt_record.current_gpu()
 
 
 def test_trt_backend_here_says_what_is_missing(tiny_bundle: Path) -> None:
@@ -440,10 +446,10 @@ def test_failure_messages_name_the_node_and_the_remedy() -> None:
 def test_layers_map_back_to_onnx_nodes() -> None:
     outputs = {"mul_27": "node_mul_27"}
     fused = "[ONNX Layer: node_exp]\x1f[ONNX Layer: node_sum_2]"
-    assert layer_pins.layer_nodes(fused, "x", [], outputs) == {"node_exp", "node_sum_2"}
-    assert layer_pins.layer_nodes("", "node_mul_27", [], outputs) == {"node_mul_27"}
-    assert layer_pins.layer_nodes("", "(Unnamed Layer* 3)", ["mul_27"], outputs) == {"node_mul_27"}
-    assert layer_pins.layer_nodes("", "(Unnamed Layer* 4)", ["other"], outputs) == set()
+    assert trt_pins.layer_nodes(fused, "x", [], outputs) == {"node_exp", "node_sum_2"}
+    assert trt_pins.layer_nodes("", "node_mul_27", [], outputs) == {"node_mul_27"}
+    assert trt_pins.layer_nodes("", "(Unnamed Layer* 3)", ["mul_27"], outputs) == {"node_mul_27"}
+    assert trt_pins.layer_nodes("", "(Unnamed Layer* 4)", ["other"], outputs) == set()
 
 
 def test_device_arrays_describe_themselves_for_zero_copy_consumers() -> None:

@@ -15,13 +15,15 @@ import numpy as np
 import pytest
 
 from fol_infer.errors import FolInferError
-from fol_infer.export import engines, layer_pins, trt_build
+from fol_infer.trt import library as trt_library
+from fol_infer.trt import pins as trt_pins
+from fol_infer.trt import record as trt_record
 
 
 def _missing() -> str | None:
     try:
-        trt_build.require_tensorrt()
-        engines.current_gpu()
+        trt_library.require_tensorrt()
+        trt_record.current_gpu()
     except FolInferError as exc:
         return str(exc)
     return None
@@ -60,13 +62,13 @@ def _kind(fmt: str) -> str:
 
 
 def test_every_pinned_layer_runs_fp32_in_the_built_engine(built: dict[str, Path]) -> None:
-    if trt_build.major(trt_build.require_tensorrt()) >= 11:
+    if trt_library.major(trt_library.require_tensorrt()) >= 11:
         pytest.skip("TensorRT 11 builds fp16 strongly typed: no layer constraints to read back")
     checked = 0
     for graph in ("global", "local"):
-        engine = built["fp16"] / engines.engine_file(graph, "fp16")
-        info = json.loads(engine.with_suffix(engines.LAYERS_SUFFIX).read_text())
-        pins = json.loads(engine.with_suffix(engines.PINS_SUFFIX).read_text())
+        engine = built["fp16"] / trt_record.engine_file(graph, "fp16")
+        info = json.loads(engine.with_suffix(trt_record.LAYERS_SUFFIX).read_text())
+        pins = json.loads(engine.with_suffix(trt_record.PINS_SUFFIX).read_text())
         assert pins["via_consumer"], "no ReduceL2 square was pinned"
         full = {p["name"] for p in pins["layers"] if p["precision"]}
         outputs_only = {p["name"] for p in pins["layers"] if not p["precision"]}
@@ -133,21 +135,21 @@ def test_the_real_parser_lays_the_graphs_out_as_the_cpu_tests_assume(
     built: dict[str, Path],
 ) -> None:
     """What tests/test_trt_pins.py models (unregistered squares, comparisons, TopK), for real."""
-    if trt_build.major(trt_build.require_tensorrt()) >= 11:
+    if trt_library.major(trt_library.require_tensorrt()) >= 11:
         pytest.skip("TensorRT 11 builds fp16 strongly typed: no pins")
     import onnx
 
     from fol_infer.bundle import Bundle
 
     expected = {
-        "ReduceL2": layer_pins.PINNED,
-        "Greater": layer_pins.COMPARISON,
-        "GreaterOrEqual": layer_pins.COMPARISON,
-        "TopK": layer_pins.OUTPUTS,
+        "ReduceL2": trt_pins.PINNED,
+        "Greater": trt_pins.COMPARISON,
+        "GreaterOrEqual": trt_pins.COMPARISON,
+        "TopK": trt_pins.OUTPUTS,
     }
     for graph in ("global", "local"):
-        engine = built["fp16"] / engines.engine_file(graph, "fp16")
-        pins = json.loads(engine.with_suffix(engines.PINS_SUFFIX).read_text())
+        engine = built["fp16"] / trt_record.engine_file(graph, "fp16")
+        pins = json.loads(engine.with_suffix(trt_record.PINS_SUFFIX).read_text())
         model = onnx.load(str(Bundle.open(built["fp16"]).path(graph)))
         found = {n.name: expected[n.op_type] for n in model.graph.node if n.op_type in expected}
         assert found and {n: pins["nodes"][n] for n in found} == found

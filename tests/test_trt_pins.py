@@ -20,8 +20,10 @@ from typing import Any
 import pytest
 
 from fol_infer.bundle import Bundle
-from fol_infer.export import layer_pins, precision, trt_build
-from fol_infer.export.layer_pins import LayerView, TensorView
+from fol_infer.export import precision
+from fol_infer.trt import build as trt_build
+from fol_infer.trt import pins as trt_pins
+from fol_infer.trt.pins import LayerView, TensorView
 
 onnx = pytest.importorskip("onnx", reason="the precision plan reads ONNX graphs (pip install onnx)")
 DTYPES = {1: "FLOAT", 10: "HALF", 9: "BOOL", 7: "INT64", 6: "INT32", 3: "INT8", 2: "UINT8"}
@@ -128,17 +130,17 @@ def test_every_reduce_l2_square_is_pinned_through_its_reduction(tiny_bundle_322:
     for graph in ("global", "local"):
         model, plan, layout = planned(tiny_bundle_322, graph)
         fp32 = fp32_nodes(plan)
-        report = layer_pins.plan_pins(layout.layers, fp32)
+        report = trt_pins.plan_pins(layout.layers, fp32)
         pinned = {p.layer: p for p in report.pins}
         node_of_output = {out: node for node, outs in fp32.items() for out in outs}
         for layer in layout.layers:
-            if not layer.name.startswith(layer_pins.UNNAMED):
+            if not layer.name.startswith(trt_pins.UNNAMED):
                 continue
             (reduce,) = consumers_of(layout, layer.outputs[0].name)
             assert reduce.kind == "REDUCE" and reduce.index in pinned
             # by name and metadata alone (the rule before) the square matched no planned node
             outs = [t.name for t in layer.outputs]
-            assert not layer_pins.layer_nodes("", layer.name, outs, node_of_output)
+            assert not trt_pins.layer_nodes("", layer.name, outs, node_of_output)
             assert pinned[layer.index].float_outputs == (0,)
             assert layer.name in report.via_consumer
             squares += 1
@@ -162,14 +164,14 @@ def test_an_unregistered_chain_pins_backwards_but_not_past_registered_layers() -
             6, "node_mul", "[ONNX Layer: node_mul]", "ELEMENTWISE", (f("v"), f("y")), (f("w"),)
         ),
     ]
-    report = layer_pins.plan_pins(layers, {"node_sum": ("y",), "node_mul": ("w",)})
+    report = trt_pins.plan_pins(layers, {"node_sum": ("y",), "node_mul": ("w",)})
     # not the matmul, not the unrelated layer, not the exact cast from integers
     assert [p.layer for p in report.pins] == [1, 2, 3, 6]
     assert report.via_consumer == [
         "(Unnamed Layer* 1) [Shuffle]",
         "(Unnamed Layer* 2) [ElementWise]",
     ]
-    report = layer_pins.plan_pins(layers, {"node_sum": ("y",), "node_gone": ("w",)})
+    report = trt_pins.plan_pins(layers, {"node_sum": ("y",), "node_gone": ("w",)})
     assert report.nodes == {"node_sum": "pinned", "node_gone": "folded"}
     assert report.lines("g")[-1] == (
         "g: 1 planned node without a layer of its own (folded by the parser), e.g. node_gone"
@@ -178,7 +180,7 @@ def test_an_unregistered_chain_pins_backwards_but_not_past_registered_layers() -
 
 def test_metadata_with_a_local_function_still_names_its_node() -> None:
     meta = "[ONNX Layer: node_norm | Local Function: LayerNorm]\x1f[ONNX Layer: node_exp]"
-    assert layer_pins.layer_nodes(meta, "x", [], {}) == {"node_norm", "node_exp"}
+    assert trt_pins.layer_nodes(meta, "x", [], {}) == {"node_norm", "node_exp"}
 
 
 # --- rules 2 and 3: comparisons, constants, shape tensors, integer outputs -----------------
@@ -188,13 +190,13 @@ def test_comparisons_get_fp32_inputs_and_keep_their_bool_outputs(tiny_bundle_322
     seen = set()
     for graph in ("global", "local"):
         model, plan, layout = planned(tiny_bundle_322, graph)
-        report = layer_pins.plan_pins(layout.layers, fp32_nodes(plan))
+        report = trt_pins.plan_pins(layout.layers, fp32_nodes(plan))
         pinned = {p.layer: p for p in report.pins}
         for node in model.graph.node:
             if node.op_type not in ("Greater", "GreaterOrEqual"):
                 continue
             seen.add(node.op_type)
-            assert report.nodes[node.name] == layer_pins.COMPARISON
+            assert report.nodes[node.name] == trt_pins.COMPARISON
             tag = f"[ONNX Layer: {node.name}]"
             for layer in (layer for layer in layout.layers if layer.metadata == tag):
                 floats_in = any(t.dtype == "FLOAT" for t in layer.inputs)
@@ -209,23 +211,23 @@ def test_constants_shape_tensors_and_integer_outputs_never_get_a_precision(
 ) -> None:
     for graph in ("global", "local"):
         model, plan, layout = planned(tiny_bundle_322, graph)
-        report = layer_pins.plan_pins(layout.layers, fp32_nodes(plan))
+        report = trt_pins.plan_pins(layout.layers, fp32_nodes(plan))
         kinds = {"CONSTANT": 0, "shape": 0, "int": 0}
         for pin in report.pins:
             layer = layout.layers[pin.layer]
             assert layer.kind != "CONSTANT" and not any(t.shape for t in layer.outputs)
             floats = {"FLOAT", "HALF"}
             if not all(t.dtype in floats for t in layer.outputs):  # then bool, or TopK's indices
-                assert layer_pins.is_comparison(layer) or not pin.precision
+                assert trt_pins.is_comparison(layer) or not pin.precision
         for layer in layout.layers:  # the graphs do have each kind (constants of planned nodes)
-            name = layer_pins._ONNX_LAYER.findall(layer.metadata)
+            name = trt_pins._ONNX_LAYER.findall(layer.metadata)
             kinds["shape"] += any(t.shape for t in layer.outputs)
             if name and name[0] in plan.fp32:
                 kinds["CONSTANT"] += layer.kind == "CONSTANT"
                 kinds["int"] += any(t.dtype.startswith("INT") for t in layer.outputs)
         assert all(kinds.values()), kinds
         topks = [n.name for n in model.graph.node if n.op_type == "TopK"]
-        assert topks and all(report.nodes[n] == layer_pins.OUTPUTS for n in topks)
+        assert topks and all(report.nodes[n] == trt_pins.OUTPUTS for n in topks)
         for pin in report.pins:  # the ranked values stay fp32; the precision is TensorRT's
             if layout.layers[pin.layer].kind == "TOPK":
                 assert not pin.precision and pin.float_outputs == (0,)
@@ -234,12 +236,12 @@ def test_constants_shape_tensors_and_integer_outputs_never_get_a_precision(
 def test_skip_rules_one_layer_at_a_time() -> None:
     f, b, i = (TensorView("f", "FLOAT"), TensorView("b", "BOOL"), TensorView("i", "INT32"))
     shape = TensorView("s", "INT64", shape=True)
-    assert layer_pins.skip_reason(LayerView(0, "c", "", "CONSTANT", (), (f,))) == "constant"
-    assert layer_pins.skip_reason(LayerView(0, "s", "", "SHAPE", (f,), (shape,))) == "shape tensor"
-    assert layer_pins.skip_reason(LayerView(0, "t", "", "TOPK", (f,), (f, i))) == "non-float output"
-    assert layer_pins.skip_reason(LayerView(0, "o", "", "ELEMENTWISE", (b, b), (b,))) is not None
-    assert layer_pins.skip_reason(LayerView(0, "g", "", "ELEMENTWISE", (f, f), (b,))) is None
-    assert layer_pins.skip_reason(LayerView(0, "x", "", "GATHER", (f, i), (f,))) is None
+    assert trt_pins.skip_reason(LayerView(0, "c", "", "CONSTANT", (), (f,))) == "constant"
+    assert trt_pins.skip_reason(LayerView(0, "s", "", "SHAPE", (f,), (shape,))) == "shape tensor"
+    assert trt_pins.skip_reason(LayerView(0, "t", "", "TOPK", (f,), (f, i))) == "non-float output"
+    assert trt_pins.skip_reason(LayerView(0, "o", "", "ELEMENTWISE", (b, b), (b,))) is not None
+    assert trt_pins.skip_reason(LayerView(0, "g", "", "ELEMENTWISE", (f, f), (b,))) is None
+    assert trt_pins.skip_reason(LayerView(0, "x", "", "GATHER", (f, i), (f,))) is None
 
 
 # --- what build-trt says ----------------------------------------------------------------------
@@ -247,13 +249,13 @@ def test_skip_rules_one_layer_at_a_time() -> None:
 
 def test_report_says_what_happened_to_each_planned_node(tiny_bundle_322: Path) -> None:
     model, plan, layout = planned(tiny_bundle_322, "global")
-    report = layer_pins.plan_pins(layout.layers, fp32_nodes(plan))
+    report = trt_pins.plan_pins(layout.layers, fp32_nodes(plan))
     assert set(report.nodes) == set(plan.fp32)
-    folded = report.count(layer_pins.FOLDED)
+    folded = report.count(trt_pins.FOLDED)
     assert set(folded) == layout.folded & set(plan.fp32)  # only nodes with no layer at all
     lines = report.lines("global")
     pinned = len(report.count("pinned")) + len(report.count("comparison"))
-    pinned += len(report.count(layer_pins.OUTPUTS))
+    pinned += len(report.count(trt_pins.OUTPUTS))
     assert lines[0] == (
         f"global: {len(report.pins)} layers constrained to fp32 for {pinned} of "
         f"{len(plan.fp32)} planned nodes (1 comparison: fp32 inputs, bool outputs; "
@@ -263,7 +265,7 @@ def test_report_says_what_happened_to_each_planned_node(tiny_bundle_322: Path) -
     assert len(lines) == 2 and not folded  # nothing skipped or folded in this graph
     record = report.to_dict()
     topk = next(n.name for n in model.graph.node if n.op_type == "TopK")
-    assert record["nodes"][topk] == layer_pins.OUTPUTS and len(record["via_consumer"]) == 3
+    assert record["nodes"][topk] == trt_pins.OUTPUTS and len(record["via_consumer"]) == 3
     assert [layer["name"] for layer in record["layers"]] == [p.name for p in report.pins]
     assert [layer["precision"] for layer in record["layers"]].count(False) == 1  # the TopK
 
@@ -331,7 +333,7 @@ def test_pin_fp32_sets_precision_and_float_output_types_only(
         assert layer.precision is not None and layer.precision.name == "FLOAT"
         floats = {k for k, t in enumerate(layer._outputs) if t.dtype.name == "FLOAT"}
         assert set(layer.output_types) == floats and set(layer.output_types.values()) <= {"FLOAT"}
-    squares = [layer for layer in network.layers if layer.name.startswith(layer_pins.UNNAMED)]
+    squares = [layer for layer in network.layers if layer.name.startswith(trt_pins.UNNAMED)]
     assert len(squares) == 3 and all(s.output_types == {0: "FLOAT"} for s in squares)
 
 
@@ -350,7 +352,7 @@ def test_build_trt_prints_the_report_and_keeps_the_pins_beside_the_engine(
     def build(source: Path, shapes: Any, options: Any, fp32: Any, say: Any) -> Any:
         result = trt_build.BuildResult(engine=b"engine for " + source.name.encode())
         if fp32 is not None:
-            result.pins = layer_pins.plan_pins(ImporterLayout(onnx.load(str(source))).layers, fp32)
+            result.pins = trt_pins.plan_pins(ImporterLayout(onnx.load(str(source))).layers, fp32)
             result.notes = result.pins.lines(source.stem)
         return result
 

@@ -18,11 +18,13 @@ from typing import Any
 
 import pytest
 
-from fol_infer.backends import cuda_memory, trt
-from fol_infer.backends.cuda_memory import GraphCaptureFailed, _CudaPython
+from fol_infer.backends import trt
 from fol_infer.backends.trt import TrtEncoder
 from fol_infer.errors import EngineError
-from fol_infer.export import trt_build
+from fol_infer.trt import build as trt_build
+from fol_infer.trt import library as trt_library
+from fol_infer.trt import memory as trt_memory
+from fol_infer.trt.memory import GraphCaptureFailed, _CudaPython
 
 # --- cuda-bindings 13: the native handle instead of int() ----------------------------------
 
@@ -36,7 +38,7 @@ def test_native_handle_uses_the_cuda_bindings_helper_where_it_exists(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setitem(sys.modules, "cuda.bindings.utils", None)  # before 12.9.1: int()
-    assert cuda_memory.native_handle(Handle()) == 0xABC
+    assert trt_memory.native_handle(Handle()) == 0xABC
     cuda, bindings, utils = ModuleType("cuda"), ModuleType("cuda.bindings"), ModuleType("u")
     utils.get_cuda_native_handle = lambda obj: 0x5EED  # type: ignore[attr-defined]
     bindings.utils = utils  # type: ignore[attr-defined]
@@ -47,7 +49,7 @@ def test_native_handle_uses_the_cuda_bindings_helper_where_it_exists(
         ("cuda.bindings.utils", utils),
     ):
         monkeypatch.setitem(sys.modules, name, module)
-    assert cuda_memory.native_handle(Handle()) == 0x5EED
+    assert trt_memory.native_handle(Handle()) == 0x5EED
 
 
 # --- CUDA graph capture, as trtexec does it ---------------------------------------------------
@@ -202,7 +204,7 @@ def test_a_graph_that_cannot_be_captured_falls_back_once_and_says_so_once(
 ) -> None:
     mem = FakeMemory(capture_fails=True)
     enc = encoder(mem, monkeypatch)
-    with caplog.at_level(logging.WARNING, logger=cuda_memory.__name__):
+    with caplog.at_level(logging.WARNING, logger=trt_memory.__name__):
         for batch in (2, 2, 1):
             enc._run(("global",), batch)
     assert mem.events == [
@@ -298,9 +300,9 @@ class FakeILogger:
 
 def test_one_logger_for_every_builder_and_runtime(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "tensorrt", SimpleNamespace(ILogger=FakeILogger))
-    monkeypatch.setattr(trt_build, "_LOGGER", None)
-    first = trt_build._logger()
-    assert trt_build._logger() is first
+    monkeypatch.setattr(trt_library, "_LOGGER", None)
+    first = trt_library.logger()
+    assert trt_library.logger() is first
     first.log(Severity.ERROR, "no implementation obeys reformatting-free rules")
     first.log(Severity.INFO, "detail")
     assert first.take() == ["no implementation obeys reformatting-free rules"]

@@ -8,8 +8,11 @@ from typing import Any
 
 import pytest
 
-from fol_infer.export import engines, trt_build
-from fol_infer.export.engines import GpuInfo
+from fol_infer.trt import build as trt_build
+from fol_infer.trt import library as trt_library
+from fol_infer.trt import record as trt_record
+from fol_infer.trt import run as trt_run
+from fol_infer.trt.record import GpuInfo
 
 SOME_GPU = GpuInfo("GPU", "9.0", "12.8")
 
@@ -34,7 +37,7 @@ def fake_build_calls(
     gpu: GpuInfo = SOME_GPU,
 ) -> None:
     """``build`` replaces `trt_build.build_engine`; TensorRT and the GPU are said to be there."""
-    monkeypatch.setattr(trt_build, "require_tensorrt", lambda: tensorrt)
+    monkeypatch.setattr(trt_library, "require_tensorrt", lambda: tensorrt)
     monkeypatch.setattr(trt_build, "build_engine", build)
-    monkeypatch.setattr(trt_build, "EngineSession", FakeSession)
-    monkeypatch.setattr(engines, "current_gpu", lambda: gpu)
+    monkeypatch.setattr(trt_run, "EngineSession", FakeSession)
+    monkeypatch.setattr(trt_record, "current_gpu", lambda: gpu)

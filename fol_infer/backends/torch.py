@@ -13,7 +13,7 @@ import numpy as np
 from fol_infer.backends.base import Encoder, GlobalOutput, LocalOutput
 from fol_infer.bundle import Bundle
 from fol_infer.errors import BackendUnavailableError, CheckpointError
-from fol_infer.integrity import sha256_file
+from fol_infer.files.integrity import sha256_file
 
 
 class TorchEncoder(Encoder):
@@ -35,8 +35,8 @@ class TorchEncoder(Encoder):
             raise BackendUnavailableError(
                 "the torch backend needs PyTorch: pip install 'fol-infer[export]'"
             ) from None
-        from fol_infer.export.graphs import GlobalGraph, LocalGraph
         from fol_infer.model.checkpoint import load_checkpoint
+        from fol_infer.model.graphs import GlobalGraph, LocalGraph
 
         if threads:
             torch.set_num_threads(threads)

@@ -1,12 +1,12 @@
 """The TensorRT backend: a bundle's engines on one CUDA stream, outputs optionally left on the GPU.
 
-Device memory comes from `cuda_memory` (cuda-python, else torch's CUDA). Buffers are allocated
-once for the engines' largest batch: pinned host buffers for the copies, and device buffers
-shared by tensor name, so the local engine reads the global engine's features and region
-scores where they were written. An optional CUDA graph replays the enqueues of each batch
+Device memory comes from `fol_infer.trt.memory` (cuda-python, else torch's CUDA). Buffers
+are allocated once for the engines' largest batch: pinned host buffers for the copies, and
+device buffers shared by tensor name, so the local engine reads the global engine's features
+and region scores where they were written. An optional CUDA graph replays the enqueues of each batch
 size. `encode_device` skips the copies back and hands out `DeviceArray`s
 (``__cuda_array_interface__``: torch.as_tensor, CuPy and Numba read them without a copy) for
-the GPU re-ranker and GPU FAISS. Every TensorRT call goes through `fol_infer.export.trt_build`.
+the GPU re-ranker and GPU FAISS. Every TensorRT call goes through `fol_infer.trt.run`.
 Not yet run on hardware.
 """
 
@@ -19,18 +19,19 @@ from typing import Any
 import numpy as np
 
 from fol_infer.backends.base import Encoder, EncoderOutput, GlobalOutput, LocalOutput
-from fol_infer.backends.cuda_memory import GraphCaptureFailed, log, open_memory
 from fol_infer.bundle import Bundle
 from fol_infer.choices import DeviceMemory, Precision
 from fol_infer.errors import BundleError
-from fol_infer.export.engines import (
+from fol_infer.trt.library import require_tensorrt
+from fol_infer.trt.memory import GraphCaptureFailed, log, open_memory
+from fol_infer.trt.record import (
     check_batch,
     check_record,
     current_gpu,
     read_records,
     rebuild_command,
 )
-from fol_infer.export.trt_build import EngineSession, TensorInfo, require_tensorrt
+from fol_infer.trt.run import EngineSession, TensorInfo
 
 FIELDS = {
     "global": "descriptors",

@@ -28,7 +28,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from fol_infer.errors import UsageError
-from fol_infer.fileio import new_sibling_folder, replace_folder
+from fol_infer.files.atomic import new_sibling_folder, replace_folder
 from fol_infer.images import find_images
 from fol_infer.positions import (
     RADIUS_M,

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fol_infer.integrity import sha256_file
+from fol_infer.files.integrity import sha256_file
+from fol_infer.files.user_cache import cache_dir
 from fol_infer.progress import Progress
-from fol_infer.user_cache import cache_dir
 
 DEFAULT_ARCH = "vitb14"
 DEFAULT_SEED = 0

@@ -168,7 +168,8 @@ class Bench:
         return self.report
 
     def _build(self, bundle: Bundle, encoder: Encoder, dataset: Dataset, index_dir: Path) -> None:
-        from fol_infer.index.database import BuildSettings, Database, build_index
+        from fol_infer.index.build import BuildSettings, build_index
+        from fol_infer.index.database import Database
 
         self.say(f"indexing {len(dataset.database)} database images with {self.options.backend}")
         report = build_index(

@@ -25,7 +25,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from fol_infer.fileio import Writer
+from fol_infer.files.atomic import Writer
 from fol_infer.viz.bench_charts import STAGE_ORDER, bench_figure, chart_series
 from fol_infer.viz.figure import writer
 

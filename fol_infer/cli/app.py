@@ -15,7 +15,7 @@ from rich.markup import escape
 
 from fol_infer import __version__
 from fol_infer.errors import FolInferError
-from fol_infer.fsnames import printable
+from fol_infer.files.names import printable
 from fol_infer.progress import Progress
 
 app = typer.Typer(

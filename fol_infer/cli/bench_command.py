@@ -17,9 +17,9 @@ from fol_infer.cli.options import (
     choice,
     tokens_option,
 )
-from fol_infer.fileio import Writer, write_outputs
+from fol_infer.files.atomic import Writer, write_outputs
+from fol_infer.files.ownership import check_outputs
 from fol_infer.images import DEFAULT_RESOLUTION
-from fol_infer.ownership import check_outputs
 from fol_infer.positions import RADIUS_M
 from fol_infer.rerank.settings import DEFAULT_THRESHOLD, RerankSettings
 

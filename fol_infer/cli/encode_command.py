@@ -12,8 +12,8 @@ from fol_infer.cli.app import app, console, friendly_errors, untrained_banner
 from fol_infer.cli.options import BackendOption, BatchOption, CheckpointOption
 from fol_infer.cli.progress import progress_bar
 from fol_infer.errors import UsageError
-from fol_infer.fsnames import printable
-from fol_infer.ownership import check_outputs
+from fol_infer.files.names import printable
+from fol_infer.files.ownership import check_outputs
 
 
 @app.command()

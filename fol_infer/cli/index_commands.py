@@ -25,8 +25,8 @@ from fol_infer.cli.options import (
 )
 from fol_infer.cli.progress import progress_bar
 from fol_infer.errors import ImageError, UsageError
-from fol_infer.fsnames import printable
-from fol_infer.ownership import check_outputs
+from fol_infer.files.names import printable
+from fol_infer.files.ownership import check_outputs
 from fol_infer.positions import PositionTable, missing_note, read_positions_csv
 from fol_infer.rerank.settings import DEFAULT_THRESHOLD
 
@@ -92,7 +92,7 @@ def index(
     """
     from fol_infer.backends import open_encoder
     from fol_infer.bundle import Bundle
-    from fol_infer.index.database import BuildSettings, build_index
+    from fol_infer.index.build import BuildSettings, build_index
 
     if append and force:
         raise UsageError("--append and --force exclude each other")
@@ -200,7 +200,7 @@ def _write_outputs(
 ) -> None:
     """The files the next tool reads (`fol_infer.outputs`), all or none; skipped queries are
     left out. `names`: each query file's name in the pairs file."""
-    from fol_infer.fileio import write_outputs
+    from fol_infer.files.atomic import write_outputs
     from fol_infer.outputs import csv_text, pairs_text, text_bytes
 
     outputs: dict[Path, bytes] = {}
@@ -266,11 +266,10 @@ def query(
     """Retrieve database images for each query (from an index or a map), re-ranked by
     region-token matches."""
     from fol_infer.images import find_images
-    from fol_infer.index.database import recorded_bundle
     from fol_infer.outputs import check_pairs_name, partial_warning, query_names
     from fol_infer.pipeline import Retriever
     from fol_infer.rerank.settings import RerankSettings
-    from fol_infer.shard_set import ShardSet
+    from fol_infer.shard_set import ShardSet, recorded_bundle
 
     if bundle_dir is None:
         bundle_dir = recorded_bundle(index_dir)

@@ -7,8 +7,8 @@ from pathlib import Path
 from fol_infer.bundle import Bundle
 from fol_infer.cli.app import console
 from fol_infer.cli.progress import progress_bar
-from fol_infer.fsnames import printable
-from fol_infer.index.database import BuildSettings
+from fol_infer.files.names import printable
+from fol_infer.index.build import BuildSettings
 from fol_infer.index.map_build import LocalRunner, MapMode, ShardRunner, build_map
 
 

@@ -14,8 +14,8 @@ from fol_infer.choices import EncoderBackend, Precision, RerankBackend
 from fol_infer.cli.app import app, console, friendly_errors, status, stdout, untrained_banner
 from fol_infer.cli.options import BackendOption, CheckpointOption, choice
 from fol_infer.errors import UsageError
+from fol_infer.files.ownership import check_outputs
 from fol_infer.images import DEFAULT_RESOLUTION
-from fol_infer.ownership import check_outputs
 
 
 @app.command("make-checkpoint")

@@ -11,7 +11,7 @@ from fol_infer.choices import EncoderBackend
 from fol_infer.cli.app import app, console, friendly_errors
 from fol_infer.cli.options import BackendOption
 from fol_infer.cli.progress import progress_when_needed
-from fol_infer.fsnames import printable
+from fol_infer.files.names import printable
 
 
 @app.command()

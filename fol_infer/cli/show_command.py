@@ -18,7 +18,7 @@ from fol_infer.cli.options import (
     ThresholdOption,
 )
 from fol_infer.errors import UsageError
-from fol_infer.ownership import check_outputs
+from fol_infer.files.ownership import check_outputs
 from fol_infer.positions import RADIUS_M
 from fol_infer.rerank.settings import DEFAULT_THRESHOLD, RerankSettings
 
@@ -131,10 +131,10 @@ def results(
     """Each query with its global and re-ranked top-K; green/red frames when positions are
     known (from the index, file names or --positions)."""
     from fol_infer.images import find_images
-    from fol_infer.index.database import recorded_bundle
     from fol_infer.index.positions_store import load_positions
     from fol_infer.pipeline import Retriever
     from fol_infer.positions import positions_of, read_positions_csv
+    from fol_infer.shard_set import recorded_bundle
     from fol_infer.viz.figure import check_out
     from fol_infer.viz.results import draw_results, results_figure
 

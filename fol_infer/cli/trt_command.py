@@ -17,7 +17,7 @@ from fol_infer.choices import Precision
 from fol_infer.cli.app import app, console, friendly_errors, status, stdout
 from fol_infer.cli.options import bounded, choice, float_option
 from fol_infer.export.rerank_engine import DEFAULT_RERANK_CHUNK
-from fol_infer.ownership import check_outputs
+from fol_infer.files.ownership import check_outputs
 
 
 @app.command("build-trt")

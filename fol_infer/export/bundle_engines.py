@@ -20,13 +20,13 @@ from typing import TYPE_CHECKING
 
 from fol_infer.choices import EngineBuildMode, Precision
 from fol_infer.errors import UsageError
-from fol_infer.export.engines import EngineRecord, Profile
 from fol_infer.export.rerank_engine import DEFAULT_RERANK_CHUNK, chunk_profile
-from fol_infer.fileio import fsync_dir
+from fol_infer.files.atomic import fsync_dir
 from fol_infer.progress import Progress, silent
+from fol_infer.trt.record import EngineRecord, Profile
 
 if TYPE_CHECKING:
-    from fol_infer.export.trt_build import BuildResult
+    from fol_infer.trt.build import BuildResult
 
 
 def build_bundle_engines(
@@ -51,10 +51,11 @@ def build_bundle_engines(
     bundle exported before rerank.onnx existed gets none, with a note.
     """
     from fol_infer.bundle import Bundle
-    from fol_infer.export.engines import current_gpu, engine_file, engine_files, set_records
     from fol_infer.export.precision import plan_file, write_mixed
     from fol_infer.export.rerank_engine import build_rerank_engine
-    from fol_infer.export.trt_build import BuildOptions, build_engine, major, require_tensorrt
+    from fol_infer.trt.build import BuildOptions, build_engine
+    from fol_infer.trt.library import major, require_tensorrt
+    from fol_infer.trt.record import current_gpu, engine_file, engine_files, set_records
 
     say = progress or silent
     note = notes or say
@@ -154,8 +155,8 @@ def _write_engine(
 ) -> None:
     """Write one built engine into ``tmp`` and load it back; the built layers' precisions (and
     on TensorRT 10 the pins) are kept beside it for inspection."""
-    from fol_infer.export.engines import LAYERS_SUFFIX, PINS_SUFFIX, rebuild_command
-    from fol_infer.export.trt_build import EngineSession
+    from fol_infer.trt.record import LAYERS_SUFFIX, PINS_SUFFIX, rebuild_command
+    from fol_infer.trt.run import EngineSession
 
     built = tmp / record.file
     built.write_bytes(result.engine)

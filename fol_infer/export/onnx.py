@@ -19,9 +19,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fol_infer.bundle import MAX_BATCH, GraphSpec, Manifest, TensorSpec
+from fol_infer.bundle import MAX_BATCH, PRODUCT, GraphSpec, Manifest, TensorSpec
 from fol_infer.errors import UsageError
-from fol_infer.export.graphs import (
+from fol_infer.export.reference import reference_images, reference_rerank_counts
+from fol_infer.files.atomic import replace_folder
+from fol_infer.files.integrity import sha256_file
+from fol_infer.files.ownership import check_replaceable, occupied
+from fol_infer.images import DEFAULT_RESOLUTION, check_resolution
+from fol_infer.model.checkpoint import LoadedCheckpoint, load_checkpoint
+from fol_infer.model.graphs import (
     GLOBAL_INPUTS,
     GLOBAL_OUTPUTS,
     LOCAL_INPUTS,
@@ -29,14 +35,8 @@ from fol_infer.export.graphs import (
     GlobalGraph,
     LocalGraph,
 )
-from fol_infer.export.reference import reference_images, reference_rerank_counts
-from fol_infer.export.rerank_graph import GRAPH_FILE, write_rerank_graph
-from fol_infer.fileio import replace_folder
-from fol_infer.images import DEFAULT_RESOLUTION, check_resolution
-from fol_infer.integrity import sha256_file
-from fol_infer.model.checkpoint import LoadedCheckpoint, load_checkpoint
-from fol_infer.ownership import check_replaceable, occupied
 from fol_infer.progress import Progress, silent
+from fol_infer.rerank.graph import GRAPH_FILE, write_rerank_graph
 
 log = logging.getLogger(__name__)
 
@@ -138,8 +138,8 @@ def _check_out(out: Path, force: bool, checkpoint: Path) -> None:
     if not (out.exists() or out.is_symlink()):
         return
     if not force:
-        raise UsageError(occupied(out, "bundle"))
-    check_replaceable(out, "bundle", {"checkpoint": checkpoint})
+        raise UsageError(occupied(out, PRODUCT))
+    check_replaceable(out, PRODUCT, {"checkpoint": checkpoint})
 
 
 def _place(tmp: Path, out: Path, force: bool, checkpoint: Path) -> None:

@@ -113,7 +113,7 @@ def check_graph(path: str | Path, batch_axis_name: str = "batch") -> GraphReport
 def check_bundle(folder: str | Path) -> list[GraphReport]:
     """Check every graph a bundle's manifest lists, rerank.onnx (chunk axis) included."""
     from fol_infer.bundle import Bundle
-    from fol_infer.export.rerank_graph import CHUNK_AXIS, GRAPH_NAME
+    from fol_infer.rerank.graph import CHUNK_AXIS, GRAPH_NAME
 
     bundle = Bundle.open(folder)
     reports = [check_graph(bundle.path(name)) for name in bundle.manifest.graphs]

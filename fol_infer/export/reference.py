@@ -40,8 +40,8 @@ def reference_rerank_counts(
     the rerank engine to: (images, sets) int64 for the sets of ``rerank_graph.reference_sets``,
     with float32 candidates and with candidates rounded to float16 (as an index stores them).
     """
-    from fol_infer.export.rerank_graph import reference_sets
     from fol_infer.rerank.cpu import count_mutual_matches_many_cpu
+    from fol_infer.rerank.graph import reference_sets
 
     queries, candidates = reference_sets(tokens, counts)
     halves = [c.astype(np.float16) for c in candidates]

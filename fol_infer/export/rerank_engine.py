@@ -2,8 +2,8 @@
 
 It is built from the graph's float16-candidate variant (an index stores float16 tokens: half the
 bytes to upload, and exact), strongly typed, so the product, the maxima and the comparisons stay
-float32 (the Cast to float32 is in the graph; TF32 is cleared by ``trt_build``). The query, its
-count and the threshold have no chunk axis and get a fixed profile. Everything but
+float32 (the Cast to float32 is in the graph; TF32 is cleared by `fol_infer.trt.build`). The
+query, its count and the threshold have no chunk axis and get a fixed profile. Everything but
 ``build_engine`` is pure and checked on the CPU.
 """
 
@@ -15,10 +15,10 @@ from pathlib import Path
 
 from fol_infer.bundle import Bundle
 from fol_infer.errors import BundleError, UsageError
-from fol_infer.export.engines import EngineRecord, GpuInfo, Profile, engine_file
-from fol_infer.export.rerank_graph import GRAPH_NAME, INPUTS, write_rerank_graph
-from fol_infer.export.trt_build import BuildOptions, BuildResult
 from fol_infer.progress import Progress
+from fol_infer.rerank.graph import GRAPH_NAME, INPUTS, write_rerank_graph
+from fol_infer.trt.build import BuildOptions, BuildResult
+from fol_infer.trt.record import EngineRecord, GpuInfo, Profile, engine_file
 
 DEFAULT_RERANK_CHUNK = 8  # candidates per engine run; the README relates it to board memory
 MAX_RERANK_CHUNK = 256
@@ -73,24 +73,6 @@ def write_engine_graph(bundle: Bundle, folder: Path) -> Path:
     return write_rerank_graph(path, capacity, dim, ENGINE_CANDIDATES, opset)
 
 
-def rerank_record(bundle: Bundle) -> EngineRecord:
-    """The manifest's record of the rerank engine; refused with the command that builds it."""
-    bundle.rerank_graph()  # an older bundle: re-export first
-    raw = bundle.manifest.engines.get(GRAPH_NAME)
-    if raw is None:
-        raise BundleError(
-            f"bundle {bundle.folder} has no TensorRT rerank engine: build it on this machine "
-            f"with fol-infer build-trt {bundle.folder}"
-        )
-    try:
-        return EngineRecord.from_dict(raw)
-    except (KeyError, TypeError, ValueError) as exc:
-        raise BundleError(
-            f"{bundle.folder}/manifest.json has a malformed rerank engine record ({exc!r}): "
-            f"rebuild with fol-infer build-trt {bundle.folder}"
-        ) from None
-
-
 def build_rerank_engine(
     bundle: Bundle,
     workdir: Path,
@@ -102,7 +84,7 @@ def build_rerank_engine(
     progress: Progress | None = None,
 ) -> tuple[EngineRecord, BuildResult]:
     """Build the rerank engine on this GPU; returns its manifest record and the build."""
-    from fol_infer.export.trt_build import build_engine
+    from fol_infer.trt.build import build_engine
 
     source = write_engine_graph(bundle, workdir)
     options = build_options(profile, workspace_gib, timing_cache)

@@ -37,10 +37,10 @@ import numpy as np
 from fol_infer import __version__
 from fol_infer.choices import FaissDevice, VerifyLevel
 from fol_infer.errors import BackendUnavailableError, DamagedFileError, IndexStoreError, UsageError
-from fol_infer.fileio import atomic_writer
+from fol_infer.files.atomic import atomic_writer
+from fol_infer.files.integrity import VerificationCache, needs_hash
 from fol_infer.index.exact_flat import ExactFlat, is_flat_inner_product
 from fol_infer.index.metadata import check_schema, store_error
-from fol_infer.integrity import VerificationCache, needs_hash
 from fol_infer.model.arch import GLOBAL_DIM
 
 SCHEMA_VERSION = 1
@@ -284,7 +284,7 @@ class GlobalIndex:
         """Load a saved index; refuse a torn, damaged or other-schema file, naming it. Unless
         `verify` is "sizes", the file is hashed while FAISS reads it (no second read) and
         checked against its footer, except where the verification cache vouches for it
-        (`fol_infer.integrity`)."""
+        (`fol_infer.files.integrity`)."""
         faiss = _faiss()
         path = Path(path)
         try:

@@ -24,21 +24,16 @@ import numpy as np
 from fol_infer.backends.base import Encoder
 from fol_infer.bundle import Bundle
 from fol_infer.errors import UsageError
-from fol_infer.fileio import holds_only_leftovers, remove_leftovers, replace_folder
+from fol_infer.files.atomic import holds_only_leftovers, remove_leftovers, replace_folder
+from fol_infer.files.ownership import check_replaceable, occupied
 from fol_infer.images import find_images
-from fol_infer.index.database import (
-    DESCRIPTORS,
-    EXTEND_CHUNK,
-    METADATA,
-    REBUILD_SUFFIX,
-    BuildSettings,
-    encode_into,
-    seal_index,
-)
+from fol_infer.index.build import BuildSettings, encode_into, seal_index
+from fol_infer.index.database import DESCRIPTORS, EXTEND_CHUNK, METADATA, REBUILD_SUFFIX
 from fol_infer.index.global_index import GlobalIndex
 from fol_infer.index.lock import WriterLock
 from fol_infer.index.metadata import IndexMetadata
 from fol_infer.index.shards import (
+    PRODUCT,
     QUANTIZER,
     MapManifest,
     ShardEntry,
@@ -47,7 +42,6 @@ from fol_infer.index.shards import (
     shard_name,
 )
 from fol_infer.index.token_store import TokenStore
-from fol_infer.ownership import check_replaceable, occupied
 from fol_infer.progress import Advance
 
 MapMode = Literal["new", "append", "force"]
@@ -224,15 +218,15 @@ def _prepare(
     work = out
     if mode == "force":
         inputs = {"database folder": root, "bundle": bundle.folder}
-        check_replaceable(out, "map", inputs)
+        check_replaceable(out, PRODUCT, inputs)
         rebuild = out.with_name(out.name + REBUILD_SUFFIX)
-        check_replaceable(rebuild, "map", inputs)  # an interrupted --force's, or nothing
+        check_replaceable(rebuild, PRODUCT, inputs)  # an interrupted --force's, or nothing
         if out.exists() or rebuild.exists():
             work = rebuild
             if not _same_map_build(rebuild, bundle, settings, root):
                 shutil.rmtree(rebuild, ignore_errors=True)
     elif out.exists() and not is_map(out) and (not out.is_dir() or not holds_only_leftovers(out)):
-        raise UsageError(occupied(out, "map"))
+        raise UsageError(occupied(out, PRODUCT))
     if not is_map(work):
         dim = bundle.manifest.descriptor_dim
         probe = GlobalIndex.create(dim, settings.factory, device="cpu")

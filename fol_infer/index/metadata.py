@@ -6,7 +6,7 @@ root, so a moved database still opens), their UTM coordinates when the file name
 encoded them, the build settings, and the images that failed and why.
 
 Crash safety: every file of the index that is rewritten as a whole (this metadata, the token
-store's commit record, the FAISS file) is written through `fol_infer.fileio.atomic_writer`, so
+store's commit record, the FAISS file) is written through `fol_infer.files.atomic.atomic_writer`, so
 a reader sees either the old file or the new one, never a mixture.
 """
 
@@ -25,7 +25,7 @@ import numpy as np
 
 from fol_infer import __version__
 from fol_infer.errors import IndexStoreError
-from fol_infer.fileio import atomic_write_json
+from fol_infer.files.atomic import atomic_write_json
 from fol_infer.positions import parse_utm
 
 SCHEMA_VERSION = 1

@@ -22,17 +22,10 @@ from pathlib import Path
 from fol_infer.backends.base import Encoder
 from fol_infer.bundle import Bundle
 from fol_infer.errors import DamagedFileError, IndexStoreError, UsageError, first_line
-from fol_infer.fileio import replace_folder
+from fol_infer.files.atomic import replace_folder
 from fol_infer.images import find_images
-from fol_infer.index.database import (
-    DESCRIPTORS,
-    FAISS_FILE,
-    METADATA,
-    BuildSettings,
-    encode_into,
-    seal_index,
-    token_layout,
-)
+from fol_infer.index.build import BuildSettings, encode_into, seal_index
+from fol_infer.index.database import DESCRIPTORS, FAISS_FILE, METADATA, token_layout
 from fol_infer.index.global_index import GlobalIndex
 from fol_infer.index.lock import WriterLock
 from fol_infer.index.map_build import train_quantizer

@@ -27,6 +27,7 @@ import numpy as np
 
 from fol_infer import __version__
 from fol_infer.errors import IndexStoreError, ShardMismatchError, UsageError
+from fol_infer.files.ownership import Product
 from fol_infer.index.metadata import (
     IndexMetadata,
     check_bundle,
@@ -38,6 +39,7 @@ from fol_infer.index.metadata import (
 MANIFEST, QUANTIZER = "map.json", "quantizer.faiss"
 SCHEMA_VERSION = 1
 FORMAT = "fol-infer-map"
+PRODUCT = Product("map", ((MANIFEST, FORMAT),))  # what `--force` may replace
 PAD_SCORE = np.float32(-np.finfo(np.float32).max)  # FAISS's score for a missing inner-product hit
 
 

@@ -58,9 +58,9 @@ import numpy as np
 from fol_infer import __version__
 from fol_infer.choices import StoreDtype, VerifyLevel
 from fol_infer.errors import DamagedFileError, IndexStoreError, UsageError
-from fol_infer.fileio import fsync_dir
+from fol_infer.files.atomic import fsync_dir
+from fol_infer.files.integrity import all_finite, check_level
 from fol_infer.index.metadata import check_schema, read_json, store_error, write_json_atomic
-from fol_infer.integrity import all_finite, check_level
 from fol_infer.model.arch import TOKEN_DIM
 
 try:

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from fol_infer.errors import CheckpointError
-from fol_infer.fileio import write_outputs
+from fol_infer.files.atomic import write_outputs
 from fol_infer.model.arch import ArchSpec, detect_arch, expected_shapes, get_arch
 from fol_infer.model.fol import FoLModel
 
@@ -175,7 +175,7 @@ def make_checkpoint(arch: str, seed: int, out: str | Path) -> Path:
 
 def describe_checkpoint(path: str | Path, trust: bool = False) -> dict[str, object]:
     """What `fol-infer info` says of a checkpoint, without building the model."""
-    from fol_infer.integrity import sha256_file
+    from fol_infer.files.integrity import sha256_file
 
     path = Path(path)
     raw = _read_pickle(path, trust)

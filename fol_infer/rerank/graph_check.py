@@ -17,8 +17,8 @@ import numpy as np
 from fol_infer.bundle import Bundle
 from fol_infer.choices import RerankBackend
 from fol_infer.errors import BundleError
-from fol_infer.export.rerank_graph import reference_sets
 from fol_infer.rerank.chunks import ChunkedReranker
+from fol_infer.rerank.graph import reference_sets
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,6 @@ import numpy as np
 
 from fol_infer.bundle import Bundle
 from fol_infer.errors import BackendUnavailableError
-from fol_infer.export.rerank_graph import GRAPH_NAME, OUTPUT
 from fol_infer.rerank.chunks import (
     DEFAULT_CHUNK,
     ChunkedReranker,
@@ -27,6 +26,7 @@ from fol_infer.rerank.chunks import (
     RunChunk,
     check_chunk,
 )
+from fol_infer.rerank.graph import GRAPH_NAME, OUTPUT
 
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
@@ -115,7 +115,7 @@ def _cached(path: str, sha256: str, chunk: int) -> OnnxReranker:
 @lru_cache(maxsize=4)
 def _cached_adhoc(capacity: int, dim: int, chunk: int) -> OnnxReranker:
     try:
-        from fol_infer.export.rerank_graph import build_rerank_model
+        from fol_infer.rerank.graph import build_rerank_model
 
         model = build_rerank_model(capacity, dim)
     except ModuleNotFoundError as exc:

@@ -8,7 +8,7 @@ while the GPU computes, but its upload waits for the current chunk's compute: on
 serialises copy and compute (on a Jetson, whose GPU shares the board's memory, the copy is a
 memory-to-memory move). Float32 candidates are rounded to float16 on the way, as the index
 stores them; scores are then exact for those float16 tokens. Every TensorRT call goes through
-``fol_infer.export.trt_build``; device memory through ``fol_infer.backends.cuda_memory``.
+`fol_infer.trt.run`; device memory through `fol_infer.trt.memory`.
 """
 
 from __future__ import annotations
@@ -20,15 +20,33 @@ from typing import Any
 
 import numpy as np
 
-from fol_infer.backends.cuda_memory import open_memory
 from fol_infer.bundle import Bundle
 from fol_infer.choices import DeviceMemory
-from fol_infer.errors import FolInferError
-from fol_infer.export.engines import check_record, current_gpu, rebuild_command
-from fol_infer.export.rerank_engine import rerank_record
-from fol_infer.export.rerank_graph import INPUTS, OUTPUT
-from fol_infer.export.trt_build import EngineSession, require_tensorrt
+from fol_infer.errors import BundleError, FolInferError
 from fol_infer.rerank.chunks import ChunkedReranker, GraphShape, RunChunk
+from fol_infer.rerank.graph import GRAPH_NAME, INPUTS, OUTPUT
+from fol_infer.trt.library import require_tensorrt
+from fol_infer.trt.memory import open_memory
+from fol_infer.trt.record import EngineRecord, check_record, current_gpu, rebuild_command
+from fol_infer.trt.run import EngineSession
+
+
+def rerank_record(bundle: Bundle) -> EngineRecord:
+    """The manifest's record of the rerank engine; refused with the command that builds it."""
+    bundle.rerank_graph()  # an older bundle: re-export first
+    raw = bundle.manifest.engines.get(GRAPH_NAME)
+    if raw is None:
+        raise BundleError(
+            f"bundle {bundle.folder} has no TensorRT rerank engine: build it on this machine "
+            f"with fol-infer build-trt {bundle.folder}"
+        )
+    try:
+        return EngineRecord.from_dict(raw)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise BundleError(
+            f"{bundle.folder}/manifest.json has a malformed rerank engine record ({exc!r}): "
+            f"rebuild with fol-infer build-trt {bundle.folder}"
+        ) from None
 
 
 class TrtReranker(ChunkedReranker):

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fol_infer.errors import UsageError
-from fol_infer.fileio import Writer, write_outputs
+from fol_infer.files.atomic import Writer, write_outputs
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -43,7 +43,7 @@ def _figure_class() -> type[Figure]:
 
 def writer(figure: Figure, path: Path) -> Writer:
     """What writes ``figure`` as PNG or SVG, by ``path``'s suffix, into an open file: for
-    `fol_infer.fileio.write_outputs`, beside a command's other outputs."""
+    `fol_infer.files.atomic.write_outputs`, beside a command's other outputs."""
     check_out(path)
     fmt = path.suffix.lower()[1:]
     return lambda f: figure.savefig(f, format=fmt, dpi=110, bbox_inches="tight")

@@ -4,7 +4,7 @@ What is checked at open (``verify="cached"``, the default of `Bundle.open` and `
 the bundle's ONNX graphs against the manifest's sha256, and the index's ``global.faiss``
 against the sha256 in its own footer (hashed while FAISS reads it, so no second read). A
 file that passed is remembered in the user's cache (``verified.json`` under
-`fol_infer.user_cache.cache_dir`, never inside the bundle or index, which may be read-only),
+`fol_infer.files.user_cache.cache_dir`, never inside the bundle or index, which may be read-only),
 keyed by its path, size, mtime_ns, ctime_ns, inode and device and by the digest it matched:
 the next open of the unchanged file skips the hash. Writing a file changes its mtime and
 ctime (ctime cannot be set back from user space), so an edited file is hashed again.
@@ -29,7 +29,7 @@ import numpy as np
 
 from fol_infer.choices import VerifyLevel
 from fol_infer.errors import DamagedFileError, UsageError
-from fol_infer.user_cache import cache_dir
+from fol_infer.files.user_cache import cache_dir
 
 log = logging.getLogger(__name__)
 

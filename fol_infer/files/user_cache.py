@@ -1,7 +1,7 @@
 """The user's cache folder: ``$FOL_INFER_CACHE``, else ``~/.cache/fol-infer``.
 
 Generated defaults (bench checkpoints, bundles, datasets) and the record of verified files
-(`fol_infer.integrity`) live here, never inside a bundle or an index: those may be read-only.
+(`fol_infer.files.integrity`) live here, never inside a bundle or an index: those may be read-only.
 """
 
 from __future__ import annotations

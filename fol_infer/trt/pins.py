@@ -18,7 +18,7 @@ indices) keep their precision free but their float outputs fp32, so TopK's keys,
 19,881, are never rounded to fp16.
 
 Pure: it works on plain descriptions of the network (`LayerView`), built from TensorRT in
-`trt_build` and from the exported graphs with the parser's layout in the tests.
+`trt.build` and from the exported graphs with the parser's layout in the tests.
 """
 
 from __future__ import annotations

@@ -12,9 +12,14 @@ from typing import IO
 import pytest
 from full_disk import full_disk_for
 
-from fol_infer import fileio
 from fol_infer.errors import OutputWriteError
-from fol_infer.fileio import atomic_write_all, atomic_write_bytes, atomic_writer, write_outputs
+from fol_infer.files import atomic
+from fol_infer.files.atomic import (
+    atomic_write_all,
+    atomic_write_bytes,
+    atomic_writer,
+    write_outputs,
+)
 
 
 def listing(folder: Path) -> dict[str, bytes]:
@@ -94,6 +99,6 @@ def test_atomic_writer_keeps_the_old_file_on_any_failure(tmp_path: Path) -> None
 def test_a_build_folder_is_hidden_unique_and_never_a_users(tmp_path: Path) -> None:
     (tmp_path / ".syn.partial").mkdir()  # the old fixed name, deleted by the old code
     (tmp_path / ".syn.partial" / "mine.txt").write_text("keep")
-    folder = fileio.new_sibling_folder(tmp_path / "syn")
+    folder = atomic.new_sibling_folder(tmp_path / "syn")
     assert folder.parent == tmp_path and folder.name.startswith(".syn.") and folder.is_dir()
     assert (tmp_path / ".syn.partial" / "mine.txt").read_text() == "keep"

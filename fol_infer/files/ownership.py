@@ -1,12 +1,14 @@
 """May a command replace this folder? Only a folder fol-infer made, never one holding the input.
 
 `--force` replaces a bundle (``export``), an index or a sharded map (``index``). Each is
-recognised by its own format markers, never by its name: a bundle by ``manifest.json``
-carrying the bundle format (or, for bundles written before the marker existed, the
-manifest's own keys); a map by ``map.json`` carrying the map format; an index by
-``index.json`` carrying the index-metadata format, or, when that file is damaged,
-by its ``descriptors/`` token store's record. An empty folder may be replaced too (nothing is
-lost), as may one holding only what a killed fol-infer write left (`fileio.is_leftover`).
+recognised by the format markers its own module declares as a `Product` (``bundle.PRODUCT``,
+``index.database.PRODUCT``, ``index.shards.PRODUCT``), never by its name: a bundle by
+``manifest.json`` carrying the bundle format (or, for bundles written before the marker
+existed, the manifest's own keys); a map by ``map.json`` carrying the map format; an index by
+``index.json`` carrying the index-metadata format, or, when that file is damaged, by its
+``descriptors/`` token store's record. This module imports none of them. An empty folder may
+be replaced too (nothing is lost), as may one holding only what a killed fol-infer write left
+(`atomic.is_leftover`).
 Anything else is refused, as is any folder that is, contains, or is inside one of the
 command's inputs (database folder, bundle, checkpoint), whatever it holds.
 
@@ -23,13 +25,25 @@ import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from fol_infer.errors import UsageError
-from fol_infer.fileio import final_path, holds_only_leftovers
+from fol_infer.files.atomic import final_path, holds_only_leftovers
 
-Product = Literal["index", "bundle", "map"]
-_LEGACY_BUNDLE_KEYS = {"schema_version", "fingerprint", "graphs", "arch", "resolution"}
+
+@dataclass(frozen=True)
+class Product:
+    """What fol-infer makes and `--force` may replace, as its own module declares it: the
+    files inside such a folder and the "format" each carries, any of which identifies it
+    (`legacy_keys`: a first marker file written before the "format" key existed is
+    recognised by these keys)."""
+
+    name: str
+    markers: tuple[tuple[str, str], ...]
+    legacy_keys: frozenset[str] = frozenset()
+
+    def __str__(self) -> str:
+        return self.name
 
 
 def _json(path: Path) -> dict[str, Any] | None:
@@ -40,40 +54,18 @@ def _json(path: Path) -> dict[str, Any] | None:
     return obj if isinstance(obj, dict) else None
 
 
-def _markers(product: Product) -> list[tuple[str, str]]:
-    """(file inside the folder, the "format" it must carry), any of which identifies it."""
-    if product == "bundle":
-        from fol_infer.bundle import FORMAT, MANIFEST
-
-        return [(MANIFEST, FORMAT)]
-    if product == "map":
-        from fol_infer.index.shards import FORMAT as MAP_FORMAT
-        from fol_infer.index.shards import MANIFEST as MAP_MANIFEST
-
-        return [(MAP_MANIFEST, MAP_FORMAT)]
-    from fol_infer.index.database import DESCRIPTORS, METADATA
-    from fol_infer.index.metadata import FORMAT as INDEX_FORMAT
-    from fol_infer.index.token_store import COMMIT
-    from fol_infer.index.token_store import FORMAT as STORE_FORMAT
-
-    return [(METADATA, INDEX_FORMAT), (f"{DESCRIPTORS}/{COMMIT}", STORE_FORMAT)]
-
-
 def is_product(folder: Path, product: Product) -> bool:
-    """Whether `folder` is a fol-infer bundle / index, by its format markers."""
-    for name, fmt in _markers(product):
+    """Whether `folder` is one `product` fol-infer made, by its format markers."""
+    for index, (name, fmt) in enumerate(product.markers):
         obj = _json(folder / name)
         if obj is None:
             continue
         if obj.get("format") == fmt:
             return True
-        if product == "bundle" and "format" not in obj and _LEGACY_BUNDLE_KEYS <= obj.keys():
+        legacy = product.legacy_keys and index == 0 and "format" not in obj
+        if legacy and product.legacy_keys <= obj.keys():
             return True
     return False
-
-
-def _marker_file(product: Product) -> str:
-    return _markers(product)[0][0]
 
 
 Inputs = Mapping[str, Path | str] | Iterable[tuple[str, Path | str]]  # what -> path
@@ -180,7 +172,7 @@ def check_replaceable(folder: Path, product: Product, inputs: Mapping[str, Path 
     if not holds_only_leftovers(folder) and not is_product(folder, product):
         raise UsageError(
             f"refusing to replace {folder}: it is not a fol-infer {product} (no "
-            f"{_marker_file(product)} of this tool) and --force replaces only a {product} "
+            f"{product.markers[0][0]} of this tool) and --force replaces only a {product} "
             "fol-infer made; move your files elsewhere or choose another --out"
         )
 

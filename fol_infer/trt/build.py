@@ -1,8 +1,9 @@
-"""Every TensorRT call of the project, in one thin module: builder, parser, runtime, inspector.
+"""Building an engine: every TensorRT builder and parser call, in one thin module.
 
-No TensorRT runs on the machines this code is written on, so the calls are gathered here, kept
-few and plain, and type-checked against the real API (`tensorrt-stubs`, see the tests); all the
-decisions around them (profiles, the fp32 plan, compatibility, messages) live in pure modules.
+No TensorRT runs on the machines this code is written on, so the calls are gathered in this
+package (`build` here, `run` for the runtime), kept few and plain, and type-checked against
+the real API (`tensorrt-stubs`, see the tests); all the decisions around them (profiles, the
+fp32 plan in `pins`, compatibility in `record`, messages) live in pure code.
 
 Targets TensorRT 10.x (JetPack 6 ships 10.3) and 11.x. TensorRT 11 removed weak typing
 (`BuilderFlag.FP16`, `OBEY_PRECISION_CONSTRAINTS`, layer precisions), so there fp16 comes from a
@@ -16,65 +17,18 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-import numpy as np
-
-from fol_infer.errors import BackendUnavailableError, BundleError, EngineError, FolInferError
-from fol_infer.export.layer_pins import LayerView, PinReport, TensorView, plan_pins
-from fol_infer.fileio import atomic_write_bytes
+from fol_infer.errors import BackendUnavailableError, BundleError, EngineError
+from fol_infer.files.atomic import atomic_write_bytes
 from fol_infer.progress import Progress, silent
+from fol_infer.trt.library import logger, major, require_tensorrt
+from fol_infer.trt.pins import LayerView, PinReport, TensorView, plan_pins
 
 if TYPE_CHECKING:
     import tensorrt as trt
 
 _MEMORY_WORDS = ("workspace", "insufficient", "out of memory", "memoryallocation")
-JETSON_RELEASE = Path("/etc/nv_tegra_release")  # present on L4T (JetPack) systems only
-
-
-def install_hint() -> str:
-    """Which package to install here: by the driver's CUDA version, and Jetson apart."""
-    from fol_infer.export.engines import current_gpu
-
-    if JETSON_RELEASE.exists():
-        return (
-            "on Jetson use JetPack's TensorRT (sudo apt install python3-libnvinfer "
-            "python3-libnvinfer-dev), not a pip wheel"
-        )
-    try:
-        cuda = current_gpu().cuda_driver
-    except FolInferError:
-        cuda = ""
-    wheels = (
-        "pip install tensorrt-cu12 (TensorRT 10.x, CUDA 12.x) or tensorrt-cu13 (TensorRT 10.13+ "
-        "and 11.x, CUDA 13.x)"
-    )
-    if cuda.startswith("12."):
-        return f"this driver supports CUDA {cuda}: pip install tensorrt-cu12 (TensorRT 10.x)"
-    if cuda.startswith("13."):
-        return (
-            f"this driver supports CUDA {cuda}: pip install tensorrt-cu13 (TensorRT 10.13+, 11.x)"
-        )
-    return wheels + (f"; this driver supports CUDA {cuda}" if cuda else "")
-
-
-def require_tensorrt() -> str:
-    """The installed TensorRT version, or a BackendUnavailableError that says what to install."""
-    try:
-        import tensorrt as trt
-    except ModuleNotFoundError:
-        trt = None  # type: ignore[assignment]
-    except (ImportError, OSError) as exc:  # installed, but its libraries do not load
-        raise BackendUnavailableError(f"TensorRT does not load ({exc}): {install_hint()}") from None
-    # The type stubs alone install an importable `tensorrt` namespace without the library.
-    version = getattr(trt, "__version__", None) if hasattr(trt, "Builder") else None
-    if not isinstance(version, str):
-        raise BackendUnavailableError(f"TensorRT is not installed: {install_hint()}")
-    return version
-
-
-def major(version: str) -> int:
-    return int(version.split(".")[0])
 
 
 @dataclass(frozen=True)
@@ -125,47 +79,6 @@ class BuildResult:
     engine: bytes
     pins: PinReport | None = None  # TensorRT 10 constraints mode: what was pinned, and why not
     notes: list[str] = field(default_factory=list)  # lines for the user (timing cache, pins)
-
-
-_LOGGER: Any = None
-
-
-def _logger() -> Any:
-    """The process's one TensorRT logger, shared by every Builder, parser and Runtime.
-
-    A new logger per object is reported to crash TensorRT 10.3 on JetPack 6 (NVIDIA/TensorRT
-    #4134), and TensorRT keeps using the first one it was given anyway.
-
-    It keeps warnings and errors for the messages raised here; `take` hands over those seen
-    since the last call.
-    """
-    global _LOGGER
-    if _LOGGER is not None:
-        return _LOGGER
-    import logging
-
-    import tensorrt as trt
-
-    log = logging.getLogger(__name__)
-
-    class Capture(trt.ILogger):
-        def __init__(self) -> None:
-            trt.ILogger.__init__(self)
-            self.lines: list[str] = []
-
-        def log(self, severity: trt.ILogger.Severity, msg: str) -> None:
-            if int(severity) <= int(trt.ILogger.Severity.WARNING):
-                self.lines = [*self.lines[-99:], msg]
-                log.warning("TensorRT: %s", msg)
-            elif log.isEnabledFor(logging.DEBUG):
-                log.debug("TensorRT: %s", msg)
-
-        def take(self) -> list[str]:
-            lines, self.lines = self.lines, []
-            return lines
-
-    _LOGGER = Capture()
-    return _LOGGER
 
 
 def _view(tensor: trt.ITensor) -> TensorView:
@@ -248,15 +161,15 @@ def build_engine(
         raise BackendUnavailableError(
             f"TensorRT {version} has no per-layer precision constraints: build fp16 strongly typed"
         )
-    logger = _logger()
-    logger.take()  # this build's errors only, for the message below
-    builder = trt.Builder(logger)
+    log = logger()
+    log.take()  # this build's errors only, for the message below
+    builder = trt.Builder(log)
     flags = 0
     strong = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)  # 11: always on
     if options.strongly_typed and not trt11 and strong is not None:
         flags |= 1 << int(strong)
     network = builder.create_network(flags)
-    parser = trt.OnnxParser(network, logger)
+    parser = trt.OnnxParser(network, log)
     say(f"parsing {onnx_path.name}")
     if not parser.parse_from_file(str(onnx_path)):
         problems = []
@@ -297,111 +210,8 @@ def build_engine(
     say(f"building the {options.precision} engine for {onnx_path.name} (minutes)")
     plan = builder.build_serialized_network(network, config)
     if plan is None:
-        raise EngineError(build_failure_message(onnx_path, logger.take(), options.workspace_gib))
+        raise EngineError(build_failure_message(onnx_path, log.take(), options.workspace_gib))
     if cache_path is not None:
         atomic_write_bytes(cache_path, bytes(config.get_timing_cache().serialize()))
     result.engine = bytes(plan)
     return result
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    name: str
-    is_input: bool
-    dtype: np.dtype[Any]
-    shape: tuple[int, ...]  # -1 for the batch axis
-
-
-def _dims(dims: trt.Dims) -> tuple[int, ...]:
-    return tuple(dims[i] for i in range(len(dims)))
-
-
-def _numpy_dtype(dtype: trt.DataType) -> np.dtype[Any]:
-    import tensorrt as trt
-
-    table = {
-        trt.DataType.FLOAT: np.float32,
-        trt.DataType.HALF: np.float16,
-        trt.DataType.INT32: np.int32,
-        trt.DataType.INT64: np.int64,
-        trt.DataType.INT8: np.int8,
-        trt.DataType.UINT8: np.uint8,
-        trt.DataType.BOOL: np.bool_,
-    }
-    return np.dtype(table[dtype])
-
-
-class EngineSession:
-    """One deserialized engine and its execution context: every runtime TensorRT call."""
-
-    def __init__(self, data: bytes, path: Path, rebuild: str) -> None:
-        require_tensorrt()
-        import tensorrt as trt
-
-        self._runtime = trt.Runtime(_logger())
-        engine = self._runtime.deserialize_cuda_engine(data)
-        if engine is None:
-            raise BundleError(f"TensorRT cannot load engine {path}: rebuild with {rebuild}")
-        context = engine.create_execution_context()
-        if context is None:
-            raise EngineError(f"no execution context for {path}: is the GPU out of memory?")
-        self._engine: trt.ICudaEngine | None = engine
-        self._context: trt.IExecutionContext | None = context
-        self.path = path
-        self.tensors: list[TensorInfo] = []
-        for i in range(engine.num_io_tensors):
-            name = engine.get_tensor_name(i)
-            self.tensors.append(
-                TensorInfo(
-                    name=name,
-                    is_input=engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT,
-                    dtype=_numpy_dtype(engine.get_tensor_dtype(name)),
-                    shape=_dims(engine.get_tensor_shape(name)),
-                )
-            )
-
-    def _live(self) -> tuple[trt.ICudaEngine, trt.IExecutionContext]:
-        if self._engine is None or self._context is None:
-            raise RuntimeError(f"engine session for {self.path} was closed")
-        return self._engine, self._context
-
-    def set_batch(self, batch: int) -> None:
-        _, context = self._live()
-        for t in self.tensors:
-            if t.is_input and not context.set_input_shape(t.name, (batch, *t.shape[1:])):
-                raise EngineError(f"{self.path.name} rejects batch {batch} for input {t.name!r}")
-
-    def set_shape(self, name: str, shape: tuple[int, ...]) -> None:
-        """One input's shape, for engines whose inputs do not all share the batch axis."""
-        _, context = self._live()
-        if not context.set_input_shape(name, shape):
-            raise EngineError(f"{self.path.name} rejects shape {shape} for input {name!r}")
-
-    def bind(self, name: str, address: int) -> None:
-        _, context = self._live()
-        if not context.set_tensor_address(name, address):
-            raise EngineError(f"{self.path.name} has no tensor {name!r} to bind")
-
-    def enqueue(self, stream: int) -> None:
-        """Queue one inference on a CUDA stream (asynchronous: the caller synchronizes)."""
-        _, context = self._live()
-        if not context.execute_async_v3(stream):
-            raise EngineError(f"TensorRT failed to run {self.path.name} (see the log with -v)")
-
-    def layer_info(self, batch: int = 1) -> str:
-        """TensorRT's JSON description of the built layers, their precisions included.
-
-        Formats are known for concrete shapes only ("N/A due to dynamic shapes" otherwise), so
-        the execution context is inspected with every input at `batch`.
-        """
-        import tensorrt as trt
-
-        engine, context = self._live()
-        self.set_batch(batch)
-        inspector = engine.create_engine_inspector()
-        inspector.execution_context = context
-        return inspector.get_engine_information(trt.LayerInformationFormat.JSON)
-
-    def close(self) -> None:
-        self._context = None
-        self._engine = None

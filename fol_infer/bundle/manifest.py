@@ -17,11 +17,12 @@ from pathlib import Path
 from typing import Any
 
 from fol_infer import __version__
+from fol_infer.bundle.graph_inputs import GraphInput, MalformedGraph, read_inputs
 from fol_infer.choices import VerifyLevel
 from fol_infer.errors import BundleError
-from fol_infer.fileio import atomic_write_json
-from fol_infer.integrity import check_level, check_sha256
-from fol_infer.onnx_inputs import GraphInput, MalformedGraph, read_inputs
+from fol_infer.files.atomic import atomic_write_json
+from fol_infer.files.integrity import check_level, check_sha256
+from fol_infer.files.ownership import Product
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -29,6 +30,13 @@ FORMAT = "fol-infer-bundle"  # the manifest's marker: what `--force` may replace
 MAX_BATCH = 1024  # the dynamic batch range of an exported graph (and of engines built from it)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# What `--force` may replace: a manifest carrying FORMAT, or, written before the marker
+# existed, one with the manifest's own keys.
+PRODUCT = Product(
+    "bundle",
+    ((MANIFEST, FORMAT),),
+    frozenset({"schema_version", "fingerprint", "graphs", "arch", "resolution"}),
+)
 
 
 def preprocessing_spec() -> dict[str, Any]:
@@ -225,7 +233,7 @@ class Bundle:
 
     @classmethod
     def open(cls, folder: str | Path, verify: VerifyLevel | str = "cached") -> Bundle:
-        """Read and check a bundle (`fol_infer.integrity` says what each level checks):
+        """Read and check a bundle (`fol_infer.files.integrity` says what each level checks):
         sizes, graph inputs against the manifest, and the graphs' sha256 unless "sizes"."""
         level = check_level(verify)
         folder = Path(folder)
