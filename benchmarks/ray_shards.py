@@ -4,11 +4,11 @@
         [--shards 4,8] [--build-shards 8] [--queries 20] [--json OUT]
 
 Uses an UNTRAINED seeded checkpoint and a synthetic database: the figures are about speed.
-Query side: one map of `--shards` shards, served in this process (`ShardSet.open`) and by one
-Ray actor per shard (`ShardSet.ray`), once through the compiled graph and once with one actor
-call per shard, fed the same encoded queries, in turn, so that the differences are the
-fan-out (channels or actor calls, merge), not the encoder. Build side: the
-same database as an in-process map, then on a local Ray cluster of 1 and of 2 workers (one CPU
+Query side: one map of `--shards` shards, served in this process and by one Ray actor per
+shard (`open_shard_set` without and with ``ray=``), once through the compiled graph and once
+with one actor call per shard, fed the same encoded queries, in turn, so that the differences
+are the fan-out (channels or actor calls, merge), not the encoder. Build side: the same
+database as an in-process map, then on a local Ray cluster of 1 and of 2 workers (one CPU
 and one encoder thread per task), each from scratch. Ratios against the in-process run of the
 same process are what to read; the machine is shared.
 """
@@ -31,7 +31,7 @@ from fol_infer.choices import RerankBackend
 from fol_infer.images import preprocess
 from fol_infer.index.build import BuildSettings
 from fol_infer.index.map_build import LocalRunner, build_map
-from fol_infer.pipeline import Timer
+from fol_infer.pipeline import Timer, open_shard_set
 from fol_infer.rerank import RerankSettings
 from fol_infer.shard_set import ShardSet
 
@@ -89,9 +89,9 @@ def fan_out(
     times: dict[str, list[float]] = {}
     try:
         openers = {
-            "local": lambda: ShardSet.open(map_dir, bundle),
-            "ray": lambda: ShardSet.ray(map_dir, bundle),
-            "ray_calls": lambda: ShardSet.ray(map_dir, bundle, compiled=False),
+            "local": lambda: open_shard_set(map_dir, bundle),
+            "ray": lambda: open_shard_set(map_dir, bundle, ray="auto"),
+            "ray_calls": lambda: open_shard_set(map_dir, bundle, ray="auto", compiled=False),
         }
         served: dict[str, ShardSet] = {}
         for name, opener in openers.items():

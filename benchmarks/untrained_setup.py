@@ -12,8 +12,8 @@ import platform
 import sys
 from pathlib import Path
 
-from fol_infer.bench.dataset import make_dataset
 from fol_infer.bench.environment import cpu_model
+from fol_infer.bench.synthetic import make_dataset
 from fol_infer.bundle import Bundle
 from fol_infer.export.onnx import export_bundle
 from fol_infer.model.checkpoint import make_checkpoint

@@ -52,7 +52,7 @@ def iter_batches(
     starts = range(0, len(sources), batch_size)
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
 
-        def submit(start: int) -> list:  # type: ignore[type-arg]
+        def submit(start: int) -> list:
             chunk = sources[start : start + batch_size]
             return [pool.submit(_load, s, size) for s in chunk]
 

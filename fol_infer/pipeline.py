@@ -23,11 +23,11 @@ import numpy as np
 from fol_infer.backends import open_encoder
 from fol_infer.backends.base import Encoder
 from fol_infer.bundle import Bundle
-from fol_infer.choices import EncoderBackend, RerankBackend
+from fol_infer.choices import EncoderBackend, FaissDevice, RerankBackend
 from fol_infer.errors import UsageError
 from fol_infer.images import ImageSource, preprocess, source_name
 from fol_infer.rerank import RerankSettings, rerank_order
-from fol_infer.shard_set import ShardSet
+from fol_infer.shard_set import LocalShardSet, ShardSet
 
 log = logging.getLogger(__name__)
 STAGES = ("preprocess", "global", "search", "local", "fetch", "rerank")
@@ -96,6 +96,25 @@ class QueryResult:
         return head + [h.db_index for h in self.global_hits if h.db_index not in seen]
 
 
+def open_shard_set(
+    folder: str | Path,
+    bundle: Bundle | None = None,
+    ray: str | None = None,
+    device: FaissDevice = "auto",
+    timeout_s: float = 30.0,
+    **ray_options: Any,
+) -> ShardSet:
+    """An index or a map, for queries: every shard opened in this process, or, with `ray`
+    (``"auto"`` or a head's ``HOST:PORT``), one Ray actor per shard behind a compiled graph
+    (needs ``fol-infer[ray]``; `RayShardSet`'s settings and Ray actor options go through
+    `ray_options`). Here, above both kinds, so that neither imports the other."""
+    if ray is None:
+        return LocalShardSet(Path(folder), bundle, device)
+    from fol_infer.distributed.serve import RayShardSet
+
+    return RayShardSet(Path(folder), bundle, ray, timeout_s, **ray_options)
+
+
 class Timer:
     def __init__(self) -> None:
         self.ms: dict[str, float] = dict.fromkeys(STAGES, 0.0)
@@ -124,17 +143,17 @@ class Retriever:
         allow_partial: bool = False,
     ) -> None:
         """``index``: an index or map folder (opened here), or a `ShardSet` (e.g.
-        `ShardSet.ray(...)`, closed with the retriever). ``rerank``: threshold, backend, CPU
-        block and workers [`RerankSettings()`]. ``encoder``: an encoder of this bundle already
-        open (e.g. the one that built the index), used instead of opening another; the caller
-        keeps it and closes it. ``allow_partial``: answer from the shards that answer and list
-        the others in each result, instead of raising."""
+        ``open_shard_set(folder, ray="auto")``, closed with the retriever). ``rerank``:
+        threshold, backend, CPU block and workers [`RerankSettings()`]. ``encoder``: an
+        encoder of this bundle already open (e.g. the one that built the index), used instead
+        of opening another; the caller keeps it and closes it. ``allow_partial``: answer from
+        the shards that answer and list the others in each result, instead of raising."""
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
         if isinstance(index, ShardSet):
             self.shards = index
             index.manifest.check_bundle(self.bundle.manifest.fingerprint, str(self.bundle.folder))
         else:
-            self.shards = ShardSet.open(index, bundle=self.bundle)
+            self.shards = open_shard_set(index, self.bundle)
         self.allow_partial = allow_partial
         rerank = rerank or RerankSettings()
         try:
@@ -175,7 +194,7 @@ class Retriever:
         if self.closed:
             raise UsageError("this Retriever is closed: open a new one to query again")
         if isinstance(images, (str, Path, np.ndarray)) or not isinstance(images, Sequence):
-            images = [images]  # type: ignore[list-item]
+            images = [images]
         if not images:
             return []
         n = len(self.shards)

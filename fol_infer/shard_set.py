@@ -3,8 +3,9 @@
 A single index is a map of one shard, so `Retriever` has one code path. A global search fans
 out to every shard and the top lists are merged exactly (`index.shards.merge_top_k`); each
 shard then scores the re-rank candidates whose tokens it holds, and the counts are put back
-in candidate order. `LocalShardSet` opens every shard in this process; `ShardSet.ray` serves
-each shard from its own Ray actor (`fol_infer.distributed`, imported only then).
+in candidate order. `LocalShardSet` opens every shard in this process; `RayShardSet`
+(`fol_infer.distributed.serve`) serves each shard from its own Ray actor;
+`fol_infer.pipeline.open_shard_set` opens either.
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ class ShardSet(ABC):
 
     @property
     def token_format(self) -> TokenFormat:
-        return self.manifest.settings.get("tokens", "fp16")  # type: ignore[no-any-return]
+        return self.manifest.settings.get("tokens", "fp16")
 
     def __len__(self) -> int:
         return self.manifest.images
@@ -111,28 +112,6 @@ class ShardSet(ABC):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-    @staticmethod
-    def open(
-        folder: str | Path, bundle: Bundle | None = None, device: FaissDevice = "auto"
-    ) -> LocalShardSet:
-        """Every shard of a map (or the one index) opened in this process."""
-        return LocalShardSet(Path(folder), bundle, device)
-
-    @staticmethod
-    def ray(
-        folder: str | Path,
-        bundle: Bundle | None = None,
-        address: str = "auto",
-        timeout_s: float = 30.0,
-        **actor_options: Any,
-    ) -> ShardSet:
-        """One Ray actor per shard, each opening its own shard (needs ``fol-infer[ray]``),
-        queried through a Ray compiled graph; `RayShardSet`'s settings (``search_threads``,
-        ``compiled``, ``start_timeout_s``) and Ray actor options go through ``actor_options``."""
-        from fol_infer.distributed.serve import RayShardSet
-
-        return RayShardSet(Path(folder), bundle, address, timeout_s, **actor_options)
 
 
 def read_manifest(folder: Path, bundle: Bundle | None) -> MapManifest:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,9 @@ if not os.path.exists("/dev/nvidiactl"):
 # and binds its servers to every interface, except in its single-machine mode, which this
 # variable (read when ray is imported) selects.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+# Tables and messages are checked for their text: long temporary paths must not wrap at 80
+# columns (rich reads COLUMNS once, when a console is made).
+os.environ.setdefault("COLUMNS", "250")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -35,12 +39,29 @@ def _user_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
     os.environ["FOL_INFER_CACHE"] = str(tmp_path_factory.mktemp("user-cache"))
 
 
+def built_once(factory: pytest.TempPathFactory, name: str, make: Callable[[Path], object]) -> Path:
+    """`make(path)` once per test run: pytest-xdist's workers share what the first one made
+    (each would otherwise export the same tiny bundles again). `make` must create `path`
+    whole or not at all (the product's own writes are atomic)."""
+    from filelock import FileLock
+
+    base = factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # the run's folder, above every worker's own
+    path = base / "built-once" / name
+    path.parent.mkdir(exist_ok=True)
+    with FileLock(f"{path}.lock"):
+        if not path.exists():
+            make(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     pytest.importorskip("torch", reason="checkpoints need PyTorch (pip install '.[export]')")
     from fol_infer.model.checkpoint import make_checkpoint
 
-    return make_checkpoint("tiny", seed=0, out=tmp_path_factory.mktemp("ckpt") / "tiny.pth")
+    return built_once(tmp_path_factory, "tiny.pth", lambda out: make_checkpoint("tiny", 0, out))
 
 
 @pytest.fixture(scope="session")
@@ -48,8 +69,10 @@ def tiny_bundle(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory)
     pytest.importorskip("onnx", reason="export needs onnx (pip install '.[export]')")
     from fol_infer.export.onnx import export_bundle
 
-    out = tmp_path_factory.mktemp("bundles") / "tiny"
-    return export_bundle(tiny_checkpoint, out, TINY_RESOLUTION)
+    def export(out: Path) -> None:
+        export_bundle(tiny_checkpoint, out, TINY_RESOLUTION)
+
+    return built_once(tmp_path_factory, "tiny", export)
 
 
 @pytest.fixture(scope="session")
@@ -58,8 +81,10 @@ def tiny_bundle_322(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFact
     pytest.importorskip("onnx", reason="export needs onnx (pip install '.[export]')")
     from fol_infer.export.onnx import export_bundle
 
-    out = tmp_path_factory.mktemp("bundles") / "tiny-322"
-    return export_bundle(tiny_checkpoint, out, 322)
+    def export(out: Path) -> None:
+        export_bundle(tiny_checkpoint, out, 322)
+
+    return built_once(tmp_path_factory, "tiny-322", export)
 
 
 class MapBuilds:
@@ -90,7 +115,7 @@ class MapBuilds:
             bundle = Bundle.open(self.bundle)
             settings = BuildSettings(factory=factory, tokens=tokens, batch=4)  # type: ignore[arg-type]
             out = self.root / f"{tokens}-{factory.replace(',', '_')}-{shards}"
-            with open_encoder(bundle, "onnx") as encoder:  # type: ignore[attr-defined]
+            with open_encoder(bundle, "onnx") as encoder:
                 if shards:
                     build_map(bundle, self.db, out, LocalRunner(encoder), settings, shards)
                 else:

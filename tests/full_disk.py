@@ -16,6 +16,6 @@ def full_disk_for(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
         if os.path.basename(os.readlink(f"/proc/self/fd/{fd}")).startswith(f".{name}."):
             os.close(fd)
             return open("/dev/full", "wb")  # noqa: SIM115 (the writer closes it)
-        return real(fd, *args, **kwargs)  # type: ignore[arg-type]
+        return real(fd, *args, **kwargs)
 
     monkeypatch.setattr(os, "fdopen", fdopen)

@@ -18,7 +18,7 @@ def test_onnx_matches_the_pytorch_reference(
     bundle_fixture: str, request: pytest.FixtureRequest
 ) -> None:
     bundle = Bundle.open(request.getfixturevalue(bundle_fixture))
-    with open_encoder(bundle, "onnx") as encoder:  # type: ignore[attr-defined]
+    with open_encoder(bundle, "onnx") as encoder:
         report = verify(bundle, encoder)
     assert report.passed, report.failures
     assert report.min_global_cosine >= 0.99999 and report.max_token_diff <= 1e-4

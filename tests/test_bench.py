@@ -9,8 +9,8 @@ import pytest
 from sample_images import make_images
 from typer.testing import CliRunner
 
-from fol_infer.bench.dataset import make_dataset
 from fol_infer.bench.harness import Bench
+from fol_infer.bench.synthetic import make_dataset
 from fol_infer.cli import app
 
 runner = CliRunner()
@@ -37,7 +37,8 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_report_holds_every_figure(tiny_bundle: Path, dataset: Path, tmp_path: Path) -> None:
     out, md, plot = tmp_path / "r.json", tmp_path / "r.md", tmp_path / "r.png"
     code, log = bench(
-        tiny_bundle, dataset, "--json", out, "--markdown", md, "--plot", plot, "--warmup", "1",
+        tiny_bundle, dataset, "--json-out", out, "--markdown-out", md, "--plot-out", plot,
+        "--warmup", "1",
         "--reranker", "cpu",
     )  # fmt: skip
     assert code == 0, log
@@ -73,7 +74,8 @@ def test_missing_layout_and_names_without_utm(tiny_bundle: Path, tmp_path: Path)
             path.rename(path.with_name(path.name.split("@")[-1]))  # drop the UTM part
     out = tmp_path / "r.json"
     code, log = bench(tiny_bundle, tmp_path / "plain", "--json", out, "--warmup", "0")
-    assert code == 0, log
+    assert code == 0, log  # the old spelling of --json-out, accepted for one release
+    assert "--json PATH is now --json-out PATH" in " ".join(log.split())
     report = json.loads(out.read_text())
     assert report["recall"]["global"] is None and "no UTM" in report["recall"]["unavailable"]
     assert "Recall unavailable" in log
@@ -100,7 +102,8 @@ def test_bench_takes_a_token_format(tiny_bundle: Path, dataset: Path, tmp_path: 
     reports = {}
     for tokens in ("fp16", "int8-exact"):
         out = tmp_path / f"{tokens}.json"
-        code, log = bench(tiny_bundle, dataset, "--json", out, "--tokens", tokens, "--warmup", "0")
+        argv = ("--json-out", out, "--tokens", tokens, "--warmup", "0")
+        code, log = bench(tiny_bundle, dataset, *argv)
         assert code == 0, log
         reports[tokens] = json.loads(out.read_text())
     exact = reports["int8-exact"]
@@ -122,7 +125,7 @@ def test_bench_threshold_is_used_and_recorded(
 ) -> None:
     out = tmp_path / "r.json"
     code, log = bench(
-        tiny_bundle, dataset, "--json", out, "--warmup", "0", "--threshold", "0.9999",
+        tiny_bundle, dataset, "--json-out", out, "--warmup", "0", "--threshold", "0.9999",
         "--engine", "onnx",  # the product brief's spelling of --backend
     )  # fmt: skip
     assert code == 0, log

@@ -25,19 +25,19 @@ from fol_infer.index.token_store import TokenStore
 
 
 @pytest.fixture()
-def encoder(tiny_bundle: Path):  # type: ignore[no-untyped-def]
+def encoder(tiny_bundle: Path):
     enc = open_encoder(Bundle.open(tiny_bundle), "onnx")
     yield enc
     enc.close()
 
 
-def append_int8(bundle: Bundle, encoder, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def append_int8(bundle: Bundle, encoder, tmp_path: Path) -> None:
     """Append tmp_path/db to tmp_path/idx asking for int8 tokens."""
     settings = BuildSettings(tokens="int8")
     build_index(bundle, encoder, tmp_path / "db", tmp_path / "idx", settings, mode="append")
 
 
-def test_build_records_everything_and_opens(tiny_bundle: Path, encoder, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_build_records_everything_and_opens(tiny_bundle: Path, encoder, tmp_path: Path) -> None:
     db = tmp_path / "db"
     make_images(db / "sub", 5)
     (db / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
@@ -61,7 +61,7 @@ def test_build_records_everything_and_opens(tiny_bundle: Path, encoder, tmp_path
         assert ids.shape == (2, 5) and np.all(np.diff(scores, axis=1) <= 1e-6)
 
 
-def test_refusals(tiny_bundle: Path, tiny_bundle_322: Path, encoder, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_refusals(tiny_bundle: Path, tiny_bundle_322: Path, encoder, tmp_path: Path) -> None:
     bundle = Bundle.open(tiny_bundle)
     (tmp_path / "empty").mkdir()
     with pytest.raises(UsageError, match="no images found"):
@@ -79,7 +79,7 @@ def test_refusals(tiny_bundle: Path, tiny_bundle_322: Path, encoder, tmp_path: P
 
 def test_append_adds_only_new_images_and_force_rebuilds(
     tiny_bundle: Path, encoder, tmp_path: Path
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     bundle = Bundle.open(tiny_bundle)
     make_images(tmp_path / "db", 3)
     build_index(bundle, encoder, tmp_path / "db", tmp_path / "idx")
@@ -98,7 +98,7 @@ def test_append_adds_only_new_images_and_force_rebuilds(
 
 def test_faiss_file_catches_up_after_a_crash_between_commits(
     tiny_bundle: Path, encoder, tmp_path: Path
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     bundle = Bundle.open(tiny_bundle)
     make_images(tmp_path / "db", 4)
     build_index(bundle, encoder, tmp_path / "db", tmp_path / "idx", BuildSettings(batch=2))
@@ -146,7 +146,7 @@ def test_kill_9_mid_build_then_rerun_resumes(tiny_bundle: Path, tmp_path: Path) 
 
 def test_int8_exact_keeps_float32_originals_in_step(
     tiny_bundle: Path, encoder, tmp_path: Path
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     bundle = Bundle.open(tiny_bundle)
     images = make_images(tmp_path / "db", 4)
     settings = BuildSettings(batch=2, tokens="int8-exact")
@@ -174,7 +174,7 @@ def test_int8_exact_keeps_float32_originals_in_step(
 
 def test_a_refused_index_leaves_no_store_open(
     tiny_bundle: Path, encoder, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:  # type: ignore[no-untyped-def]
+) -> None:
     bundle = Bundle.open(tiny_bundle)
     make_images(tmp_path / "db", 2)
     settings = BuildSettings(tokens="int8-exact")

@@ -13,14 +13,9 @@ from PIL import Image
 from typer.testing import CliRunner
 
 import fol_infer.cli.dataset_command  # noqa: F401  (registers make-dataset on the app)
-from fol_infer.bench.dataset import (
-    LAYOUT_TREE,
-    SyntheticPlan,
-    make_dataset,
-    open_dataset,
-    plan_dataset,
-)
+from fol_infer.bench.dataset import LAYOUT_TREE, open_dataset
 from fol_infer.bench.recall import recall_at
+from fol_infer.bench.synthetic import SyntheticPlan, make_dataset, plan_dataset
 from fol_infer.cli.app import app
 from fol_infer.errors import UsageError
 from fol_infer.images import load_rgb
@@ -219,4 +214,4 @@ def test_make_dataset_command(tmp_path: Path) -> None:
     result = runner.invoke(app, [*args, "--force"])
     assert result.exit_code == 0, result.output
     result = runner.invoke(app, ["make-dataset", str(tmp_path / "x"), "--places", "0"])
-    assert result.exit_code == 2 and "at least 1 place" in result.output
+    assert result.exit_code == 2 and "Invalid value for '--places'" in result.output

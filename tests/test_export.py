@@ -69,7 +69,7 @@ def test_graphs_are_tensorrt_ready(bundle_fixture: str, request: pytest.FixtureR
     assert "Resize" not in ops and "NonZero" not in ops and "ReduceLogSumExp" not in ops
 
 
-def _graph(tmp_path: Path, nodes, inputs, outputs, initializers=(), opset: int = 18) -> Path:  # type: ignore[no-untyped-def]
+def _graph(tmp_path: Path, nodes, inputs, outputs, initializers=(), opset: int = 18) -> Path:
     graph = helper.make_graph(nodes, "g", inputs, outputs, initializer=list(initializers))
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     path = tmp_path / "g.onnx"

@@ -86,7 +86,7 @@ def test_concurrent_appends_serialise_and_every_image_is_named_right(
     results = [finish(p) for p in procs]
     assert [code for code, _ in results] == [0, 0], results
     bundle = Bundle.open(tiny_bundle)
-    with Database(idx, bundle=bundle) as database, open_encoder(bundle) as encoder:  # type: ignore[attr-defined]
+    with Database(idx, bundle=bundle) as database, open_encoder(bundle) as encoder:
         assert len(database) == 7 and len(set(database.paths)) == 7
         assert len(database.tokens) == 7 and len(database.global_index) == 7
         for image in one + four:
@@ -107,7 +107,7 @@ def test_a_reader_leaves_uncommitted_rows_alone(tiny_bundle: Path, tmp_path: Pat
     serves the committed images and writes nothing (the writer's batch stays)."""
     bundle = Bundle.open(tiny_bundle)
     make_images(tmp_path / "db", 2)
-    with open_encoder(bundle) as encoder:  # type: ignore[attr-defined]
+    with open_encoder(bundle) as encoder:
         build_index(bundle, encoder, tmp_path / "db", tmp_path / "idx")
     store = TokenStore.open(tmp_path / "idx" / "tokens")
     store.append([np.ones((3, 128), np.float32)])  # the writer, between commits

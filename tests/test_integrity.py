@@ -50,7 +50,7 @@ def bundle_copy(tiny_bundle: Path, tmp_path: Path) -> Path:
 def built(bundle_copy: Path, tmp_path: Path) -> Path:
     bundle = Bundle.open(bundle_copy)
     make_images(tmp_path / "db", 3)
-    with open_encoder(bundle) as encoder:  # type: ignore[attr-defined]
+    with open_encoder(bundle) as encoder:
         build_index(bundle, encoder, tmp_path / "db", tmp_path / "idx", BuildSettings(batch=2))
     return tmp_path / "idx"
 

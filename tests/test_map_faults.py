@@ -16,8 +16,7 @@ from fol_infer.bundle import Bundle
 from fol_infer.cli import app
 from fol_infer.errors import IndexStoreError, ShardMismatchError, UsageError
 from fol_infer.index.shards import MANIFEST
-from fol_infer.pipeline import Retriever
-from fol_infer.shard_set import ShardSet
+from fol_infer.pipeline import Retriever, open_shard_set
 
 runner = CliRunner()
 
@@ -27,7 +26,7 @@ def cli(*args: str | Path) -> tuple[int, str, str]:
     return result.exit_code, result.stdout, " ".join(result.output.split())
 
 
-def edit_manifest(change: Callable[[list[dict]], None]) -> Callable[[Path], None]:  # type: ignore[type-arg]
+def edit_manifest(change: Callable[[list[dict]], None]) -> Callable[[Path], None]:
     def tamper(folder: Path) -> None:
         doc = json.loads((folder / MANIFEST).read_text())
         change(doc["shards"])
@@ -36,16 +35,16 @@ def edit_manifest(change: Callable[[list[dict]], None]) -> Callable[[Path], None
     return tamper
 
 
-def shift(shards: list[dict]) -> None:  # type: ignore[type-arg]
+def shift(shards: list[dict]) -> None:
     for shard in shards:
         shard["offset"] += 5
 
 
-def overlap(shards: list[dict]) -> None:  # type: ignore[type-arg]
+def overlap(shards: list[dict]) -> None:
     shards[1]["offset"] -= 2
 
 
-def listed_twice(shards: list[dict]) -> None:  # type: ignore[type-arg]
+def listed_twice(shards: list[dict]) -> None:
     shards[2] = dict(shards[1], offset=shards[2]["offset"])
 
 
@@ -70,7 +69,7 @@ TAMPERINGS = {
 
 
 @pytest.mark.parametrize("name", TAMPERINGS)
-def test_a_tampered_map_is_refused_naming_the_shard(map_builds, tmp_path: Path, name: str) -> None:  # type: ignore[no-untyped-def]
+def test_a_tampered_map_is_refused_naming_the_shard(map_builds, tmp_path: Path, name: str) -> None:
     tamper, named = TAMPERINGS[name]
     sharded = Path(shutil.copytree(map_builds.get(shards=3), tmp_path / "map"))
     tamper(sharded)
@@ -80,10 +79,10 @@ def test_a_tampered_map_is_refused_naming_the_shard(map_builds, tmp_path: Path, 
         assert named in out and "rebuild the map: fol-infer index" in out.lower(), out
         assert out.count("error:") == 1 and "Traceback" not in out
     with pytest.raises(ShardMismatchError):
-        ShardSet.open(sharded)
+        open_shard_set(sharded)
 
 
-def test_a_missing_shard_is_left_out_only_when_allowed(map_builds, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_a_missing_shard_is_left_out_only_when_allowed(map_builds, tmp_path: Path) -> None:
     """In process as over Ray: without --allow-partial the query fails naming the shard;
     with it, the other shards answer and the missing one is named."""
     sharded = Path(shutil.copytree(map_builds.get(shards=3), tmp_path / "map"))
@@ -100,9 +99,9 @@ def test_a_missing_shard_is_left_out_only_when_allowed(map_builds, tmp_path: Pat
     assert hits and not hits & set(range(16, 27)) and len(hits) == 38 - 11
 
 
-def test_every_call_after_close_is_refused(map_builds) -> None:  # type: ignore[no-untyped-def]
+def test_every_call_after_close_is_refused(map_builds) -> None:
     bundle = Bundle.open(map_builds.bundle)
-    with open_encoder(bundle) as encoder:  # type: ignore[attr-defined]
+    with open_encoder(bundle) as encoder:
         retriever = Retriever(bundle, map_builds.get(shards=3), encoder=encoder)
         assert retriever.query(map_builds.queries[:1])[0].global_hits
         shards = retriever.shards
@@ -115,13 +114,13 @@ def test_every_call_after_close_is_refused(map_builds) -> None:  # type: ignore[
         assert encoder.encode_global(_batch(bundle, map_builds)).descriptors.shape[0] == 1
 
 
-def _batch(bundle: Bundle, map_builds):  # type: ignore[no-untyped-def]
+def _batch(bundle: Bundle, map_builds):
     from fol_infer.images import preprocess
 
     return preprocess(map_builds.queries[0], bundle.resolution)[None]
 
 
-def test_a_damaged_shard_is_named_with_its_repair_never_served(map_builds, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_a_damaged_shard_is_named_with_its_repair_never_served(map_builds, tmp_path: Path) -> None:
     sharded = Path(shutil.copytree(map_builds.get(shards=3), tmp_path / "map"))
     (sharded / "shard-00000" / "index.json").write_text("{ not json")
     with Retriever(map_builds.bundle, sharded) as retriever:

@@ -15,11 +15,11 @@ from fol_infer.model.checkpoint import random_model  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def model():  # type: ignore[no-untyped-def]
+def model():
     return random_model("tiny", 0)
 
 
-def test_position_embedding_follows_dinov2_scale_factor_rule(model) -> None:  # type: ignore[no-untyped-def]
+def test_position_embedding_follows_dinov2_scale_factor_rule(model) -> None:
     backbone = model.backbone.model
     h, w = 15, 16
     got = backbone.position_embedding(h, w)
@@ -35,7 +35,7 @@ def test_position_embedding_follows_dinov2_scale_factor_rule(model) -> None:  # 
     assert torch.equal(backbone.position_embedding(37, 37), backbone.pos_embed)
 
 
-def test_saliency_is_last_block_cls_attention_summed_over_heads(model) -> None:  # type: ignore[no-untyped-def]
+def test_saliency_is_last_block_cls_attention_summed_over_heads(model) -> None:
     backbone = model.backbone.model
     images = torch.randn(2, 3, 210, 224)
     pos = backbone.position_embedding(15, 16)
@@ -90,7 +90,7 @@ def test_clamp_top_values_clamps_exactly_three_to_the_five_percent_value() -> No
         assert torch.equal(out, want)
 
 
-def test_local_branch_selects_row_major_tokens_of_the_upsampled_region(model) -> None:  # type: ignore[no-untyped-def]
+def test_local_branch_selects_row_major_tokens_of_the_upsampled_region(model) -> None:
     h, w = 15, 16
     torch.manual_seed(1)
     features = torch.randn(2, 64, h, w)
@@ -114,7 +114,7 @@ def test_local_branch_selects_row_major_tokens_of_the_upsampled_region(model) ->
         assert torch.count_nonzero(tokens[i, n:]) == 0
 
 
-def test_global_branch_shapes_and_unit_norm(model) -> None:  # type: ignore[no-untyped-def]
+def test_global_branch_shapes_and_unit_norm(model) -> None:
     images = torch.randn(3, 3, 210, 224)
     with torch.no_grad():
         d, f, c = model.forward_global(images, model.backbone.model.position_embedding(15, 16))

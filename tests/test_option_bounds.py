@@ -44,15 +44,20 @@ def test_an_unbounded_value_is_a_usage_error_naming_the_option(
     assert not any(tmp_path.iterdir())  # refused while parsing: nothing was touched
 
 
-TAKEN = [("--timeout", "0.1"), ("--threshold", "-1"), ("--threshold", "0.999"), ("--top-k", "1")]
+TAKEN = [
+    ("--timeout", "0.1", "--ray", "auto"),  # --timeout applies with --ray only
+    ("--threshold", "-1"),
+    ("--threshold", "0.999"),
+    ("--top-k", "1"),
+]
 
 
-@pytest.mark.parametrize(("option", "value"), TAKEN)
+@pytest.mark.parametrize("options", TAKEN)
 def test_values_inside_the_bounds_are_taken(
-    option: str, value: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    options: tuple[str, ...], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    result = CliRunner().invoke(app, [*QUERY, option, value])
+    result = CliRunner().invoke(app, [*QUERY, *options])
     assert result.exit_code == 2 and "Invalid value" not in result.output  # the index is missing
     assert "no-index" in result.output
 

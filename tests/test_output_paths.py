@@ -66,29 +66,32 @@ def snapshot(*folders: Path) -> dict[str, str]:
 
 
 CASES: list[tuple[str, Callable[[Work], list[object]], str]] = [
-    ("query --csv over a query image", lambda w: [
-        "query", w.index, w.single, "--csv", w.single], "it is the query image"),
-    ("query --csv inside the query folder", lambda w: [
-        "query", w.index, w.queries, "--csv", w.queries / "r.csv"], "is inside the query folder"),
+    ("query --csv-out over a query image", lambda w: [
+        "query", w.index, w.single, "--csv-out", w.single], "it is the query image"),
+    ("query --csv-out inside the query folder", lambda w: [
+        "query", w.index, w.queries, "--csv-out", w.queries / "r.csv"],
+        "is inside the query folder"),
     ("query --pairs-out over index.json", lambda w: [
         "query", w.index, w.single, "--pairs-out", w.index / "index.json"], "inside the index"),
-    ("query --csv over map.json", lambda w: [
-        "query", w.map, w.single, "--csv", w.map / "map.json"], "it is inside the map"),
-    ("query --csv in the database folder", lambda w: [
-        "query", w.index, w.single, "--csv", w.db / "r.csv"], "inside the database folder"),
-    ("query --csv over the bundle's manifest", lambda w: [
-        "query", w.index, w.single, "--csv", w.bundle / "manifest.json"], "inside the bundle"),
-    ("query --csv: a symbolic link to a query image", lambda w: [
-        "query", w.index, w.single, "--csv", w.root / "link.csv"], "is a link to the query image"),
-    ("query --csv: a hard link to a query image", lambda w: [
-        "query", w.index, w.single, "--csv", w.root / "hard.csv"], "is a link to the query image"),
-    ("query --csv and --pairs-out: one file", lambda w: [
-        "query", w.index, w.single, "--pairs-out", w.root / "o.txt", "--csv", w.root / "o.txt"],
-        "--csv and --pairs-out are the same file"),
-    ("query --csv: a folder", lambda w: [
-        "query", w.index, w.single, "--csv", w.root / "a-folder"], "is a folder"),
-    ("query --csv: no such folder", lambda w: [
-        "query", w.index, w.single, "--csv", w.root / "nowhere" / "r.csv"], "does not exist"),
+    ("query --csv-out over map.json", lambda w: [
+        "query", w.map, w.single, "--csv-out", w.map / "map.json"], "it is inside the map"),
+    ("query --csv-out in the database folder", lambda w: [
+        "query", w.index, w.single, "--csv-out", w.db / "r.csv"], "inside the database folder"),
+    ("query --csv-out over the bundle's manifest", lambda w: [
+        "query", w.index, w.single, "--csv-out", w.bundle / "manifest.json"], "inside the bundle"),
+    ("query --csv-out: a symbolic link to a query image", lambda w: [
+        "query", w.index, w.single, "--csv-out", w.root / "link.csv"],
+        "is a link to the query image"),
+    ("query --csv-out: a hard link to a query image", lambda w: [
+        "query", w.index, w.single, "--csv-out", w.root / "hard.csv"],
+        "is a link to the query image"),
+    ("query --csv-out and --pairs-out: one file", lambda w: [
+        "query", w.index, w.single, "--pairs-out", w.root / "o.txt", "--csv-out", w.root / "o.txt"],
+        "--csv-out and --pairs-out are the same file"),
+    ("query --csv-out: a folder", lambda w: [
+        "query", w.index, w.single, "--csv-out", w.root / "a-folder"], "is a folder"),
+    ("query --csv-out: no such folder", lambda w: [
+        "query", w.index, w.single, "--csv-out", w.root / "nowhere" / "r.csv"], "does not exist"),
     ("show regions --out over the image", lambda w: [
         "show", "regions", w.bundle, w.png, "--out", w.png], "it is the image"),
     ("show matches --out over the candidate", lambda w: [
@@ -97,15 +100,15 @@ CASES: list[tuple[str, Callable[[Work], list[object]], str]] = [
         "show", "results", w.index, w.single, "--out", w.index / "f.png"], "inside the index"),
     ("show bench --out over the report", lambda w: [
         "show", "bench", w.report, "--out", w.report], "it is the report"),
-    ("bench --json inside the dataset", lambda w: [
-        "bench", "--bundle", w.bundle, "--dataset", w.dataset, "--json", w.dataset / "r.json"],
+    ("bench --json-out inside the dataset", lambda w: [
+        "bench", "--bundle", w.bundle, "--dataset", w.dataset, "--json-out", w.dataset / "r.json"],
         "inside the dataset"),
-    ("bench --markdown over the positions CSV", lambda w: [
+    ("bench --markdown-out over the positions CSV", lambda w: [
         "bench", "--bundle", w.bundle, "--dataset", w.dataset, "--positions", w.positions,
-        "--markdown", w.positions], "it is the positions CSV"),
-    ("bench --json and --markdown: one file", lambda w: [
-        "bench", "--bundle", w.bundle, "--dataset", w.dataset, "--json", w.root / "r",
-        "--markdown", w.root / "r"], "--markdown and --json are the same file"),
+        "--markdown-out", w.positions], "it is the positions CSV"),
+    ("bench --json-out and --markdown-out: one file", lambda w: [
+        "bench", "--bundle", w.bundle, "--dataset", w.dataset, "--json-out", w.root / "r",
+        "--markdown-out", w.root / "r"], "--markdown-out and --json-out are the same file"),
     ("encode --out inside the image folder", lambda w: [
         "encode", w.bundle, w.queries, "--out", w.queries / "e.npz"], "inside the image folder"),
     ("make-checkpoint OUT: a folder", lambda w: [
@@ -139,7 +142,7 @@ def test_a_full_disk_writes_no_output_and_keeps_the_old_ones(
     before = snapshot(tmp_path, work.root)
     full_disk_for("r.csv", monkeypatch)
     argv = ["query", str(work.index), str(work.single), "--pairs-out", str(pairs),
-            "--csv", str(rows), "--reranker", "cpu"]  # fmt: skip
+            "--csv-out", str(rows), "--reranker", "cpu"]  # fmt: skip
     result = CliRunner().invoke(app, argv)
     assert result.exit_code == 1, result.output
     (line,) = [x for x in result.stderr.splitlines() if x.startswith("error:")]

@@ -29,7 +29,7 @@ def index_dir(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
     root = tmp_path_factory.mktemp("pipeline")
     make_images(root / "db", 6)
     bundle = Bundle.open(tiny_bundle)
-    with open_encoder(bundle) as encoder:  # type: ignore[attr-defined]
+    with open_encoder(bundle) as encoder:
         build_index(bundle, encoder, root / "db", root / "idx", BuildSettings(batch=4))
     return root / "idx"
 
@@ -154,7 +154,7 @@ def test_int8_exact_index_reranks_like_float32_tokens(
     make_images(tmp_path / "db", 6)
     bundle = Bundle.open(tiny_bundle)
     settings = BuildSettings(batch=3, tokens="int8-exact")
-    with open_encoder(bundle) as encoder:  # type: ignore[attr-defined]
+    with open_encoder(bundle) as encoder:
         build_index(bundle, encoder, tmp_path / "db", tmp_path / "idx", settings)
     with Retriever(bundle, tmp_path / "idx") as retriever:
         results = retriever.query(queries, top_k=6, rerank_k=6)
@@ -201,7 +201,7 @@ def test_a_given_encoder_is_used_and_left_open(
     tiny_bundle: Path, index_dir: Path, queries: list[Path]
 ) -> None:
     bundle = Bundle.open(tiny_bundle)
-    with open_encoder(bundle) as encoder:  # type: ignore[attr-defined]
+    with open_encoder(bundle) as encoder:
         with Retriever(bundle, index_dir, encoder=encoder) as retriever:
             assert retriever.encoder is encoder
             (first,) = retriever.query([queries[0]], top_k=3, rerank_k=3)

@@ -39,7 +39,7 @@ def test_pairs_csv_and_json_agree_and_open_from_anywhere(
     pairs, table = tmp_path / "pairs.txt", tmp_path / "results.csv"
     monkeypatch.setattr(rerank, "_fallback_noted", False)
     argv = ["query", str(index_dir), str(queries), "--top-k", "3", "--rerank-k", "4", "--json",
-            "--pairs-out", str(pairs), "--csv", str(table)]  # fmt: skip
+            "--pairs-out", str(pairs), "--csv-out", str(table)]  # fmt: skip
     result = CliRunner().invoke(app, argv)
     assert result.exit_code == 0, result.output
     docs = json.loads(result.stdout)
@@ -72,7 +72,7 @@ def test_global_only_pairs_follow_the_global_order(index_dir: Path, tmp_path: Pa
     (query,) = make_images(tmp_path / "q", 1, seed=4)
     pairs = tmp_path / "pairs.txt"
     argv = ["query", str(index_dir), str(query), "--top-k", "2", "--no-rerank", "--json",
-            "--pairs-out", str(pairs), "--csv", str(tmp_path / "r.csv")]  # fmt: skip
+            "--pairs-out", str(pairs), "--csv-out", str(tmp_path / "r.csv")]  # fmt: skip
     result = CliRunner().invoke(app, argv)
     assert result.exit_code == 0, result.output
     (doc,) = json.loads(result.stdout)
@@ -111,7 +111,7 @@ def test_every_output_holds_top_k_of_the_final_order(index_dir: Path, tmp_path: 
     (query,) = make_images(tmp_path / "q", 1, seed=6)
     pairs, table = tmp_path / "p.txt", tmp_path / "r.csv"
     argv = ["query", str(index_dir), str(query), "--top-k", "5", "--rerank-k", "2", "--json",
-            "--pairs-out", str(pairs), "--csv", str(table), "--reranker", "cpu"]  # fmt: skip
+            "--pairs-out", str(pairs), "--csv-out", str(table), "--reranker", "cpu"]  # fmt: skip
     result = CliRunner().invoke(app, argv)
     assert result.exit_code == 0, result.output
     assert "--rerank-k 2 < --top-k 5" in result.stderr
@@ -137,7 +137,7 @@ def test_a_partial_answer_is_marked_in_every_output(map_dir: Path, tmp_path: Pat
     base = ["query", str(sharded), str(query), "--top-k", "3", "--rerank-k", "3", "--reranker",
             "cpu", "--allow-partial"]  # fmt: skip
     warning = f"warning: PARTIAL answers for 1 of 1 queries: shards {down} did not answer"
-    shown = CliRunner().invoke(app, [*base, "--csv", str(table), "--pairs-out", str(pairs)])
+    shown = CliRunner().invoke(app, [*base, "--csv-out", str(table), "--pairs-out", str(pairs)])
     assert shown.exit_code == 0, shown.output
     assert warning in shown.stderr and f"[PARTIAL: shards {down} did not answer]" in shown.stdout
     rows = rows_of(table)

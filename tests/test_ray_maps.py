@@ -24,15 +24,15 @@ from fol_infer.index.database import DESCRIPTORS, METADATA, TOKENS
 from fol_infer.index.metadata import IndexMetadata
 from fol_infer.index.shards import MapManifest
 from fol_infer.index.token_store import TokenStore
-from fol_infer.pipeline import Retriever
+from fol_infer.pipeline import Retriever, open_shard_set
 from fol_infer.progress import Advance
-from fol_infer.shard_set import ShardSet
 
 ray = pytest.importorskip("ray", reason="Ray is not installed (pip install '.[ray]')")
+pytestmark = pytest.mark.xdist_group("ray")  # one Ray cluster per run: these share a worker
 
 
 @pytest.fixture(scope="session")
-def ray_cluster():  # type: ignore[no-untyped-def]
+def ray_cluster():
     ray.init(
         num_cpus=2,
         object_store_memory=100 << 20,
@@ -60,7 +60,7 @@ def crash_once(marker: str) -> Advance:
     return hook
 
 
-def test_ray_build_survives_a_hard_crash_with_the_in_process_bytes(  # type: ignore[no-untyped-def]
+def test_ray_build_survives_a_hard_crash_with_the_in_process_bytes(
     ray_cluster, map_builds, tmp_path: Path
 ) -> None:
     from fol_infer.bundle import Bundle
@@ -83,11 +83,11 @@ def test_ray_build_survives_a_hard_crash_with_the_in_process_bytes(  # type: ign
             assert rows == _rows(reference / entry.name, store), (entry.name, store)
 
 
-def _answers(retriever: Retriever, queries: list[Path]) -> list[dict]:  # type: ignore[type-arg]
+def _answers(retriever: Retriever, queries: list[Path]) -> list[dict]:
     return [r.to_json() for r in retriever.query(queries, top_k=10, rerank_k=4)]
 
 
-def test_shard_actors_answer_as_the_single_index_and_name_a_dead_shard(  # type: ignore[no-untyped-def]
+def test_shard_actors_answer_as_the_single_index_and_name_a_dead_shard(
     ray_cluster, map_builds, tmp_path: Path
 ) -> None:
     queries = map_builds.queries[:3]
@@ -95,7 +95,7 @@ def test_shard_actors_answer_as_the_single_index_and_name_a_dead_shard(  # type:
         expected = _answers(single, queries)
     sharded = tmp_path / "map"
     shutil.copytree(map_builds.get(shards=3), sharded)
-    shard_set = ShardSet.ray(sharded, timeout_s=10)
+    shard_set = open_shard_set(sharded, ray="auto", timeout_s=10)
     with Retriever(map_builds.bundle, shard_set) as retriever:
         assert json.dumps(_answers(retriever, queries)) == json.dumps(expected)
 
@@ -114,7 +114,7 @@ def test_shard_actors_answer_as_the_single_index_and_name_a_dead_shard(  # type:
         assert json.dumps(_answers(retriever, queries)) == json.dumps(expected)
 
 
-def test_no_cluster_at_an_address_is_one_line_and_quick(map_builds, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_no_cluster_at_an_address_is_one_line_and_quick(map_builds, tmp_path: Path) -> None:
     """In a fresh process (this one already runs Ray): nothing listens on port 9."""
     code = "import sys; from fol_infer.cli import main; sys.argv[0] = 'fol-infer'; main()"
     args = ["index", map_builds.bundle, map_builds.db, "--out", tmp_path / "m", "--ray"]
@@ -130,20 +130,20 @@ def test_no_cluster_at_an_address_is_one_line_and_quick(map_builds, tmp_path: Pa
     assert "Traceback" not in result.stderr
 
 
-def _pid(actor) -> int:  # type: ignore[no-untyped-def]
-    return ray.get(actor.__ray_call__.remote(lambda self: os.getpid()), timeout=30)  # type: ignore[no-any-return]
+def _pid(actor) -> int:
+    return ray.get(actor.__ray_call__.remote(lambda self: os.getpid()), timeout=30)
 
 
-def test_a_hung_shard_actor_is_replaced_after_the_timeout(  # type: ignore[no-untyped-def]
-    ray_cluster, map_builds, caplog
-) -> None:
+def test_a_hung_shard_actor_is_replaced_after_the_timeout(ray_cluster, map_builds, caplog) -> None:
     """A shard process that stops answering (SIGSTOP: alive, silent) is given up after the
     timeout and a fresh actor answers; then the map goes back to its compiled graph."""
     queries = map_builds.queries[:2]
     with Retriever(map_builds.bundle, map_builds.get()) as single:
         expected = _answers(single, queries)
     for compiled in (True, False):
-        shard_set = ShardSet.ray(map_builds.get(shards=3), timeout_s=5, compiled=compiled)
+        shard_set = open_shard_set(
+            map_builds.get(shards=3), ray="auto", timeout_s=5, compiled=compiled
+        )
         with Retriever(map_builds.bundle, shard_set) as retriever:
             assert json.dumps(_answers(retriever, queries)) == json.dumps(expected)
             assert shard_set.last_fan_out.compiled is compiled  # type: ignore[attr-defined]
@@ -165,14 +165,14 @@ def test_a_hung_shard_actor_is_replaced_after_the_timeout(  # type: ignore[no-un
     assert "compiled graph stopped (no answer within 5 s)" in caplog.text
 
 
-def test_a_shard_that_hangs_twice_is_named_or_left_out(  # type: ignore[no-untyped-def]
+def test_a_shard_that_hangs_twice_is_named_or_left_out(
     ray_cluster, map_builds, tmp_path: Path
 ) -> None:
     """A shard whose store blocks on open (a FIFO stands in for a hung network disk): after a
     timeout and a fresh actor that hangs too, the error names it; --allow-partial answers."""
     sharded = tmp_path / "map"
     shutil.copytree(map_builds.get(shards=3), sharded)
-    shard_set = ShardSet.ray(sharded, timeout_s=2, start_timeout_s=3)
+    shard_set = open_shard_set(sharded, ray="auto", timeout_s=2, start_timeout_s=3)
     with Retriever(map_builds.bundle, shard_set) as retriever:
         commit = sharded / "shard-00002" / TOKENS / "commit.json"
         commit.unlink()
@@ -200,7 +200,7 @@ def _outward_address() -> str:
         return str(s.getsockname()[0])
 
 
-def test_clusters_the_tests_start_listen_on_loopback_only(ray_cluster) -> None:  # type: ignore[no-untyped-def]
+def test_clusters_the_tests_start_listen_on_loopback_only(ray_cluster) -> None:
     host, port = ray.get_runtime_context().gcs_address.rsplit(":", 1)
     assert host == "127.0.0.1"
     socket.create_connection((host, int(port)), timeout=5).close()
@@ -210,11 +210,9 @@ def test_clusters_the_tests_start_listen_on_loopback_only(ray_cluster) -> None: 
             socket.create_connection((outward, int(port)), timeout=5).close()
 
 
-def test_eight_threads_on_one_ray_map_get_the_sequential_answers(  # type: ignore[no-untyped-def]
-    ray_cluster, map_builds
-) -> None:
+def test_eight_threads_on_one_ray_map_get_the_sequential_answers(ray_cluster, map_builds) -> None:
     queries = map_builds.queries[:8]
-    shard_set = ShardSet.ray(map_builds.get(shards=3), timeout_s=30)
+    shard_set = open_shard_set(map_builds.get(shards=3), ray="auto", timeout_s=30)
     with Retriever(map_builds.bundle, shard_set) as retriever:
         sequential = [json.dumps(_answers(retriever, [q])) for q in queries]
         assert shard_set.last_fan_out.compiled  # type: ignore[attr-defined]
@@ -224,12 +222,14 @@ def test_eight_threads_on_one_ray_map_get_the_sequential_answers(  # type: ignor
         assert shard_set.last_fan_out.compiled  # type: ignore[attr-defined]
 
 
-def test_a_shard_folder_missing_is_left_out_over_ray_when_allowed(  # type: ignore[no-untyped-def]
+def test_a_shard_folder_missing_is_left_out_over_ray_when_allowed(
     ray_cluster, map_builds, tmp_path: Path
 ) -> None:
     sharded = Path(shutil.copytree(map_builds.get(shards=3), tmp_path / "map"))
     shutil.rmtree(sharded / "shard-00001")
-    shard_set = ShardSet.ray(sharded, timeout_s=10)  # opens: the shard is named when needed
+    shard_set = open_shard_set(
+        sharded, ray="auto", timeout_s=10
+    )  # opens: the shard is named when needed
     with Retriever(map_builds.bundle, shard_set) as retriever:
         with pytest.raises(IndexStoreError, match=r"shard-00001 \(global ids 16..26\).*missing"):
             retriever.query(map_builds.queries[:1])
@@ -242,7 +242,7 @@ def test_a_shard_folder_missing_is_left_out_over_ray_when_allowed(  # type: igno
         assert {h["db_index"] for h in doc["global"]} == set(range(16)) | set(range(27, 38))
 
 
-def _cli(*args: object, cwd: Path | None = None, env: dict[str, str] | None = None):  # type: ignore[no-untyped-def]
+def _cli(*args: object, cwd: Path | None = None, env: dict[str, str] | None = None):
     code = "import sys; from fol_infer.cli import main; sys.argv[0] = 'fol-infer'; main()"
     return subprocess.run(
         [sys.executable, "-c", code, *map(str, args)],
@@ -254,7 +254,7 @@ def _cli(*args: object, cwd: Path | None = None, env: dict[str, str] | None = No
     )
 
 
-def test_something_that_is_not_ray_is_named_within_the_connect_timeout(map_builds) -> None:  # type: ignore[no-untyped-def]
+def test_something_that_is_not_ray_is_named_within_the_connect_timeout(map_builds) -> None:
     """An HTTP server where a head was expected: one line in seconds, not Ray's minutes."""
     server = socket.create_server(("127.0.0.1", 0))
     port = server.getsockname()[1]
@@ -281,9 +281,7 @@ def test_something_that_is_not_ray_is_named_within_the_connect_timeout(map_build
     assert "Traceback" not in result.stderr and elapsed < 30
 
 
-def test_relative_paths_reach_a_head_started_in_another_folder(  # type: ignore[no-untyped-def]
-    map_builds, tmp_path: Path
-) -> None:
+def test_relative_paths_reach_a_head_started_in_another_folder(map_builds, tmp_path: Path) -> None:
     """`ray start --head` run elsewhere (its workers do not share our working folder): the
     README's relative `index BUNDLE DB --out MAP` and `query MAP` work with --ray ADDRESS."""
     work, other = tmp_path / "work", tmp_path / "other"
@@ -322,7 +320,7 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _wait_for_port(port: int, head: subprocess.Popen) -> None:  # type: ignore[type-arg]
+def _wait_for_port(port: int, head: subprocess.Popen) -> None:
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         assert head.poll() is None, "ray start --head exited"

@@ -46,7 +46,7 @@ def printed_repair(out: str) -> list[str]:
     return words[1:]
 
 
-def damage_then_repair(index: Path, queries: list[Path], damage, expected: str) -> str:  # type: ignore[no-untyped-def]
+def damage_then_repair(index: Path, queries: list[Path], damage, expected: str) -> str:
     """Damage, see the query fail with one line naming the repair, run that command as
     printed, and see the same answers again; the repair's own output."""
     damage()
@@ -62,12 +62,12 @@ def damage_then_repair(index: Path, queries: list[Path], damage, expected: str) 
 
 
 @pytest.fixture()
-def index_copy(map_builds, tmp_path: Path) -> Path:  # type: ignore[no-untyped-def]
+def index_copy(map_builds, tmp_path: Path) -> Path:
     return Path(shutil.copytree(map_builds.get(), tmp_path / "index"))
 
 
 @pytest.fixture()
-def map_copy(map_builds, tmp_path: Path) -> Path:  # type: ignore[no-untyped-def]
+def map_copy(map_builds, tmp_path: Path) -> Path:
     return Path(shutil.copytree(map_builds.get(shards=3), tmp_path / "map"))
 
 
@@ -76,7 +76,7 @@ def truncate(path: Path, size: int) -> None:
         f.truncate(size)
 
 
-def test_every_repair_printed_for_an_index_works(map_builds, index_copy: Path) -> None:  # type: ignore[no-untyped-def]
+def test_every_repair_printed_for_an_index_works(map_builds, index_copy: Path) -> None:
     queries = map_builds.queries[:2]
     expected = answers(index_copy, queries)
     faiss = index_copy / FAISS_FILE
@@ -91,7 +91,7 @@ def test_every_repair_printed_for_an_index_works(map_builds, index_copy: Path) -
     damage_then_repair(index_copy, queries, lambda: truncate(tokens, 1000), expected)
 
 
-def test_every_repair_printed_for_a_shard_works(map_builds, map_copy: Path) -> None:  # type: ignore[no-untyped-def]
+def test_every_repair_printed_for_a_shard_works(map_builds, map_copy: Path) -> None:
     """A flipped global.faiss, a truncated store and a deleted shard folder: each repaired
     by the printed command, after which the map answers as the single index."""
     queries = map_builds.queries[:2]
@@ -116,7 +116,7 @@ def test_every_repair_printed_for_a_shard_works(map_builds, map_copy: Path) -> N
             assert (map_copy / name).read_bytes() == built, name
 
 
-def test_a_trained_maps_quantizer_is_trained_again(map_builds, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_a_trained_maps_quantizer_is_trained_again(map_builds, tmp_path: Path) -> None:
     sharded = Path(shutil.copytree(map_builds.get(factory="IVF4,Flat", shards=3), tmp_path / "m"))
     queries = map_builds.queries[:2]
     expected = answers(map_builds.get(factory="IVF4,Flat"), queries)
@@ -128,7 +128,7 @@ def test_a_trained_maps_quantizer_is_trained_again(map_builds, tmp_path: Path) -
     assert answers(sharded, queries) == expected
 
 
-def test_a_tampered_map_prints_a_rebuild_that_works(map_builds, map_copy: Path) -> None:  # type: ignore[no-untyped-def]
+def test_a_tampered_map_prints_a_rebuild_that_works(map_builds, map_copy: Path) -> None:
     """A shard folder replaced by a copy of another, and map.json with shifted offsets: each
     refused naming the shard; the printed rebuild gives the single index's answers."""
     queries = map_builds.queries[:2]

@@ -211,7 +211,7 @@ def test_verify_checks_the_rerank_graph(tiny_bundle: Path, tmp_path: Path) -> No
     with np.load(tampered / "reference.npz") as data:
         arrays = dict(data)
     arrays["rerank_counts"][0, 0] += 1
-    np.savez(tampered / "reference.npz", **arrays)  # type: ignore[arg-type]
+    np.savez(tampered / "reference.npz", **arrays)
     manifest = json.loads((tampered / "manifest.json").read_text())
     manifest["reference"]["bytes"] = (tampered / "reference.npz").stat().st_size
     manifest["reference"]["sha256"] = sha256_file(tampered / "reference.npz")
@@ -255,7 +255,7 @@ def test_pipeline_re_ranks_with_the_bundle_graph(tiny_bundle: Path, tmp_path: Pa
     make_images(tmp_path / "db", 5)
     queries = make_images(tmp_path / "q", 1, seed=1)
     bundle = Bundle.open(tiny_bundle)
-    with open_encoder(bundle) as encoder:  # type: ignore[attr-defined]
+    with open_encoder(bundle) as encoder:
         build_index(bundle, encoder, tmp_path / "db", tmp_path / "idx", BuildSettings(batch=5))
         cpu_settings, onnx_settings = RerankSettings(backend="cpu"), RerankSettings(backend="onnx")
         with Retriever(bundle, tmp_path / "idx", rerank=cpu_settings, encoder=encoder) as cpu:

@@ -38,7 +38,7 @@ def test_chunk_profile_is_checked_before_anything_is_built() -> None:
     assert rerank_engine.chunk_profile(8, opt_chunk=2) == Profile(1, 2, 8)
     for bad in ({"max_chunk": 0}, {"max_chunk": 257}, {"max_chunk": 4, "opt_chunk": 5}):
         with pytest.raises(UsageError, match="chunk"):
-            rerank_engine.chunk_profile(**bad)  # type: ignore[arg-type]
+            rerank_engine.chunk_profile(**bad)
 
 
 def test_build_settings_fix_the_query_and_vary_the_chunk(tiny_bundle: Path) -> None:
@@ -155,13 +155,13 @@ def test_trt_reranker_here_says_why_it_cannot_run(tiny_bundle: Path, tmp_path: P
 def test_build_refuses_a_bad_chunk_before_tensorrt_and_leaves_the_bundle(
     tiny_bundle: Path, tmp_path: Path
 ) -> None:
-    from fol_infer.export.bundle_engines import build_bundle_engines
+    from fol_infer.export.bundle_engines import EngineSettings, build_bundle_engines
 
     copy = tmp_path / "bundle"
     shutil.copytree(tiny_bundle, copy)
     before = sorted(p.name for p in copy.iterdir())
     with pytest.raises(UsageError, match="--rerank-chunk must be between 1 and 256"):
-        build_bundle_engines(copy, rerank_chunk=0)
+        build_bundle_engines(copy, EngineSettings(rerank_chunk=0))
     assert sorted(p.name for p in copy.iterdir()) == before
 
 
@@ -179,13 +179,13 @@ def test_rerank_engine_builds_and_counts_exactly_on_a_gpu(
         trt_record.current_gpu()
     except BackendUnavailableError as exc:
         pytest.skip(str(exc))
-    from fol_infer.export.bundle_engines import build_bundle_engines
+    from fol_infer.export.bundle_engines import EngineSettings, build_bundle_engines
     from fol_infer.rerank import count_mutual_matches
     from fol_infer.rerank.graph_check import check_rerank
 
     copy = tmp_path / "bundle"
     shutil.copytree(tiny_bundle, copy)
-    records = build_bundle_engines(copy, "fp16", max_batch=2, rerank_chunk=4)
+    records = build_bundle_engines(copy, EngineSettings("fp16", max_batch=2, rerank_chunk=4))
     assert records["rerank"].profile == Profile(1, 4, 4)
     bundle = Bundle.open(copy)
     check = check_rerank(bundle, "trt")
@@ -208,7 +208,7 @@ def test_auto_picks_the_rerank_engine_where_tensorrt_loads_it_and_triton_does_no
     calls: list[int] = []
 
     class StandIn:
-        def count_many(self, qs, cls, threshold):  # type: ignore[no-untyped-def]
+        def count_many(self, qs, cls, threshold):
             calls.append(len(cls[0]))
             return count_mutual_matches_many_cpu(qs, cls, threshold)
 
@@ -230,7 +230,7 @@ def test_build_trt_builds_and_records_the_rerank_engine(
     """build-trt with the TensorRT calls replaced: what the rerank build is given and records."""
     from trt_fakes import fake_build_calls
 
-    from fol_infer.export.bundle_engines import build_bundle_engines
+    from fol_infer.export.bundle_engines import EngineSettings, build_bundle_engines
     from fol_infer.trt import build as trt_build
 
     seen: dict[str, tuple[Any, ...]] = {}
@@ -242,7 +242,7 @@ def test_build_trt_builds_and_records_the_rerank_engine(
     fake_build_calls(monkeypatch, build, "10.3.0", HERE)
     copy = tmp_path / "bundle"
     shutil.copytree(tiny_bundle, copy)
-    records = build_bundle_engines(copy, "fp16", max_batch=2, rerank_chunk=4)
+    records = build_bundle_engines(copy, EngineSettings("fp16", max_batch=2, rerank_chunk=4))
     shapes, options, graph = seen["rerank.fp16-candidates.onnx"]
     assert shapes["candidates"] == [3600, 128] and shapes["candidate_counts"] == []
     assert options.batch == (1, 4, 4) and options.strongly_typed

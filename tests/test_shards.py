@@ -104,7 +104,7 @@ def _rows(folder: Path, store: str) -> list[bytes]:
 
 
 @pytest.mark.parametrize("tokens", FORMATS)
-def test_map_stores_what_the_single_index_stores(map_builds, tokens: str) -> None:  # type: ignore[no-untyped-def]
+def test_map_stores_what_the_single_index_stores(map_builds, tokens: str) -> None:
     single, sharded = map_builds.get(tokens), map_builds.get(tokens, shards=3)
     manifest = MapManifest.load(sharded)
     assert manifest.complete and [s.files for s in manifest.shards] == [16, 12, 12]
@@ -132,16 +132,16 @@ def _query_json(index: Path, queries: list[Path], *extra: str) -> str:
 
 
 @pytest.mark.parametrize("tokens", FORMATS)
-def test_map_answers_as_the_single_index(map_builds, tokens: str) -> None:  # type: ignore[no-untyped-def]
-    """One query re-ranking 10 candidates, 24 re-ranking 2 each (re-ranking costs ~0.1 s per
-    pair here), and a batch of 24 in one call, where FAISS scores queries together."""
+def test_map_answers_as_the_single_index(map_builds, tokens: str) -> None:
+    """One query re-ranking 10 candidates, 8 re-ranking 2 each (re-ranking costs ~0.1 s per
+    pair here), and a batch of 24 in one call, where FAISS scores 16+ queries together."""
     single, sharded = map_builds.get(tokens), map_builds.get(tokens, shards=3)
     one, batch = map_builds.queries[:1], map_builds.queries
     wide = ("--top-k", "10", "--rerank-k", "10")
     assert _query_json(sharded, one, *wide) == _query_json(single, one, *wide)
     narrow = ("--top-k", "12", "--rerank-k", "2")
-    answer = _query_json(single, batch, *narrow)
-    assert _query_json(sharded, batch, *narrow) == answer
+    answer = _query_json(single, batch[:8], *narrow)
+    assert _query_json(sharded, batch[:8], *narrow) == answer
     assert all(r["reranked"] for r in json.loads(answer)), "re-ranking must be compared"
     answers = []
     for index in (single, sharded):
@@ -151,7 +151,7 @@ def test_map_answers_as_the_single_index(map_builds, tokens: str) -> None:  # ty
     assert answers[0] == answers[1]
 
 
-def test_trained_factory_shares_one_quantizer(map_builds) -> None:  # type: ignore[no-untyped-def]
+def test_trained_factory_shares_one_quantizer(map_builds) -> None:
     single = map_builds.get(factory="IVF4,Flat")
     sharded = map_builds.get(factory="IVF4,Flat", shards=3)
     assert (sharded / "quantizer.faiss").is_file()
@@ -161,7 +161,7 @@ def test_trained_factory_shares_one_quantizer(map_builds) -> None:  # type: igno
     )
 
 
-def test_graph_factories_are_flagged_approximate(map_builds, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_graph_factories_are_flagged_approximate(map_builds, tmp_path: Path) -> None:
     code, out = run(
         "index", map_builds.bundle, map_builds.db, "--out", tmp_path / "m",
         "--shards", "2", "--faiss", "HNSW8", "--batch", "8",
@@ -176,7 +176,7 @@ class _Crash(Exception):
     pass
 
 
-def test_interrupted_build_is_not_served_and_resumes_to_the_same_bytes(  # type: ignore[no-untyped-def]
+def test_interrupted_build_is_not_served_and_resumes_to_the_same_bytes(
     map_builds, tmp_path: Path
 ) -> None:
     from fol_infer.backends import open_encoder
@@ -186,7 +186,7 @@ def test_interrupted_build_is_not_served_and_resumes_to_the_same_bytes(  # type:
 
     bundle, out = Bundle.open(map_builds.bundle), tmp_path / "map"
     settings = BuildSettings(batch=4)
-    with open_encoder(bundle, "onnx") as encoder:  # type: ignore[attr-defined]
+    with open_encoder(bundle, "onnx") as encoder:
         batches = []
 
         def crash_in_second_shard(n: int, total: int) -> None:
@@ -211,7 +211,7 @@ def test_interrupted_build_is_not_served_and_resumes_to_the_same_bytes(  # type:
     assert MapManifest.load(out).shards == MapManifest.load(reference).shards
 
 
-def test_append_adds_shards_like_a_single_index_append(map_builds, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_append_adds_shards_like_a_single_index_append(map_builds, tmp_path: Path) -> None:
     from sample_images import make_images
 
     db = tmp_path / "db"
@@ -232,9 +232,9 @@ def test_append_adds_shards_like_a_single_index_append(map_builds, tmp_path: Pat
     assert _query_json(sharded, queries) == _query_json(index, queries)
 
 
-def test_bad_input_is_named(map_builds, tiny_bundle_322: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_bad_input_is_named(map_builds, tiny_bundle_322: Path, tmp_path: Path) -> None:
     bundle, db = map_builds.bundle, map_builds.db
-    for n, message in (("0", "at least 1"), ("41", "more than the 40 images")):
+    for n, message in (("0", "Invalid value for '--shards'"), ("41", "more than the 40 images")):
         code, out = run("index", bundle, db, "--out", tmp_path / "x", "--shards", n)
         assert code == 2 and message in out, out
         assert not (tmp_path / "x").exists()  # a refused plan leaves no folder behind
@@ -268,7 +268,7 @@ def test_ray_missing_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
         require_ray()
 
 
-def test_force_replaces_only_a_map(map_builds, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_force_replaces_only_a_map(map_builds, tmp_path: Path) -> None:
     bundle, db = map_builds.bundle, map_builds.db
     mine = tmp_path / "mine"
     mine.mkdir()
@@ -291,13 +291,13 @@ def test_force_replaces_only_a_map(map_builds, tmp_path: Path) -> None:  # type:
     assert {p.relative_to(sharded): p.read_bytes() for p in sharded.rglob("*.bin")} == original
 
 
-def test_in_process_build_progress_counts_the_whole_map(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_in_process_build_progress_counts_the_whole_map(monkeypatch) -> None:
     """Each shard job reports against its own size; the bar must show the whole build."""
     from types import SimpleNamespace
 
     from fol_infer.index import map_build
 
-    def one_shard(job, encoder, progress) -> None:  # type: ignore[no-untyped-def]
+    def one_shard(job, encoder, progress) -> None:
         progress(len(job.files), len(job.files))
 
     monkeypatch.setattr(map_build, "run_shard_job", one_shard)

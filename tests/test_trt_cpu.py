@@ -192,7 +192,7 @@ def test_profiles_cover_batch_one_to_max() -> None:
         {"max_batch": 4, "opt_batch": 5},
     ):
         with pytest.raises(UsageError, match="batch"):
-            Profile.for_batch(**bad)  # type: ignore[arg-type]
+            Profile.for_batch(**bad)
 
 
 def fake_engines(
@@ -383,7 +383,7 @@ def test_trt_backend_here_says_what_is_missing(tiny_bundle: Path) -> None:
 def test_build_checks_arguments_first_and_leaves_the_bundle_alone(
     tiny_bundle: Path, tmp_path: Path
 ) -> None:
-    from fol_infer.export.bundle_engines import build_bundle_engines
+    from fol_infer.export.bundle_engines import EngineSettings, build_bundle_engines
 
     copy = tmp_path / "bundle"
     shutil.copytree(tiny_bundle, copy)
@@ -394,7 +394,7 @@ def test_build_checks_arguments_first_and_leaves_the_bundle_alone(
         ({"timing_cache": tmp_path}, "--timing-cache"),
     ):
         with pytest.raises(UsageError, match=match):
-            build_bundle_engines(copy, **bad)  # type: ignore[arg-type]
+            build_bundle_engines(copy, EngineSettings(**bad))
     if not tensorrt_installed():
         with pytest.raises(BackendUnavailableError):
             build_bundle_engines(copy)
@@ -412,7 +412,9 @@ def test_build_trt_command_exits_2_with_one_line(tiny_bundle: Path) -> None:
 
     runner = CliRunner()
     result = runner.invoke(app, ["build-trt", str(tiny_bundle), "--max-batch", "0"])
-    assert result.exit_code == 2 and "--max-batch must be between 1" in result.output
+    assert result.exit_code == 2 and "Invalid value for '--max-batch'" in result.output
+    result = runner.invoke(app, ["build-trt", str(tiny_bundle), "--max-batch", "2000"])
+    assert result.exit_code == 2 and "--max-batch must be between 1 and 1024" in result.output
     if not tensorrt_installed():
         result = runner.invoke(app, ["build-trt", str(tiny_bundle)])
         assert result.exit_code == 2 and "TensorRT is not installed" in result.output

@@ -37,16 +37,15 @@ MAX_BATCH = 2
 @pytest.fixture(scope="module")
 def built(tiny_bundle_322: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """The tiny bundle built twice: fp16 (constraints on TensorRT 10) and fp32."""
-    from fol_infer.export.bundle_engines import build_bundle_engines
+    from fol_infer.export.bundle_engines import EngineSettings, build_bundle_engines
 
     out = tmp_path_factory.mktemp("trt")
     folders = {}
     for precision in ("fp16", "fp32"):
         folders[precision] = out / precision
         shutil.copytree(tiny_bundle_322, folders[precision])
-        records = build_bundle_engines(
-            folders[precision], precision, max_batch=MAX_BATCH, timing_cache=out / "cache"
-        )
+        settings = EngineSettings(precision, MAX_BATCH, timing_cache=out / "cache")
+        records = build_bundle_engines(folders[precision], settings)
         assert {r.precision for r in records.values()} == {precision}
     return folders
 

@@ -45,7 +45,7 @@ def photos(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
 
 def encoded(bundle_dir: Path, paths: list[Path]) -> list[EncodedImage]:
     bundle = Bundle.open(bundle_dir)
-    with open_encoder(bundle) as encoder:  # type: ignore[attr-defined]
+    with open_encoder(bundle) as encoder:
         return [encode_image(encoder, bundle, p) for p in paths]
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 from fol_infer.backends.base import Encoder, EncoderOutput, GlobalOutput, LocalOutput
 from fol_infer.bundle import Bundle
 from fol_infer.choices import EncoderBackend
+from fol_infer.errors import UsageError
 
 
 def open_encoder(
@@ -15,8 +16,15 @@ def open_encoder(
     checkpoint: str | Path | None = None,
     threads: int | None = None,
 ) -> Encoder:
-    """Open a bundle with the named backend; heavy imports happen only for the one chosen."""
+    """Open a bundle with the named backend; heavy imports happen only for the one chosen.
+    `checkpoint` (the torch backend's weights, default: the bundle's) is refused for another
+    backend rather than ignored."""
     backend = EncoderBackend.parse(backend, "backend")
+    if checkpoint is not None and backend != EncoderBackend.TORCH:
+        raise UsageError(
+            f"a checkpoint is read by the torch backend only, not by {backend}: drop "
+            "--checkpoint, or choose --backend torch"
+        )
     if backend == EncoderBackend.ONNX:
         from fol_infer.backends.onnx import OnnxEncoder
 

@@ -44,7 +44,7 @@ def bundle_for(checkpoint: Path, resolution: str, say: Progress) -> Path:
 
 
 def default_dataset(say: Progress) -> Path:
-    from fol_infer.bench.dataset import make_dataset
+    from fol_infer.bench.synthetic import make_dataset
 
     name = (
         f"synthetic-{DEFAULT_PLACES}p-{DEFAULT_QUERIES_PER_PLACE}q-{DEFAULT_DISTRACTORS}d-"

@@ -36,7 +36,7 @@ RERANK_DEPTHS = (1, 5, 10, 25, 50, 100)
 PUBLISHED_BYTES_PER_IMAGE = MAX_TOKENS * TOKEN_DIM * 4  # zero-padded float32
 
 
-@dataclass
+@dataclass(kw_only=True)
 class BenchOptions:
     backend: EncoderBackend = EncoderBackend.ONNX
     bundle: Path | None = None
@@ -152,7 +152,9 @@ class Bench:
         bundle, dataset = self._inputs()
         from fol_infer.backends import open_encoder
 
-        encoder = open_encoder(bundle, self.options.backend, checkpoint=self.options.checkpoint)
+        torch = self.options.backend == EncoderBackend.TORCH  # else it is the reference's only
+        checkpoint = self.options.checkpoint if torch else None
+        encoder = open_encoder(bundle, self.options.backend, checkpoint=checkpoint)
         try:  # one encoder for the database and the queries
             with tempfile.TemporaryDirectory(prefix="fol-bench-") as tmp:
                 index_dir = Path(tmp) / "index"

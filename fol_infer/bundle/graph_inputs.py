@@ -56,7 +56,7 @@ def _varint(f: BinaryIO) -> int:
             raise MalformedGraph("a varint longer than 10 bytes")
 
 
-def _fields(f: BinaryIO, start: int, end: int):  # type: ignore[no-untyped-def]
+def _fields(f: BinaryIO, start: int, end: int):
     """Yield (field number, start, end of its payload) for length-delimited fields in
     [start, end), skipping the others; leaves the file position after each field."""
     f.seek(start)

@@ -7,16 +7,45 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import wraps
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
 from rich.markup import escape
+from typer.core import TyperGroup
 
 from fol_infer import __version__
 from fol_infer.errors import FolInferError
 from fol_infer.files.names import printable
 from fol_infer.progress import Progress
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from fol_infer.positions import PositionTable
+
+_PLACEHOLDERS = {int: "N", float: "FLOAT", str: "TEXT"}
+
+
+class Group(TyperGroup):
+    """Typer's group, with every placeholder upper-case: an argument shows its name (BUNDLE),
+    an option its kind (PATH, N, FLOAT, TEXT), wherever the command does not name it."""
+
+    def get_command(self, ctx: Any, cmd_name: str) -> Any:
+        command = super().get_command(ctx, cmd_name)
+        for param in getattr(command, "params", ()):
+            if param.metavar is not None or getattr(param, "is_flag", False):
+                continue
+            if param.param_type_name == "argument":
+                param.metavar = (param.name or "").upper()
+                continue
+            kind = getattr(param, "type_descriptor", None)
+            if kind is not None and kind.is_path:
+                param.metavar = "PATH"
+            elif kind is not None:
+                param.metavar = _PLACEHOLDERS.get(kind.annotation, "TEXT")
+        return command
+
 
 app = typer.Typer(
     name="fol-infer",
@@ -24,6 +53,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    cls=Group,
 )
 console = Console(stderr=True)  # progress, notices, errors
 stdout = Console()  # results
@@ -115,3 +145,10 @@ def _main(
 def version() -> None:
     """Print the toolkit version."""
     print(__version__)
+
+
+def unmatched_note(table: PositionTable, images: list[Path]) -> None:
+    """Say which rows of a positions CSV match none of the `images` it was applied to."""
+    note = table.unmatched_note(images)
+    if note is not None:
+        console.print(f"note: {escape(printable(note))}", highlight=False, soft_wrap=True)

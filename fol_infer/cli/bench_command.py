@@ -15,8 +15,11 @@ from fol_infer.cli.options import (
     RerankerOption,
     ThresholdOption,
     choice,
+    refuse_unused,
+    renamed,
     tokens_option,
 )
+from fol_infer.errors import UsageError
 from fol_infer.files.atomic import Writer, write_outputs
 from fol_infer.files.ownership import check_outputs
 from fol_infer.images import DEFAULT_RESOLUTION
@@ -24,9 +27,10 @@ from fol_infer.positions import RADIUS_M
 from fol_infer.rerank.settings import DEFAULT_THRESHOLD, RerankSettings
 
 
-@app.command()
+@app.command(context_settings={"allow_extra_args": True})
 @friendly_errors
 def bench(
+    ctx: typer.Context,
     backend: Annotated[
         EncoderBackend,
         choice(
@@ -59,15 +63,21 @@ def bench(
     tokens: Annotated[
         TokenFormat, tokens_option("Token format of the index under test.")
     ] = TokenFormat.FP16,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the JSON report (instead of the Markdown).")
+    ] = False,
     json_out: Annotated[
-        Path | None, typer.Option("--json", help="Write the JSON report here.")
+        Path | None, typer.Option("--json-out", help="Write the JSON report here.")
     ] = None,
     markdown_out: Annotated[
-        Path | None, typer.Option("--markdown", help="Write a Markdown summary here.")
+        Path | None, typer.Option("--markdown-out", help="Write a Markdown summary here.")
     ] = None,
     plot: Annotated[
-        Path | None, typer.Option(help="Write a chart here (.png or .svg; the viz extra).")
+        Path | None,
+        typer.Option("--plot-out", help="Write a chart here (.png or .svg; the viz extra)."),
     ] = None,
+    markdown_old: Annotated[Path | None, typer.Option("--markdown", hidden=True)] = None,
+    plot_old: Annotated[Path | None, typer.Option("--plot", hidden=True)] = None,
     positions: PositionsOption = None,
     positive_radius: RadiusOption = RADIUS_M,
 ) -> None:
@@ -76,13 +86,22 @@ def bench(
     from fol_infer.bench.harness import Bench, BenchOptions
     from fol_infer.bench.report import chart, json_bytes, markdown
 
+    if as_json and len(ctx.args) == 1:  # the old spelling: --json PATH
+        as_json, old_json = False, Path(ctx.args[0])
+        json_out = renamed(json_out, old_json, "--json PATH", "--json-out PATH")
+    elif ctx.args:
+        raise UsageError(f"unexpected argument(s): {' '.join(ctx.args)}")
+    markdown_out = renamed(markdown_out, markdown_old, "--markdown", "--markdown-out")
+    plot = renamed(plot, plot_old, "--plot", "--plot-out")
+    if bundle is not None:
+        refuse_unused(ctx, {"resolution": "applies when exporting a checkpoint, not to --bundle"})
     if plot is not None:
         from fol_infer.viz.figure import check_out
 
         check_out(plot)  # before the run, not after it
     inputs = {"bundle": bundle, "checkpoint": checkpoint, "dataset": dataset}
     inputs["positions CSV"] = positions
-    outputs = {"--json": json_out, "--markdown": markdown_out, "--plot": plot}
+    outputs = {"--json-out": json_out, "--markdown-out": markdown_out, "--plot-out": plot}
     check_outputs(outputs, {what: p for what, p in inputs.items() if p is not None})
     if bundle is not None and checkpoint is not None and backend != EncoderBackend.TORCH:
         console.print("note: --bundle given; --checkpoint is used only for the PyTorch reference")
@@ -96,18 +115,18 @@ def bench(
             soft_wrap=True,
         )
     options = BenchOptions(
-        backend,
-        bundle,
-        checkpoint,
-        dataset,
-        resolution,
-        rerank_k,
-        batch,
-        warmup,
-        rerank,
-        tokens,
-        positions,
-        positive_radius,
+        backend=backend,
+        bundle=bundle,
+        checkpoint=checkpoint,
+        dataset=dataset,
+        resolution=resolution,
+        rerank_k=rerank_k,
+        batch=batch,
+        warmup=warmup,
+        rerank=rerank,
+        tokens=tokens,
+        positions=positions,
+        positive_radius=positive_radius,
     )
     runner = Bench(options, say=lambda msg: console.print(f"[dim]{msg}[/dim]", soft_wrap=True))
     interrupted = False
@@ -117,7 +136,10 @@ def bench(
         interrupted = True
         report = runner.report
         console.print("[yellow]interrupted: what was measured so far follows[/yellow]")
-    stdout.print(markdown(report), markup=False, highlight=False, soft_wrap=True)
+    if as_json:
+        print(json_bytes(report).decode(), end="")
+    else:
+        stdout.print(markdown(report), markup=False, highlight=False, soft_wrap=True)
     files: dict[Path, bytes | Writer] = {}  # all written, or none
     if json_out:
         files[json_out] = json_bytes(report)

@@ -15,11 +15,13 @@ from fol_infer.cli.progress import progress_bar
 @friendly_errors
 def make_dataset(
     out: Annotated[Path, typer.Argument(help="Folder to create (images/test/...).")],
-    places: Annotated[int, typer.Option(help="Distinct places.")] = 20,
-    queries_per_place: Annotated[int, typer.Option(help="Query views of each place.")] = 2,
+    places: Annotated[int, typer.Option(min=1, help="Distinct places.")] = 20,
+    queries_per_place: Annotated[int, typer.Option(min=1, help="Query views of each place.")] = 2,
     distractors: Annotated[
         int | None,
-        typer.Option(help="Database images far from every query (default: as many as --places)."),
+        typer.Option(
+            min=0, help="Database images far from every query (default: as many as --places)."
+        ),
     ] = None,
     seed: Annotated[int, typer.Option(help="Same seed, byte-identical dataset.")] = 0,
     force: Annotated[
@@ -27,7 +29,7 @@ def make_dataset(
     ] = False,
 ) -> None:
     """Draw a deterministic synthetic dataset: exercises the pipeline, not FoL's accuracy."""
-    from fol_infer.bench.dataset import plan_dataset
+    from fol_infer.bench.synthetic import plan_dataset
 
     plan = plan_dataset(places, queries_per_place, distractors, seed)
     with progress_bar(console, "drawing", total=len(plan.views)) as advance:

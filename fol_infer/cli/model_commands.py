@@ -12,7 +12,7 @@ from rich.table import Table
 from fol_infer.bundle import Bundle
 from fol_infer.choices import EncoderBackend, Precision, RerankBackend
 from fol_infer.cli.app import app, console, friendly_errors, status, stdout, untrained_banner
-from fol_infer.cli.options import BackendOption, CheckpointOption, choice
+from fol_infer.cli.options import BackendOption, CheckpointOption, choice, refuse_unused
 from fol_infer.errors import UsageError
 from fol_infer.files.ownership import check_outputs
 from fol_infer.images import DEFAULT_RESOLUTION
@@ -42,6 +42,7 @@ def make_checkpoint(
 @app.command()
 @friendly_errors
 def export(
+    ctx: typer.Context,
     checkpoint: Annotated[Path, typer.Argument(help="FoL checkpoint (.pth).")],
     out: Annotated[
         Path | None,
@@ -50,7 +51,7 @@ def export(
     resolution: Annotated[
         str, typer.Option(help="Input size: N or HxW, multiples of 14, >= 210.")
     ] = str(DEFAULT_RESOLUTION),
-    opset: Annotated[int, typer.Option(help="ONNX opset (>= 17).")] = 18,
+    opset: Annotated[int, typer.Option(min=17, help="ONNX opset (>= 17).")] = 18,
     force: Annotated[
         bool,
         typer.Option(
@@ -68,11 +69,16 @@ def export(
     precision: Annotated[
         Precision, choice(Precision, "With --trt: engine precision.", "--precision")
     ] = Precision.FP16,
-    max_batch: Annotated[int, typer.Option(help="With --trt: largest batch of the profile.")] = 32,
+    max_batch: Annotated[
+        int, typer.Option(min=1, help="With --trt: largest batch of the profile.")
+    ] = 32,
 ) -> None:
     """Export a checkpoint to a bundle: global.onnx, local.onnx, reference.npz, manifest."""
     import time
 
+    if not trt:
+        why = "applies to the TensorRT engines: add --trt, or drop it"
+        refuse_unused(ctx, {"precision": why, "max_batch": why})
     from fol_infer.export.onnx import export_bundle
     from fol_infer.export.opcheck import check_bundle
 
@@ -90,8 +96,9 @@ def export(
         console.print(f"  {report.path.name}: {sum(report.op_counts.values())} nodes, {verdict}")
     if trt:
         from fol_infer.cli.trt_command import build_and_report
+        from fol_infer.export.bundle_engines import EngineSettings
 
-        build_and_report(bundle, precision, max_batch)
+        build_and_report(bundle, EngineSettings(precision, max_batch))
 
 
 @app.command()

@@ -18,11 +18,13 @@ from typing import Annotated, Any, TypeVar
 import typer
 
 from fol_infer.choices import Choice, EncoderBackend, RerankBackend, TokenFormat
+from fol_infer.cli.app import console
 from fol_infer.errors import UsageError
 from fol_infer.positions import check_radius
 from fol_infer.rerank.settings import DEFAULT_THRESHOLD, check_threshold
 
 C = TypeVar("C", bound=Choice)
+T = TypeVar("T")
 
 
 def choice(enum: type[C], help: str, *names: str, hidden: bool = False) -> Any:
@@ -130,3 +132,25 @@ RadiusOption = Annotated[
         metavar="METRES",
     ),
 ]
+
+
+def renamed(new_value: T | None, old_value: T | None, old: str, new: str) -> T | None:
+    """An option's value under its new name, or under the old one still accepted for one
+    release (with a note saying so); both at once is refused."""
+    if old_value is None:
+        return new_value
+    if new_value is not None:
+        raise UsageError(f"{old} and {new} are the same option: give {new} only")
+    console.print(f"note: {old} is now {new}; {old} is accepted until the next release")
+    return old_value
+
+
+def refuse_unused(ctx: typer.Context, unused: dict[str, str]) -> None:
+    """Refuse options the user gave that this invocation cannot use (parameter name -> why),
+    rather than dropping them without a word; defaults left alone pass."""
+    for name, why in unused.items():
+        source = ctx.get_parameter_source(name)
+        if source is None or source.name == "DEFAULT":
+            continue
+        flag = next(p.opts[0] for p in ctx.command.params if p.name == name)
+        raise UsageError(f"{flag} {why}")

@@ -8,15 +8,23 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from fol_infer.choices import EncoderBackend, RerankBackend
-from fol_infer.cli.app import app, console, friendly_errors, untrained_banner
-from fol_infer.cli.index_commands import query_inputs, unmatched_note
+from fol_infer.cli.app import (
+    Group,
+    app,
+    console,
+    friendly_errors,
+    unmatched_note,
+    untrained_banner,
+)
 from fol_infer.cli.options import (
     BackendOption,
     PositionsOption,
     RadiusOption,
     RerankerOption,
     ThresholdOption,
+    refuse_unused,
 )
+from fol_infer.cli.query_command import query_inputs
 from fol_infer.errors import UsageError
 from fol_infer.files.ownership import check_outputs
 from fol_infer.positions import RADIUS_M
@@ -28,6 +36,7 @@ if TYPE_CHECKING:
 show_app = typer.Typer(
     help="Figures (PNG or SVG by the --out suffix): regions, token matches, results.",
     no_args_is_help=True,
+    cls=Group,
 )
 app.add_typer(show_app, name="show")
 
@@ -44,7 +53,7 @@ def _encode(
 
     bundle = Bundle.open(bundle_dir)
     untrained_banner(bundle.manifest.trained)
-    with open_encoder(bundle, backend) as encoder:  # type: ignore[attr-defined]
+    with open_encoder(bundle, backend) as encoder:
         return bundle.manifest.trained, [encode_image(encoder, bundle, p) for p in images]
 
 
@@ -112,7 +121,8 @@ def matches(
 @show_app.command("results")
 @friendly_errors
 def results(
-    index_dir: Annotated[Path, typer.Argument(help="Index folder.")],
+    ctx: typer.Context,
+    index_dir: Annotated[Path, typer.Argument(metavar="INDEX", help="Index or map folder.")],
     queries: Annotated[list[Path], typer.Argument(help="Query images or folders.")],
     out: OutOption,
     bundle_dir: Annotated[
@@ -138,6 +148,9 @@ def results(
     from fol_infer.viz.figure import check_out
     from fol_infer.viz.results import draw_results, results_figure
 
+    if no_rerank:
+        why = "has no effect with --no-rerank: drop one of the two"
+        refuse_unused(ctx, {"rerank_k": why, "reranker": why, "threshold": why})
     check_out(out)
     table = read_positions_csv(positions) if positions else None
     files = find_images(queries)

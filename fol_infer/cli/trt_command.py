@@ -1,14 +1,14 @@
 """`fol-infer build-trt`: TensorRT engines for a bundle's graphs, recorded in its manifest.
 
-The work is `fol_infer.export.bundle_engines.build_bundle_engines`; `build_and_report` wraps it
-in a spinner and a table for `build-trt` and `export --trt`.
+The work is `fol_infer.export.bundle_engines.build_bundle_engines` with an `EngineSettings`;
+`build_and_report` wraps it in a spinner and a table for `build-trt` and `export --trt`.
 """
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
@@ -18,6 +18,9 @@ from fol_infer.cli.app import app, console, friendly_errors, status, stdout
 from fol_infer.cli.options import bounded, choice, float_option
 from fol_infer.export.rerank_engine import DEFAULT_RERANK_CHUNK
 from fol_infer.files.ownership import check_outputs
+
+if TYPE_CHECKING:
+    from fol_infer.export.bundle_engines import EngineSettings
 
 
 @app.command("build-trt")
@@ -33,10 +36,10 @@ def build_trt(
         ),
     ] = Precision.FP16,
     max_batch: Annotated[
-        int, typer.Option(help="Largest batch the engines take (profile 1..N).")
+        int, typer.Option(min=1, help="Largest batch the engines take (profile 1..N).")
     ] = 32,
     opt_batch: Annotated[
-        int | None, typer.Option(help="Batch TensorRT tunes for (default: --max-batch).")
+        int | None, typer.Option(min=1, help="Batch TensorRT tunes for (default: --max-batch).")
     ] = None,
     workspace: Annotated[
         float | None,
@@ -53,33 +56,21 @@ def build_trt(
         bool, typer.Option(help="TensorRT 10: fp16 from a mixed-precision graph, as on 11.")
     ] = False,
     rerank_chunk: Annotated[
-        int, typer.Option(help="Candidates per run of the rerank engine (GPU memory per run).")
+        int,
+        typer.Option(min=1, help="Candidates per run of the rerank engine (GPU memory per run)."),
     ] = DEFAULT_RERANK_CHUNK,
 ) -> None:
     """Build TensorRT engines for a bundle on this GPU (engines only run where they were built)."""
+    from fol_infer.export.bundle_engines import EngineSettings
+
     check_outputs({"--timing-cache": timing_cache}, {"bundle": bundle_dir})
-    build_and_report(
-        bundle_dir,
-        precision,
-        max_batch,
-        workspace,
-        timing_cache,
-        opt_batch,
-        strongly_typed,
-        rerank_chunk,
+    settings = EngineSettings(
+        precision, max_batch, opt_batch, workspace, timing_cache, strongly_typed, rerank_chunk
     )
+    build_and_report(bundle_dir, settings)
 
 
-def build_and_report(
-    bundle_dir: Path,
-    precision: Precision,
-    max_batch: int,
-    workspace: float | None = None,
-    timing_cache: Path | None = None,
-    opt_batch: int | None = None,
-    strongly_typed: bool = False,
-    rerank_chunk: int = DEFAULT_RERANK_CHUNK,
-) -> None:
+def build_and_report(bundle_dir: Path, settings: EngineSettings) -> None:
     """Build with a spinner, then print one table row per engine (build-trt, export --trt)."""
     from fol_infer.export.bundle_engines import build_bundle_engines
 
@@ -87,15 +78,9 @@ def build_and_report(
     with status("building TensorRT engines") as say:
         records = build_bundle_engines(
             bundle_dir,
-            precision,
-            max_batch,
-            workspace,
-            timing_cache,
+            settings,
             say,
-            opt_batch,
-            strongly_typed,
             notes=lambda line: console.print(line, markup=False, highlight=False),
-            rerank_chunk=rerank_chunk,
         )
     table = Table(title=f"{bundle_dir}: TensorRT engines ({time.perf_counter() - start:.0f} s)")
     for column in ("graph", "file", "MiB", "precision", "batch", "fp32 nodes", "TensorRT", "GPU"):

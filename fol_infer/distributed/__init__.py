@@ -1,6 +1,6 @@
 """Maps on Ray: shard builds as Ray tasks (`build.py`), shards served by Ray actors
-(`serve.py`). Imported only when ``--ray`` (or `ShardSet.ray`) is used; needs the ``ray``
-extra: ``pip install "fol-infer[ray]"``.
+(`serve.py`). Imported only when ``--ray`` (or ``open_shard_set(..., ray=...)``) is used;
+needs the ``ray`` extra: ``pip install "fol-infer[ray]"``.
 """
 
 from __future__ import annotations

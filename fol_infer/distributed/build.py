@@ -8,8 +8,10 @@ Every worker must see the map folder and the database at the same paths (a share
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 from fol_infer.backends.base import Encoder
@@ -18,25 +20,24 @@ from fol_infer.errors import FolInferError, first_line
 from fol_infer.index.map_build import ShardJob, run_shard_job
 from fol_infer.progress import Advance
 
-_ENCODERS: dict[tuple[str, str, int | None], Encoder] = {}  # one per worker process
+EncoderKey = tuple[str, str, int | None, str | None]  # bundle, backend, threads, checkpoint
+_ENCODERS: dict[EncoderKey, Encoder] = {}  # one per worker process
 
 
-def _encoder(bundle: str, backend: str, threads: int | None) -> Encoder:
+def _encoder(key: EncoderKey) -> Encoder:
     """The worker's encoder, opened once and kept for its next tasks."""
     from fol_infer.backends import open_encoder
     from fol_infer.bundle import Bundle
 
-    key = (bundle, backend, threads)
     if key not in _ENCODERS:
-        _ENCODERS[key] = open_encoder(Bundle.open(bundle), backend, threads=threads)
+        bundle, backend, threads, checkpoint = key
+        _ENCODERS[key] = open_encoder(Bundle.open(bundle), backend, checkpoint, threads)
     return _ENCODERS[key]
 
 
-def _build_task(
-    job: ShardJob, backend: str, threads: int | None, on_batch: Advance | None
-) -> tuple[str, int]:
-    encoder = _encoder(job.bundle, backend, threads) if job.files else None
-    return job.folder, run_shard_job(job, encoder, on_batch)  # type: ignore[arg-type]
+def _build_task(job: ShardJob, key: EncoderKey, on_batch: Advance | None) -> tuple[str, int]:
+    encoder = _encoder(key) if job.files else None
+    return job.folder, run_shard_job(job, encoder, on_batch)
 
 
 class RayRunner:
@@ -55,11 +56,13 @@ class RayRunner:
         decode_threads: int = 2,
         retries: int = 3,
         on_batch: Advance | None = None,
+        checkpoint: str | Path | None = None,
     ) -> None:
         self.ray = require_ray()
         self.owns_cluster = connect(address)
         self.backend, self.cpus, self.retries, self.on_batch = backend, cpus, retries, on_batch
         self.decode_threads = decode_threads
+        self.checkpoint = None if checkpoint is None else os.path.abspath(checkpoint)
         self.gpus = 1 if self.ray.cluster_resources().get("GPU", 0) > 0 else 0
 
     def run(self, jobs: Sequence[ShardJob], progress: Advance | None) -> None:
@@ -71,7 +74,8 @@ class RayRunner:
         pending: dict[Any, ShardJob] = {}
         for job in jobs:
             job = replace(job, decode_threads=self.decode_threads)
-            pending[task.remote(job, self.backend, self.cpus, self.on_batch)] = job
+            key = (job.bundle, self.backend, self.cpus, self.checkpoint)
+            pending[task.remote(job, key, self.on_batch)] = job
         try:
             while pending:
                 done, _ = ray.wait(list(pending), num_returns=1)

@@ -249,7 +249,7 @@ class RayShardSet(ShardSet):
         ray = self._ray
         try:
             refs = self._graph.execute(*[None if a is None else (method, a) for a in args])
-            return list(ray.get(refs, timeout=self.timeout_s))  # type: ignore[no-any-return]
+            return list(ray.get(refs, timeout=self.timeout_s))
         except ray.exceptions.RayTaskError as exc:  # raised by our code: the graph stays up
             if isinstance(exc.cause, FolInferError):
                 raise exc.cause from None

@@ -51,7 +51,7 @@ def default_bundle_dir(arch: str, resolution: tuple[int, int]) -> Path:
     return Path("engines") / (f"{arch}-{h}" if h == w else f"{arch}-{h}x{w}")
 
 
-def _tensor_specs(values) -> list[TensorSpec]:  # type: ignore[no-untyped-def]
+def _tensor_specs(values) -> list[TensorSpec]:
     specs = []
     for v in values:
         t = v.type.tensor_type

@@ -54,7 +54,7 @@ class GraphReport:
         return not self.problems
 
 
-def _initializer_value(graph, name: str):  # type: ignore[no-untyped-def]
+def _initializer_value(graph, name: str):
     from onnx import numpy_helper
 
     for init in graph.initializer:

@@ -57,7 +57,7 @@ def file_identity(path: Path) -> list[int]:
 def check_level(verify: str) -> VerifyLevel:
     if verify not in VERIFY_LEVELS:
         raise UsageError(f"verify must be one of {', '.join(VERIFY_LEVELS)}, not {verify!r}")
-    return verify  # type: ignore[return-value]
+    return verify
 
 
 class VerificationCache:
@@ -66,7 +66,7 @@ class VerificationCache:
     def __init__(self, path: Path | None = None) -> None:
         self.path = path or cache_dir() / CACHE_FILE
 
-    def _load(self) -> dict[str, list]:  # type: ignore[type-arg]
+    def _load(self) -> dict[str, list]:
         try:
             obj = json.loads(self.path.read_text())
         except (OSError, ValueError):

@@ -1,4 +1,4 @@
-"""`fol-infer index` (build or extend a database index) and `fol-infer query`."""
+"""`fol-infer query`: retrieve database images for query images, from an index or a map."""
 
 from __future__ import annotations
 
@@ -10,167 +10,25 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from fol_infer.choices import EncoderBackend, IndexMode, RerankBackend, TokenFormat
+from fol_infer.choices import EncoderBackend, RerankBackend
 from fol_infer.cli.app import app, console, friendly_errors, stdout, untrained_banner
 from fol_infer.cli.options import (
     BackendOption,
-    CheckpointOption,
-    PositionsOption,
     RayOption,
     RerankerOption,
     ThresholdOption,
     bounded,
     float_option,
-    tokens_option,
+    refuse_unused,
+    renamed,
 )
-from fol_infer.cli.progress import progress_bar
 from fol_infer.errors import ImageError, UsageError
 from fol_infer.files.names import printable
 from fol_infer.files.ownership import check_outputs
-from fol_infer.positions import PositionTable, missing_note, read_positions_csv
 from fol_infer.rerank.settings import DEFAULT_THRESHOLD
 
 if TYPE_CHECKING:
     from fol_infer.pipeline import QueryResult
-
-
-@app.command()
-@friendly_errors
-def index(
-    bundle_dir: Annotated[Path, typer.Argument(help="Bundle folder.")],
-    db_folder: Annotated[Path, typer.Argument(help="Folder of database images (recursive).")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Index folder.")],
-    backend: BackendOption = EncoderBackend.ONNX,
-    checkpoint: CheckpointOption = None,
-    batch: Annotated[int, typer.Option(min=1, help="Images per forward pass and per commit.")] = 8,
-    tokens: Annotated[
-        TokenFormat,
-        tokens_option(
-            "Token storage: fp16; int8 (+ a scale per token, 0.24x the published bytes, "
-            "approximate counts); int8-exact (int8 scored, float32 kept on disk for the rows "
-            "its error bound cannot decide: float32 counts)."
-        ),
-    ] = TokenFormat.FP16,
-    faiss: Annotated[
-        str,
-        typer.Option(
-            "--faiss", help='FAISS factory string, e.g. "Flat", "HNSW32", "IVF4096,PQ64".'
-        ),
-    ] = "Flat",
-    append: Annotated[
-        bool, typer.Option(help="Add the images not yet indexed to an existing index.")
-    ] = False,
-    force: Annotated[
-        bool,
-        typer.Option(
-            help="Rebuild an existing index (the old one stays until the new one is done). "
-            "Replaces only a fol-infer index, never other files or a folder holding the input."
-        ),
-    ] = False,
-    shards: Annotated[
-        int | None,
-        typer.Option(
-            help="Build a sharded map of N ordinary indexes (with --append: N new shards).",
-        ),
-    ] = None,
-    ray: RayOption = None,
-    decode_threads: Annotated[
-        int,
-        typer.Option(min=1, help="Image-decoding threads per encoder (per Ray task with --ray)."),
-    ] = 2,
-    wait: Annotated[
-        bool,
-        typer.Option(help="If another process is writing this index, wait for it (default: stop)."),
-    ] = False,
-    positions: PositionsOption = None,
-) -> None:
-    """Index a database: global descriptors in FAISS, region tokens in a memory-mapped store.
-
-    With --shards (or --ray, or when --out is a map) the index is a map of shards, built
-    shard after shard here or one Ray task per shard. An interrupted build resumes when the
-    same command is run again.
-    """
-    from fol_infer.backends import open_encoder
-    from fol_infer.bundle import Bundle
-    from fol_infer.index.build import BuildSettings, build_index
-
-    if append and force:
-        raise UsageError("--append and --force exclude each other")
-    if not db_folder.is_dir():
-        raise UsageError(f"database folder not found: {db_folder}")
-    table = read_positions_csv(positions) if positions else None  # bad rows fail before work
-    bundle = Bundle.open(bundle_dir)
-    untrained_banner(bundle.manifest.trained)
-    settings = BuildSettings(factory=faiss, tokens=tokens, batch=batch)
-    mode: IndexMode = "append" if append else "force" if force else "new"
-    if shards is not None or ray is not None or (out / "map.json").is_file():
-        from fol_infer.cli.map_commands import index_map
-
-        index_map(
-            bundle, db_folder, out, settings, shards, mode, ray, backend, decode_threads, wait
-        )
-        if table is not None:
-            _record_positions(out, table)
-        return
-    encoder = open_encoder(bundle, backend, checkpoint=checkpoint)
-
-    def notice(message: str) -> None:
-        console.print(printable(message), highlight=False, soft_wrap=True)
-
-    try:
-        with progress_bar(console, "indexing", total=0) as advance:
-            report = build_index(
-                bundle, encoder, db_folder, out, settings, mode, advance, wait, notice
-            )
-    finally:
-        encoder.close()
-    for path in report.retried:
-        note = "failed before and changed since, tried again"
-        console.print(f"[cyan]retried[/cyan] {printable(path)}: {note}", highlight=False)
-    for path, reason in report.failures:
-        console.print(
-            f"[yellow]skipped[/yellow] {printable(path)}: {printable(reason)}",
-            highlight=False,
-            soft_wrap=True,
-        )
-    resumed = (
-        f" (resumed after {report.resumed_from})" if report.resumed_from and mode == "new" else ""
-    )
-    retried = f", {len(report.retried)} retried" if report.retried else ""
-    console.print(
-        f"{printable(str(out))}: {report.total} images indexed, {report.added} added{resumed} at "
-        f"{report.images_per_second:.1f} img/s, {len(report.failures)} skipped{retried}",
-        highlight=False,
-    )
-    if table is not None:
-        _record_positions(out, table)
-
-
-def _record_positions(out: Path, table: PositionTable) -> None:
-    """Keep the CSV's positions with the index or map; name the images that have none. After
-    the build's commit: a run stopped in between writes them when run again."""
-    from fol_infer.index.positions_store import record_positions
-    from fol_infer.shard_set import indexed_paths
-
-    names, root = indexed_paths(out)
-    absolute = [root / name for name in names]
-    missing = record_positions(out, names, absolute, table)
-    source = printable(str(table.source))
-    console.print(f"positions from {source}: {len(names) - len(missing)} of {len(names)}")
-    if missing:
-        console.print(
-            f"[yellow]{missing_note(missing, len(names), 'database')}[/yellow]",
-            highlight=False,
-            soft_wrap=True,
-        )
-    unmatched_note(table, absolute)
-
-
-def unmatched_note(table: PositionTable, images: list[Path]) -> None:
-    """Say which rows of a positions CSV match none of the `images` it was applied to."""
-    note = table.unmatched_note(images)
-    if note is not None:
-        console.print(f"note: {escape(printable(note))}", highlight=False, soft_wrap=True)
 
 
 def query_inputs(
@@ -219,8 +77,11 @@ def _write_outputs(
 @app.command()
 @friendly_errors
 def query(
-    index_dir: Annotated[Path, typer.Argument(help="Index folder.")],
-    paths: Annotated[list[Path], typer.Argument(help="Query images or folders.")],
+    ctx: typer.Context,
+    index_dir: Annotated[Path, typer.Argument(metavar="INDEX", help="Index or map folder.")],
+    paths: Annotated[
+        list[Path], typer.Argument(metavar="IMAGES...", help="Query images or folders.")
+    ],
     bundle_dir: Annotated[
         Path | None,
         typer.Option("--bundle", help="Bundle folder (default: the one that built the index)."),
@@ -245,8 +106,10 @@ def query(
         ),
     ] = None,
     csv_out: Annotated[
-        Path | None, typer.Option("--csv", help="Write one CSV row per (query, rank) here.")
+        Path | None,
+        typer.Option("--csv-out", help="Write one CSV row per (query, rank) here."),
     ] = None,
+    csv_old: Annotated[Path | None, typer.Option("--csv", hidden=True)] = None,
     ray: RayOption = None,
     allow_partial: Annotated[
         bool,
@@ -267,17 +130,23 @@ def query(
     region-token matches."""
     from fol_infer.images import find_images
     from fol_infer.outputs import check_pairs_name, partial_warning, query_names
-    from fol_infer.pipeline import Retriever
+    from fol_infer.pipeline import Retriever, open_shard_set
     from fol_infer.rerank.settings import RerankSettings
-    from fol_infer.shard_set import ShardSet, recorded_bundle
+    from fol_infer.shard_set import recorded_bundle
 
+    csv_out = renamed(csv_out, csv_old, "--csv", "--csv-out")
+    if ray is None:
+        refuse_unused(ctx, {"timeout": "applies to a map served on Ray: add --ray, or drop it"})
+    if no_rerank:
+        why = "has no effect with --no-rerank: drop one of the two"
+        refuse_unused(ctx, {"rerank_k": why, "reranker": why, "threshold": why})
     if bundle_dir is None:
         bundle_dir = recorded_bundle(index_dir)
     files = find_images(paths)
     if not files:
         raise UsageError("no query images found")
     if pairs_out is not None or csv_out is not None:
-        outputs = {"--pairs-out": pairs_out, "--csv": csv_out}
+        outputs = {"--pairs-out": pairs_out, "--csv-out": csv_out}
         check_outputs(outputs, query_inputs(index_dir, bundle_dir, paths, files))
     names: dict[str, str] = {}
     if pairs_out is not None:  # names that hloc cannot tell apart or read: refused now
@@ -293,7 +162,7 @@ def query(
             soft_wrap=True,
         )
     results = []
-    shard_set = ShardSet.ray(index_dir, None, ray, timeout) if ray else index_dir
+    shard_set = open_shard_set(index_dir, None, ray, timeout_s=timeout) if ray else index_dir
     with Retriever(
         bundle_dir, shard_set, backend=backend, rerank=rerank, allow_partial=allow_partial
     ) as retriever:
@@ -318,7 +187,8 @@ def query(
         title = printable(r.query)
         if r.partial:
             title += f" [PARTIAL: shards {', '.join(r.missing_shards)} did not answer]"
-        table = Table(title=escape(title), title_justify="left")
+        stdout.print(escape(title), soft_wrap=True, highlight=False)  # whole, however long
+        table = Table()
         table.add_column("rank", justify="right")
         table.add_column("global (score)")
         if r.reranked is not None:
