@@ -1,6 +1,6 @@
 """PyTorch reference encoder on a CUDA GPU: latency fp32 vs fp16 autocast, and fp16 parity.
 
-    python benchmarks/encoder_gpu.py --out encoder_gpu.json           # on a GPU machine
+    python benchmarks/encoder_gpu.py --json encoder_gpu.json             # on a GPU machine
     python benchmarks/encoder_gpu.py --device cpu --arch tiny --dry-run  # logic check on a CPU
 
 The baseline TensorRT engines must beat (issue 6: fp16 engine >= 4x torch fp32, batch 1), and
@@ -11,12 +11,11 @@ Weights are UNTRAINED seeded random ones.
 from __future__ import annotations
 
 import argparse
-import json
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
+from common import parser, write_report
 
 from fol_infer.backends.base import EncoderOutput, GlobalOutput, LocalOutput
 from fol_infer.export.reference import reference_images
@@ -79,24 +78,26 @@ def run(arch: str, resolution: int, device: torch.device, batches: list[int], re
     return out
 
 
+def options() -> argparse.ArgumentParser:
+    p = parser(__doc__)
+    p.add_argument("--arch", default="vitb14")
+    p.add_argument("--resolution", type=int, default=322)
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 16])
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--dry-run", action="store_true", help="tiny shapes, 2 repeats")
+    return p
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--arch", default="vitb14")
-    parser.add_argument("--resolution", type=int, default=322)
-    parser.add_argument("--device", default="cuda")
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 16])
-    parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--dry-run", action="store_true", help="tiny shapes, 2 repeats")
-    parser.add_argument("--out", type=Path)
-    args = parser.parse_args()
+    args = options().parse_args()
     if args.dry_run:
         args.batches, args.repeats, args.resolution = [1, 2], 2, 224
     device = torch.device(args.device)
     result = run(args.arch, args.resolution, device, args.batches, args.repeats)
     result["device"] = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     result["weights"] = "UNTRAINED seeded random"
-    if args.out:
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_report(args.json, result)
 
 
 if __name__ == "__main__":

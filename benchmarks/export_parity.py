@@ -1,6 +1,6 @@
 """Export time, ONNX-vs-PyTorch parity and CPU latency for real-size random checkpoints.
 
-    python benchmarks/export_parity.py --arch vits14 vitb14 --resolution 322 --json OUT
+    python benchmarks/export_parity.py --arch vits14 vitb14 --resolution 322 --json PATH
 
 For each architecture: make a seeded UNTRAINED checkpoint, export it (timed), compare onnx with
 torch on the bundle's reference inputs plus extra random images, and time batch-1 latency of
@@ -10,17 +10,15 @@ both in this same process (the ratio is what to read: machines are noisy).
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+from common import parser, write_report
 
 from fol_infer.backends import open_encoder
-from fol_infer.bench.environment import cpu_model
 from fol_infer.bundle import Bundle
 from fol_infer.export.onnx import export_bundle
 from fol_infer.export.reference import reference_images
@@ -69,15 +67,17 @@ def run(arch: str, resolution: int, work: Path, repeats: int, extra: int) -> dic
     }
 
 
+def options() -> argparse.ArgumentParser:
+    p = parser(__doc__)
+    p.add_argument("--arch", nargs="+", default=["vits14", "vitb14"])
+    p.add_argument("--resolution", type=int, default=322)
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--extra-images", type=int, default=14)
+    return p
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--arch", nargs="+", default=["vits14", "vitb14"])
-    parser.add_argument("--resolution", type=int, default=322)
-    parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--extra-images", type=int, default=14)
-    parser.add_argument("--json", type=Path)
-    args = parser.parse_args()
-    import onnxruntime
+    args = options().parse_args()
     import torch
 
     results = []
@@ -98,13 +98,11 @@ def main() -> None:
                 flush=True,
             )
     report = {
-        "machine": f"{platform.node()}: {cpu_model()}, {torch.get_num_threads()} torch threads",
-        "versions": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__},
+        "torch_threads": torch.get_num_threads(),
         "weights": "UNTRAINED seeded random checkpoints (make-checkpoint)",
         "results": results,
     }
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    write_report(args.json, report)
 
 
 if __name__ == "__main__":

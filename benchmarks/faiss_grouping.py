@@ -1,7 +1,7 @@
 """CPU search of the global index: the product's path against one plain FAISS call per batch.
 
     python benchmarks/faiss_grouping.py [--images 2000,10000] [--dim 8448] \
-        [--batches 1,8,64,256] [--k 10,100] [--ivf IVF64,Flat] [--rounds 7] [--json OUT]
+        [--batches 1,8,64,256] [--k 10,100] [--ivf IVF64,Flat] [--rounds 7] [--json PATH]
 
 Database: `--images` seeded random unit vectors of `--dim` (the global descriptor's size), in
 a "Flat" GlobalIndex and, for `--ivf` (empty: none), in that factory at its default nprobe.
@@ -27,10 +27,9 @@ import argparse
 import statistics
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
-from untrained_setup import write_report
+from common import parser, settings, write_report
 
 from fol_infer.index.global_index import GlobalIndex
 
@@ -116,16 +115,19 @@ def report(title: str, rows: list[dict]) -> None:  # type: ignore[type-arg]
         )
 
 
+def options() -> argparse.ArgumentParser:
+    p = parser(__doc__)
+    p.add_argument("--images", default="2000,10000")
+    p.add_argument("--dim", type=int, default=8448)
+    p.add_argument("--batches", default="1,8,64,256")
+    p.add_argument("--k", default="10,100")
+    p.add_argument("--ivf", default="IVF64,Flat")
+    p.add_argument("--rounds", type=int, default=7)
+    return p
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--images", default="2000,10000")
-    parser.add_argument("--dim", type=int, default=8448)
-    parser.add_argument("--batches", default="1,8,64,256")
-    parser.add_argument("--k", default="10,100")
-    parser.add_argument("--ivf", default="IVF64,Flat")
-    parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--json", type=Path)
-    args = parser.parse_args()
+    args = options().parse_args()
     import faiss
 
     sizes = [int(v) for v in args.images.split(",")]
@@ -143,9 +145,8 @@ def main() -> None:
             report(f"{factory}, {n} images of dim {args.dim}", rows)
             results.append({"factory": factory, "images": n, "rows": rows})
             del index
-    settings = {k: v for k, v in vars(args).items() if k != "json"}
     threads = {"faiss": faiss.__version__, "faiss_threads": faiss.omp_get_max_threads()}
-    write_report(args.json, threads | {"settings": settings, "results": results})
+    write_report(args.json, threads | {"settings": settings(args), "results": results})
 
 
 if __name__ == "__main__":

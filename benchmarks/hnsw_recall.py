@@ -2,7 +2,7 @@
 
     python benchmarks/hnsw_recall.py [--images 20000] [--dim 256] [--centres 300] \
         [--queries 500] [--spread 1,2] [--shards 1,4,8] [--ef 16,64,256] \
-        [--factory HNSW32] [--layouts shuffled,grouped] [--json OUT]
+        [--factory HNSW32] [--layouts shuffled,grouped] [--json PATH]
 
 Data (seeded): `--centres` random unit centres; each database vector is a centre plus
 Gaussian noise of norm `--spread` (each value a separate run), normalised: cosine
@@ -28,10 +28,9 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 import numpy as np
-from untrained_setup import write_report
+from common import parser, settings, write_report
 
 from fol_infer.index.global_index import GlobalIndex
 from fol_infer.index.shards import merge_top_k
@@ -97,20 +96,23 @@ def sharded(
     return {"shards": s, "build_s": build_s, "rows": rows}
 
 
+def options() -> argparse.ArgumentParser:
+    p = parser(__doc__)
+    p.add_argument("--images", type=int, default=20_000)
+    p.add_argument("--dim", type=int, default=256)
+    p.add_argument("--centres", type=int, default=300)
+    p.add_argument("--queries", type=int, default=500)
+    p.add_argument("--spread", default="1,2")
+    p.add_argument("--shards", default="1,4,8")
+    p.add_argument("--ef", default="16,64,256")
+    p.add_argument("--factory", default="HNSW32")
+    p.add_argument("--layouts", default="shuffled,grouped")
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--images", type=int, default=20_000)
-    parser.add_argument("--dim", type=int, default=256)
-    parser.add_argument("--centres", type=int, default=300)
-    parser.add_argument("--queries", type=int, default=500)
-    parser.add_argument("--spread", default="1,2")
-    parser.add_argument("--shards", default="1,4,8")
-    parser.add_argument("--ef", default="16,64,256")
-    parser.add_argument("--factory", default="HNSW32")
-    parser.add_argument("--layouts", default="shuffled,grouped")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", type=Path)
-    args = parser.parse_args()
+    args = options().parse_args()
 
     efs = [int(v) for v in args.ef.split(",")]
     results = []
@@ -131,8 +133,7 @@ def main() -> None:
                         f"{r['recall@10']:10.3f} {r['ms_per_query']:9.2f}  ({out['build_s']:.1f})"
                     )
                 results.append({"spread": spread, "layout": layout} | out)
-    settings = {k: v for k, v in vars(args).items() if k != "json"}
-    write_report(args.json, {"k": K, "settings": settings, "results": results})
+    write_report(args.json, {"k": K, "settings": settings(args), "results": results})
 
 
 if __name__ == "__main__":

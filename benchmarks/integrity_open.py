@@ -1,7 +1,7 @@
 """Cost of the integrity checks at open: a ViT-B/14 bundle at 322 and a 10,000-image index.
 
     python benchmarks/integrity_open.py [--images 10000] [--map-images 1000000]
-        [--map-shards 16] [--repeats 5] [--json OUT]
+        [--map-shards 16] [--repeats 5] [--json PATH]
 
 Bundle: the bench's UNTRAINED seeded ViT-B/14 at 322 (made and exported once into
 ``$FOL_INFER_CACHE``, else ``~/.cache/fol-infer``, as ``fol-infer bench`` does). Index: built
@@ -34,9 +34,7 @@ consistency (`MapManifest.check_consistent`) and each shard's record against its
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -44,9 +42,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+from common import parser, write_report
 
 from fol_infer.bench.defaults import bundle_for, default_checkpoint
-from fol_infer.bench.environment import cpu_model
 from fol_infer.bundle import Bundle
 from fol_infer.files.integrity import CACHE_FILE
 from fol_infer.files.user_cache import cache_dir
@@ -201,14 +199,17 @@ def report(name: str, ms: dict[str, float], size_mb: float, extra: float = 0.0) 
     return out | ({"ratio_with_sessions": with_extra} if extra else {})
 
 
+def options() -> argparse.ArgumentParser:
+    p = parser(__doc__)
+    p.add_argument("--images", type=int, default=10_000)
+    p.add_argument("--map-images", type=int, default=1_000_000)
+    p.add_argument("--map-shards", type=int, default=16)
+    p.add_argument("--repeats", type=int, default=5)
+    return p
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--images", type=int, default=10_000)
-    parser.add_argument("--map-images", type=int, default=1_000_000)
-    parser.add_argument("--map-shards", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--json", type=Path)
-    args = parser.parse_args()
+    args = options().parse_args()
 
     checkpoint = default_checkpoint(print)  # the bench's cache, before it is redirected
     bundle_dir = bundle_for(checkpoint, "322", print)
@@ -238,7 +239,6 @@ def main() -> None:
         f"what opening a Flat index costs per image ({open_per_image * 1e3:.1f} us)"
     )
     results = {
-        "machine": {"cpu": cpu_model(), "python": platform.python_version()},
         "repeats": args.repeats,
         "bundle": report("ViT-B/14 bundle at 322", bundle_ms, graphs_mb, sessions)
         | {"onnxruntime_sessions_ms": sessions},
@@ -247,9 +247,7 @@ def main() -> None:
         "map": map_ms,
     }
     print(f"\nfor scale: creating the two ONNX Runtime sessions took {sessions:.0f} ms")
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
-        print(f"wrote {args.json}")
+    write_report(args.json, results)
 
 
 if __name__ == "__main__":

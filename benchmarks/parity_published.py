@@ -1,7 +1,7 @@
 """Check fol-infer's model against the published FoL code on random weights.
 
     python benchmarks/parity_published.py --fol-repo PATH/FoL --dinov2-repo PATH/dinov2 \
-        --arch vitb14 --resolution 322 504
+        --arch vitb14 --resolution 322 504 [--json PATH]
 
 Needs your own clones of chenshunpeng/FoL and facebookresearch/dinov2 (nothing is downloaded:
 DINOv2 is built from the local clone without pretrained weights). The same seeded random
@@ -18,6 +18,7 @@ import types
 from pathlib import Path
 
 import torch
+from common import parser, write_report
 
 from fol_infer.model.arch import get_arch
 from fol_infer.model.checkpoint import random_model
@@ -42,19 +43,23 @@ def published_model(fol_repo: Path, dinov2_repo: Path, arch: str) -> torch.nn.Mo
         torch.hub.load = hub_load  # type: ignore[assignment]
 
 
+def options() -> argparse.ArgumentParser:
+    p = parser(__doc__)
+    p.add_argument("--fol-repo", type=Path, required=True)
+    p.add_argument("--dinov2-repo", type=Path, required=True)
+    p.add_argument("--arch", default="vitb14")
+    p.add_argument("--resolution", type=int, nargs="+", default=[322])
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--fol-repo", type=Path, required=True)
-    parser.add_argument("--dinov2-repo", type=Path, required=True)
-    parser.add_argument("--arch", default="vitb14")
-    parser.add_argument("--resolution", type=int, nargs="+", default=[322])
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    args = options().parse_args()
 
     ours = random_model(args.arch, args.seed)
     theirs = published_model(args.fol_repo, args.dinov2_repo, args.arch)
     theirs.load_state_dict(ours.state_dict(), strict=True)
-    failed = False
+    results = []
     for res in args.resolution:
         torch.manual_seed(args.seed)
         images = torch.randn(2, 3, res, res)
@@ -69,12 +74,22 @@ def main() -> None:
         n = min(tokens.shape[1], pub_tokens.shape[1])
         diff = (tokens[:, :n] - pub_tokens[:, :n]).abs().max().item()
         ok = cos >= 0.99999 and same_count and diff <= 1e-4
-        failed |= not ok
+        results.append(
+            {
+                "resolution": res,
+                "min_global_cosine": cos,
+                "counts": count.tolist(),
+                "published_counts": pub_count.tolist(),
+                "max_token_diff": diff,
+                "ok": ok,
+            }
+        )
         print(
             f"{args.arch}/{res}: global min cos {cos:.7f}, counts {count.tolist()} vs "
             f"{pub_count.tolist()}, token max diff {diff:.1e} -> {'OK' if ok else 'MISMATCH'}"
         )
-    sys.exit(1 if failed else 0)
+    write_report(args.json, {"arch": args.arch, "seed": args.seed, "results": results})
+    sys.exit(0 if all(r["ok"] for r in results) else 1)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Index build throughput and query latency (global only; re-ranked at K = 10 and 100).
 
     python benchmarks/query_latency.py [--arch vitb14] [--resolution 322] [--places 60] \
-        [--queries 8] [--tokens fp16,int8-exact] [--json OUT]
+        [--queries 8] [--tokens fp16,int8-exact] [--json PATH]
 
 Uses an UNTRAINED seeded checkpoint and a synthetic database large enough for K = 100, so the
 figures are about speed only. Everything runs in this process, one configuration after the
@@ -17,7 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from untrained_setup import untrained_setup, write_report
+from common import parser, settings, write_report
+from untrained_setup import untrained_setup
 
 from fol_infer.backends import open_encoder
 from fol_infer.bundle import Bundle
@@ -80,21 +81,22 @@ def measure(
     return built, rows
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--arch", default="vitb14")
-    parser.add_argument("--resolution", type=int, default=322)
-    parser.add_argument("--places", type=int, default=60)
-    parser.add_argument("--distractors", type=int, default=40)
-    parser.add_argument("--queries", type=int, default=8)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument(
-        "--tokens", default="fp16", help="token formats to compare, comma separated"
-    )
-    parser.add_argument("--json", type=Path)
-    args = parser.parse_args()
+def options() -> argparse.ArgumentParser:
+    p = parser(__doc__)
+    p.add_argument("--arch", default="vitb14")
+    p.add_argument("--resolution", type=int, default=322)
+    p.add_argument("--places", type=int, default=60)
+    p.add_argument("--distractors", type=int, default=40)
+    p.add_argument("--queries", type=int, default=8)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--tokens", default="fp16", help="token formats to compare, comma separated")
+    return p
 
-    report: dict[str, object] = {"args": vars(args) | {"json": None}}
+
+def main() -> None:
+    args = options().parse_args()
+
+    report: dict[str, object] = {"settings": settings(args)}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         bundle, db_dir, queries = untrained_setup(

@@ -1,7 +1,7 @@
 """Maps on Ray against the in-process map: fan-out overhead per query, build throughput.
 
     python benchmarks/ray_shards.py [--arch vits14] [--resolution 224] [--places 24] \
-        [--shards 4,8] [--build-shards 8] [--queries 20] [--json OUT]
+        [--shards 4,8] [--build-shards 8] [--queries 20] [--json PATH]
 
 Uses an UNTRAINED seeded checkpoint and a synthetic database: the figures are about speed.
 Query side: one map of `--shards` shards, served in this process and by one Ray actor per
@@ -23,7 +23,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-from untrained_setup import untrained_setup, write_report
+from common import parser, settings, write_report
+from untrained_setup import untrained_setup
 
 from fol_infer.backends import open_encoder
 from fol_infer.bundle import Bundle
@@ -42,17 +43,17 @@ def build_rates(bundle: Bundle, db: Path, work: Path, shards: int, batch: int) -
 
     from fol_infer.distributed.build import RayRunner
 
-    settings = BuildSettings(batch=batch)
+    build = BuildSettings(batch=batch)
     rates: dict[str, float] = {}
     with open_encoder(bundle) as encoder:  # type: ignore[attr-defined]
-        report = build_map(bundle, db, work / "local", LocalRunner(encoder), settings, shards)
+        report = build_map(bundle, db, work / "local", LocalRunner(encoder), build, shards)
     rates["in_process"] = report.images_per_second
     for workers in (1, 2):
         ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
         try:
             runner = RayRunner("auto", cpus=1, decode_threads=1)
             out = work / f"ray{workers}"
-            report = build_map(bundle, db, out, runner, settings, shards)
+            report = build_map(bundle, db, out, runner, build, shards)
             rates[f"ray_{workers}_workers"] = report.images_per_second
         finally:
             ray.shutdown()
@@ -154,24 +155,27 @@ def _one_query(
     return measured
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--arch", default="vits14")
-    parser.add_argument("--resolution", type=int, default=224)
-    parser.add_argument("--places", type=int, default=24)
-    parser.add_argument("--distractors", type=int, default=24)
-    parser.add_argument("--shards", default="4,8", help="shards of the served maps")
-    parser.add_argument("--build-shards", type=int, default=8, help="shards of the build runs")
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--queries", type=int, default=20)
-    parser.add_argument("--rerank-k", type=int, default=10)
-    parser.add_argument("--query-tokens", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=2, help="times each query is timed")
-    parser.add_argument("--no-build", action="store_true", help="query side only")
-    parser.add_argument("--json", type=Path)
-    args = parser.parse_args()
+def options() -> argparse.ArgumentParser:
+    p = parser(__doc__)
+    p.add_argument("--arch", default="vits14")
+    p.add_argument("--resolution", type=int, default=224)
+    p.add_argument("--places", type=int, default=24)
+    p.add_argument("--distractors", type=int, default=24)
+    p.add_argument("--shards", default="4,8", help="shards of the served maps")
+    p.add_argument("--build-shards", type=int, default=8, help="shards of the build runs")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--queries", type=int, default=20)
+    p.add_argument("--rerank-k", type=int, default=10)
+    p.add_argument("--query-tokens", type=int, default=64)
+    p.add_argument("--rounds", type=int, default=2, help="times each query is timed")
+    p.add_argument("--no-build", action="store_true", help="query side only")
+    return p
 
-    report: dict[str, object] = {"args": vars(args) | {"json": None}}
+
+def main() -> None:
+    args = options().parse_args()
+
+    report: dict[str, object] = {"settings": settings(args)}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         bundle, db, queries = untrained_setup(
@@ -184,8 +188,8 @@ def main() -> None:
         for shards in map(int, args.shards.split(",")):
             served = work / f"served-{shards}"
             with open_encoder(bundle) as encoder:  # type: ignore[attr-defined]
-                settings = BuildSettings(batch=args.batch)
-                build_map(bundle, db, served, LocalRunner(encoder), settings, shards)
+                build = BuildSettings(batch=args.batch)
+                build_map(bundle, db, served, LocalRunner(encoder), build, shards)
             print(f"fan-out over {shards} shards:")
             report["query"][f"{shards}_shards"] = fan_out(  # type: ignore[index]
                 bundle, served, queries, args.rerank_k, args.query_tokens, args.rounds

@@ -1,7 +1,7 @@
 """CPU re-ranking: our bounded-memory numpy backend against the sgemm roofline and the published
 torch formulation, all measured in this run on this machine.
 
-    python benchmarks/rerank_cpu.py [--quick] [--json OUT]
+    python benchmarks/rerank_cpu.py [--quick] [--json PATH]
 
 Per query, the work is 2 * sum_k(Nq * Nr_k) * 128 FLOPs of sgemm; the roofline time is that
 divided by the FLOP/s of one large float32 matmul, measured at the start and at the end of the
@@ -23,9 +23,7 @@ their K candidates from one shared pool of 2K database images.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -38,6 +36,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from common import parser, settings, write_report  # noqa: E402
+
+from fol_infer.bench.environment import cpu_model  # noqa: E402
 from fol_infer.rerank.cpu import (  # noqa: E402
     DEFAULT_BLOCK_BYTES,
     count_mutual_matches_many_cpu,
@@ -200,35 +201,19 @@ def print_table(rows: Sequence[dict], gflops: float) -> None:
         print("".join(f"{c:>11}" for c in cells))
 
 
-def environment(args: argparse.Namespace) -> dict[str, object]:
-    model = [ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if "model name" in ln]
-    env: dict[str, object] = {
-        "cpu": model[0].split(":", 1)[1].strip() if model else platform.processor(),
-        "cores": os.cpu_count(),
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "block_bytes": args.block_bytes,
-        "workers": args.workers,
-        "tokens": list(args.tokens),
-        "load_avg_start": os.getloadavg()[0],
-    }
-    if not args.no_torch:
-        import torch
-
-        env["torch"] = torch.__version__
-    return env
-
-
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def options() -> argparse.ArgumentParser:
+    p = parser(__doc__)
     p.add_argument("--quick", action="store_true", help="small smoke sizes (seconds)")
-    p.add_argument("--json", type=Path, help="write the results here")
     p.add_argument("--no-torch", action="store_true", help="skip the published baseline")
     p.add_argument("--tokens", type=lambda s: tuple(int(x) for x in s.split(",")), default=None)
     p.add_argument("--block-bytes", type=int, default=DEFAULT_BLOCK_BYTES)
     p.add_argument("--workers", type=int, default=default_workers())
     p.add_argument("--_peak", help=argparse.SUPPRESS)
-    args = p.parse_args()
+    return p
+
+
+def main() -> None:
+    args = options().parse_args()
     if args.tokens is None:
         args.tokens = (300, 400) if args.quick else (3300, 3500)
     if args._peak:
@@ -240,10 +225,10 @@ def main() -> None:
         except ImportError:
             print("torch is not installed: skipping the published baseline")
             args.no_torch = True
-    env = environment(args)
+    load_start = os.getloadavg()[0]
     n = 1024 if args.quick else 4096
     gflops, util = sgemm_flops(n)
-    print(f"sgemm {n}^3: {gflops / 1e9:.1f} GFLOP/s, {util:.2f} CPU/wall ({env['cpu']})")
+    print(f"sgemm {n}^3: {gflops / 1e9:.1f} GFLOP/s, {util:.2f} CPU/wall ({cpu_model()})")
     rows = []
     for seed, spec in enumerate(QUICK if args.quick else FULL):
         rows.append(measure(args, spec, seed))
@@ -254,13 +239,9 @@ def main() -> None:
     for r in rows:
         r["roofline_s"] = r["flops_per_query"] / gflops
         r["ours_over_roofline"] = r["ours_s"] / r["roofline_s"]
-    env["load_avg_end"] = os.getloadavg()[0]
     print_table(rows, gflops)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        result = {"env": env, "sgemm_gflops": gflops / 1e9, "rows": rows}
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {args.json}")
+    report = {"settings": settings(args), "load_average_1_min_at_start": load_start}
+    write_report(args.json, report | {"sgemm_gflops": gflops / 1e9, "rows": rows})
 
 
 if __name__ == "__main__":

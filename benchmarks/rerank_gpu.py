@@ -15,12 +15,13 @@ argmaxes: close to the kernel's worst case) and, for the first candidates of eac
 copies of the query's tokens (the true matches). FLOPs are 2 * 128 * nq * nr per pair, the
 useful work, for every method.
 
-Prints ms per query, TFLOP/s, share of the GPU's dense fp16 peak and speed-ups; writes JSON
-with the GPU named. Accuracy: counts identical to a float32 reference for tokens exact in
-float16, and for model-like tokens the share of identical counts and of re-ranked orders.
+Prints ms per query, TFLOP/s, share of the GPU's dense fp16 peak and speed-ups (`--json`
+writes them, with the GPU named). Accuracy: counts identical to a float32 reference for tokens
+exact in float16, and for model-like tokens the share of identical counts and of re-ranked
+orders.
 
-GPU:      python benchmarks/rerank_gpu.py --out $OUT/rerank_gpu.json      (< 8 min on an H100)
-CPU only: python benchmarks/rerank_gpu.py --dry-run --out /tmp/rerank.json (interpreter, tiny)
+GPU:      python benchmarks/rerank_gpu.py --json $OUT/rerank_gpu.json      (< 8 min on an H100)
+CPU only: python benchmarks/rerank_gpu.py --dry-run --json /tmp/rerank.json (interpreter, tiny)
 """
 
 from __future__ import annotations
@@ -34,13 +35,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from common import parser, write_report  # noqa: E402
 
 
-def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", type=Path, default=None, help="JSON result path")
+def options() -> argparse.ArgumentParser:
+    p = parser(__doc__)
     p.add_argument("--dry-run", action="store_true", help="CPU, triton interpreter, tiny shapes")
     p.add_argument("--ks", type=int, nargs="+", default=[100, 10])
     p.add_argument("--batches", type=int, nargs="+", default=[16, 1])
@@ -50,7 +51,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--peak-tflops", type=float, default=None, help="override the peak table")
     p.add_argument("--budget-s", type=float, default=420.0, help="skip what does not fit")
     p.add_argument("--no-sweep", action="store_true", help="time the default config only")
-    args = p.parse_args()
+    return p
+
+
+def parse_args() -> argparse.Namespace:
+    args = options().parse_args()
     if args.dry_run:
         args.ks, args.batches, args.tokens, args.jitter = [3, 2], [2, 1], 48, 8
     return args
@@ -485,12 +490,8 @@ def main() -> int:
             print("rerank_gpu: no CUDA GPU visible to torch; use --dry-run on a CPU machine")
             return 2
     result = run(Bench(args))
-    out = (
-        args.out or Path(os.environ.get("OUT", ROOT / "benchmarks" / "results")) / "rerank_gpu.json"
-    )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(f"\nwrote {out}; targets: {result['targets']}")
+    print(f"\ntargets: {result['targets']}")
+    write_report(args.json, result)
     return 0
 
 

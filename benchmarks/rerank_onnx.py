@@ -2,7 +2,7 @@
 measured in this run on this machine; then, with --gpu, ONNX Runtime's CUDA provider and the
 Triton kernel on the same data.
 
-    python benchmarks/rerank_onnx.py [--quick] [--json OUT] [--gpu]
+    python benchmarks/rerank_onnx.py [--quick] [--json PATH] [--gpu]
 
 Data as in rerank_cpu.py: one query, K candidates of 3,300..3,500 random unit tokens with
 near-duplicates of the query planted (so matches and their argmax work exist). The graph is
@@ -23,9 +23,7 @@ by this script (its engine is built per GPU by fol-infer build-trt; see export/R
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -38,6 +36,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
+from common import parser, write_report  # noqa: E402
 from rerank_cpu import Spec, _status_kib, best_run, make_case, pair_flops, sgemm_flops  # noqa: E402
 
 from fol_infer.rerank.cpu import count_mutual_matches_many_cpu  # noqa: E402
@@ -186,38 +185,23 @@ def _onnx_cuda_missing() -> str:
     return ""
 
 
-def _version(module: str) -> str:
-    try:
-        return str(__import__(module).__version__)
-    except ImportError:
-        return "not installed"
+def options() -> argparse.ArgumentParser:
+    p = parser(__doc__)
+    p.add_argument("--quick", action="store_true", help="K = 10 and 20, fewer chunk sizes")
+    p.add_argument("--chunk", type=int, default=8, help="CPU chunk for the timed rows")
+    p.add_argument("--gpu", action="store_true", help="also the GPU section")
+    p.add_argument("--gpu-only", action="store_true", help="only the GPU section")
+    p.add_argument("--gpu-chunk", type=int, default=16)
+    p.add_argument("--_peak", type=int, help=argparse.SUPPRESS)
+    return p
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="K = 10 and 20, fewer chunk sizes")
-    parser.add_argument("--chunk", type=int, default=8, help="CPU chunk for the timed rows")
-    parser.add_argument("--gpu", action="store_true", help="also the GPU section")
-    parser.add_argument("--gpu-only", action="store_true", help="only the GPU section")
-    parser.add_argument("--gpu-chunk", type=int, default=16)
-    parser.add_argument("--json", type=Path, help="write the results here")
-    parser.add_argument("--_peak", type=int, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = options().parse_args()
     if args._peak:
         _peak_main(args._peak)
         return
-    result: dict[str, Any] = {
-        "command": " ".join(["python", *sys.argv]),
-        "machine": {
-            "cpu": platform.processor() or platform.machine(),
-            "cores": len(os.sched_getaffinity(0)),
-            "python": platform.python_version(),
-            "numpy": np.__version__,
-            "onnxruntime": _version("onnxruntime"),
-        },
-        "capacity": CAPACITY,
-        "tokens": list(TOKENS),
-    }
+    result: dict[str, Any] = {"capacity": CAPACITY, "tokens": list(TOKENS)}
     start = time.perf_counter()
     if not args.gpu_only:
         print("CPU: numpy re-ranker vs rerank.onnx in ONNX Runtime (CPU provider)", flush=True)
@@ -228,10 +212,7 @@ def main() -> None:
         print("GPU: ONNX Runtime CUDA provider, Triton kernel (fp16 candidates)", flush=True)
         result["gpu"] = gpu_rows(args)
     result["seconds"] = time.perf_counter() - start
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {args.json}")
+    write_report(args.json, result)
 
 
 if __name__ == "__main__":

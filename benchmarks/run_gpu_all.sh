@@ -61,10 +61,10 @@ run rerank_gpu_tests 90 "$PY" -m pytest -q -p no:cacheprovider --noconftest -m g
     tests/test_rerank_triton.py
 run rerank_interpreter_tests 60 env TRITON_INTERPRET=1 "$PY" -m pytest -q -p no:cacheprovider \
     --noconftest -m "not gpu" tests/test_rerank_triton.py
-run rerank_benchmark 170 "$PY" benchmarks/rerank_gpu.py --out "$OUT/rerank_gpu.json" --budget-s 140
+run rerank_benchmark 170 "$PY" benchmarks/rerank_gpu.py --json "$OUT/rerank_gpu.json" --budget-s 140
 
 # ------------------------------------------------ encoder: PyTorch reference on the GPU (issue 6 baseline)
-run encoder_torch_gpu 80 "$PY" benchmarks/encoder_gpu.py --out "$OUT/encoder_gpu.json"
+run encoder_torch_gpu 80 "$PY" benchmarks/encoder_gpu.py --json "$OUT/encoder_gpu.json"
 
 # ------------------------------------------------ TensorRT engines (issue 11)
 # Builds fp16 and fp32 engines for the tiny bundle, reads back every pinned layer's precision,

@@ -1,6 +1,6 @@
 """Re-ranked order with fp16 / int8 / int8-exact stored tokens vs fp32, on the model's own tokens.
 
-    python benchmarks/token_formats_model.py [--bundle DIR] [--dataset ROOT] [--json OUT]
+    python benchmarks/token_formats_model.py [--bundle DIR] [--dataset ROOT] [--json PATH]
 
 `benchmarks/token_store.py` measures the same on hand-made tokens whose similarities crowd the
 0.7 threshold; this script uses the encoder's real output instead (by default the bench's
@@ -12,12 +12,12 @@ int8-exact is the certified re-ranker on the int8 store plus the float32 rows it
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+from common import parser, write_report
 
 from fol_infer.backends import open_encoder
 from fol_infer.bench import defaults
@@ -33,12 +33,15 @@ from fol_infer.rerank import (
 )
 
 
+def options() -> argparse.ArgumentParser:
+    p = parser(__doc__)
+    p.add_argument("--bundle", type=Path)
+    p.add_argument("--dataset", type=Path)
+    return p
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--bundle", type=Path)
-    parser.add_argument("--dataset", type=Path)
-    parser.add_argument("--json", type=Path)
-    args = parser.parse_args()
+    args = options().parse_args()
     say = print
     bundle = Bundle.open(
         args.bundle
@@ -98,8 +101,7 @@ def main() -> None:
         )
     report["int8-exact"]["float32_rows_read_share"] = exact_share  # type: ignore[index]
     print(f"int8-exact read {exact_share:.2%} of the candidates' rows in float32")
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    write_report(args.json, report)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,8 @@ within minutes on 2 CPU cores; `--patches 225` gives the real counts.
 Scores come from `fol_infer.rerank.count_mutual_matches` when it is importable, else (or with
 `--scorer local`) from a float32 numpy reference of spec section 7 in this file.
 
-Run: python benchmarks/token_store.py [--queries 200 --k 100 --patches 48]
+Run: python benchmarks/token_store.py [--queries 200 --k 100 --patches 48] [--json PATH]
+(the tables are printed as Markdown; `--json` saves the same figures)
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
+from common import parser, settings, write_report
 
 from fol_infer.index.token_store import TokenStore
 from fol_infer.rerank import count_mutual_matches_certified
@@ -171,12 +173,13 @@ def rerank_order(scores: np.ndarray) -> np.ndarray:
     return np.argsort(-scores, kind="stable")
 
 
-def sizes(rng: np.random.Generator, tmp: Path, n_images: int) -> None:
+def sizes(rng: np.random.Generator, tmp: Path, n_images: int) -> list[dict[str, object]]:
     print(
         f"## bytes per image vs the published {PUBLISHED_BYTES / 2**20:.2f} MiB, {n_images} images"
     )
     print("| input | dtype | mean tokens | bytes/image on disk | ratio to published |")
     print("|---|---|---|---|---|")
+    rows: list[dict[str, object]] = []
     for h, label in ((23, "322x322"), (36, "504x504")):
         counts = fol_counts(rng, h, n_images)
         tokens = [unit(rng.standard_normal((c, DIM))) for c in counts]
@@ -192,6 +195,11 @@ def sizes(rng: np.random.Generator, tmp: Path, n_images: int) -> None:
                 f"| {label} | {fmt} | {np.mean(counts):.0f} | {size:,.0f} | "
                 f"{size / PUBLISHED_BYTES:.4f} |"
             )
+            rows.append(
+                {"input": label, "format": fmt, "mean_tokens": float(np.mean(counts))}
+                | {"bytes_per_image": size, "ratio_to_published": size / PUBLISHED_BYTES}
+            )
+    return rows
 
 
 def certified_scorer(
@@ -219,7 +227,7 @@ def fp32_pages(fp32: TokenStore, ids: range) -> int:
     )
 
 
-def fidelity(args: argparse.Namespace, rng: np.random.Generator, tmp: Path) -> None:
+def fidelity(args: argparse.Namespace, rng: np.random.Generator, tmp: Path) -> dict[str, object]:
     scorer, scorer_name = pick_scorer(args.scorer)
     gen = Generator(rng, args.patches)
     formats = ("fp16", "int8", "int8-exact")
@@ -285,7 +293,17 @@ def fidelity(args: argparse.Namespace, rng: np.random.Generator, tmp: Path) -> N
         "| scoring time vs fp32 |"
     )
     print("|---|---|---|---|---|---|---|---|")
+    figures: dict[str, dict[str, float]] = {}
     for fmt in formats:
+        figures[fmt] = {
+            "identical_order": same[fmt] / nq,
+            "same_top1": top1[fmt] / nq,
+            "identical_top10_order": top10[fmt] / nq,
+            "pairs_swapped": discordant[fmt],
+            "same_score": same_score[fmt] / pairs,
+            "max_score_change": max_diff[fmt],
+            "scoring_time_vs_fp32": t_score[fmt] / t_score["fp32"],
+        }
         print(
             f"| {fmt} | {same[fmt] / nq:.2%} ({same[fmt]}/{nq}) | {top1[fmt] / nq:.2%} | "
             f"{top10[fmt] / nq:.2%} | {discordant[fmt]:.4%} | "
@@ -297,10 +315,20 @@ def fidelity(args: argparse.Namespace, rng: np.random.Generator, tmp: Path) -> N
         f"rows, {exact_rows / sum(n_tokens):.2%} of all candidate rows, on {exact_pages:,} "
         f"4 KiB pages: {exact_pages / all_pages:.2%} of the pages a float32 re-ranking reads."
     )
+    figures["int8-exact"] |= {
+        "float32_rows_read": exact_rows,
+        "float32_rows_read_share": exact_rows / sum(n_tokens),
+        "float32_pages_read_share": exact_pages / all_pages,
+    }
+    return {
+        "scorer": scorer_name,
+        "mean_tokens": float(np.mean(n_tokens)),
+        "wall_s": wall,
+    } | figures
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def options() -> argparse.ArgumentParser:
+    p = parser(__doc__)
     p.add_argument("--queries", type=int, default=200)
     p.add_argument("--k", type=int, default=100)
     p.add_argument("--patches", type=int, default=48, help="selected patches per image (FoL: 225)")
@@ -315,14 +343,21 @@ def main() -> None:
     p.add_argument("--scorer", choices=["auto", "rerank", "local"], default="auto")
     p.add_argument("--skip-size", action="store_true")
     p.add_argument("--skip-fidelity", action="store_true")
-    args = p.parse_args()
+    return p
+
+
+def main() -> None:
+    args = options().parse_args()
+    report: dict[str, object] = {"settings": settings(args)}
     # One generator per part, so that either part reproduces alone.
     if not args.skip_size:
         with tempfile.TemporaryDirectory(prefix="fol-token-bench-") as tmp:
-            sizes(np.random.default_rng([args.seed, 1]), Path(tmp), args.size_images)
+            rng = np.random.default_rng([args.seed, 1])
+            report["sizes"] = sizes(rng, Path(tmp), args.size_images)
     if not args.skip_fidelity:
         with tempfile.TemporaryDirectory(prefix="fol-token-bench-", dir=args.tmp) as tmp:
-            fidelity(args, np.random.default_rng(args.seed), Path(tmp))
+            report["fidelity"] = fidelity(args, np.random.default_rng(args.seed), Path(tmp))
+    write_report(args.json, report)
 
 
 if __name__ == "__main__":

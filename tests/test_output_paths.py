@@ -19,7 +19,7 @@ from fol_infer.cli import app
 from fol_infer.errors import UsageError
 from fol_infer.files.ownership import check_outputs
 
-REPORT = Path(__file__).resolve().parents[1] / "benchmarks/results/bench_default_torch_cpu.json"
+REPORT = Path(__file__).resolve().parents[1] / "benchmarks/results/bench_default_torch_epyc2.json"
 
 
 class Work:

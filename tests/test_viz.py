@@ -213,16 +213,16 @@ REPORTS = REPO / "benchmarks" / "results"
 
 def test_bench_chart_data_comes_from_the_reports(tmp_path: Path) -> None:
     names = (
-        "bench_default_onnx_cpu_run1",
-        "bench_default_onnx_cpu_run2",
-        "bench_default_torch_cpu",
+        "bench_default_onnx_epyc2_run1",
+        "bench_default_onnx_epyc2_run2",
+        "bench_default_torch_epyc2",
     )
     paths = [REPORTS / f"{name}.json" for name in names]
     reports = [load_report(p) for p in paths]
     series = chart_series(reports, [p.stem for p in paths])
     assert [s.label for s in series] == [
-        "onnx, fp16 tokens [bench_default_onnx_cpu_run1]",
-        "onnx, fp16 tokens [bench_default_onnx_cpu_run2]",
+        "onnx, fp16 tokens [bench_default_onnx_epyc2_run1]",
+        "onnx, fp16 tokens [bench_default_onnx_epyc2_run2]",
         "torch, fp16 tokens",
     ]
     for s, report in zip(series, reports):
@@ -249,7 +249,7 @@ def test_matplotlib_is_imported_in_viz_only() -> None:
 
 
 def test_show_bench_names_the_field_of_a_truncated_or_edited_report(tmp_path: Path) -> None:
-    good = json.loads((REPORTS / "bench_default_onnx_cpu_run1.json").read_text())
+    good = json.loads((REPORTS / "bench_default_onnx_epyc2_run1.json").read_text())
     edits = [
         (lambda r: r["latency_ms"]["global"].pop("p50"), "latency_ms.global.p50 is missing"),
         (lambda r: r["latency_ms"]["global"].update(p50="abc"), "global.p50 is not a number"),
