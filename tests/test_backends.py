@@ -13,6 +13,7 @@ from fol_infer.errors import CheckpointError, UsageError
 from fol_infer.parity import compare, load_reference, verify
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bundle_fixture", ["tiny_bundle", "tiny_bundle_322"])
 def test_onnx_matches_the_pytorch_reference(
     bundle_fixture: str, request: pytest.FixtureRequest
@@ -25,6 +26,7 @@ def test_onnx_matches_the_pytorch_reference(
     assert report.count_agreement == 1.0 and report.position_agreement == 1.0
 
 
+@pytest.mark.slow
 def test_torch_backend_reproduces_its_reference_and_batch_is_dynamic(tiny_bundle: Path) -> None:
     pytest.importorskip("torch")
     bundle = Bundle.open(tiny_bundle)

@@ -34,6 +34,7 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
 
 
+@pytest.mark.slow
 def test_report_holds_every_figure(tiny_bundle: Path, dataset: Path, tmp_path: Path) -> None:
     out, md, plot = tmp_path / "r.json", tmp_path / "r.md", tmp_path / "r.png"
     code, log = bench(
@@ -98,6 +99,7 @@ def test_interrupt_prints_what_was_measured(
     assert "interrupted" in log and "PARTIAL" in log and "| total |" in log
 
 
+@pytest.mark.slow
 def test_bench_takes_a_token_format(tiny_bundle: Path, dataset: Path, tmp_path: Path) -> None:
     reports = {}
     for tokens in ("fp16", "int8-exact"):

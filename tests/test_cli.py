@@ -21,6 +21,7 @@ def run(*args: str | Path) -> tuple[int, str]:
     return result.exit_code, result.output
 
 
+@pytest.mark.slow
 def test_make_checkpoint_export_verify_info(tmp_path: Path) -> None:
     pytest.importorskip("torch")
     ckpt = tmp_path / "tiny.pth"

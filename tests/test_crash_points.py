@@ -17,6 +17,7 @@ SCRIPT = Path(__file__).with_name("crash_points.py")
 SCENARIOS = ["index-new", "index-append", "index-force", "map-new", "map-append", "map-force"]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not hasattr(signal, "SIGKILL") or not hasattr(os, "fork"), reason="POSIX")
 @pytest.mark.parametrize("scenario", SCENARIOS)
 def test_kill_9_at_every_commit_then_the_same_command_finishes(

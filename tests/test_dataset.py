@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-import fol_infer.cli.dataset_command  # noqa: F401  (registers make-dataset on the app)
+import fol_infer.cli.make_dataset_command  # noqa: F401  (registers make-dataset on the app)
 from fol_infer.bench.dataset import LAYOUT_TREE, open_dataset
 from fol_infer.bench.recall import recall_at
 from fol_infer.bench.synthetic import SyntheticPlan, make_dataset, plan_dataset

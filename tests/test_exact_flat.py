@@ -61,6 +61,7 @@ def assert_same(got: tuple[np.ndarray, np.ndarray], want: tuple[np.ndarray, np.n
     np.testing.assert_array_equal(got[0].view(np.uint32), want[0].view(np.uint32))  # bit for bit
 
 
+@pytest.mark.slow
 def test_every_batch_size_and_every_k() -> None:
     rng = np.random.default_rng(0)
     db = database(rng, 240, 96)

@@ -146,8 +146,13 @@ def test_failed_export_leaves_nothing_behind(
     assert list(tmp_path.iterdir()) == []
 
 
-def test_force_replaces_a_bundle_atomically(tiny_checkpoint: Path, tmp_path: Path) -> None:
-    out = onnx_export.export_bundle(tiny_checkpoint, tmp_path / "b", 210)
+@pytest.mark.slow
+def test_force_replaces_a_bundle_atomically(
+    tiny_checkpoint: Path, tiny_bundle: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    out = Path(shutil.copytree(tiny_bundle, tmp_path / "b"))  # a bundle this tool exported
     first = json.loads((out / "manifest.json").read_text())["created"]
     onnx_export.export_bundle(tiny_checkpoint, out, 210, force=True)
     assert json.loads((out / "manifest.json").read_text())["created"] >= first

@@ -28,7 +28,8 @@ from fol_infer.pipeline import Retriever, open_shard_set
 from fol_infer.progress import Advance
 
 ray = pytest.importorskip("ray", reason="Ray is not installed (pip install '.[ray]')")
-pytestmark = pytest.mark.xdist_group("ray")  # one Ray cluster per run: these share a worker
+# One Ray cluster per run: these share a worker; each takes seconds to minutes.
+pytestmark = [pytest.mark.xdist_group("ray"), pytest.mark.slow]
 
 
 @pytest.fixture(scope="session")

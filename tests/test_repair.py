@@ -76,6 +76,7 @@ def truncate(path: Path, size: int) -> None:
         f.truncate(size)
 
 
+@pytest.mark.slow
 def test_every_repair_printed_for_an_index_works(map_builds, index_copy: Path) -> None:
     queries = map_builds.queries[:2]
     expected = answers(index_copy, queries)
@@ -116,6 +117,7 @@ def test_every_repair_printed_for_a_shard_works(map_builds, map_copy: Path) -> N
             assert (map_copy / name).read_bytes() == built, name
 
 
+@pytest.mark.slow
 def test_a_trained_maps_quantizer_is_trained_again(map_builds, tmp_path: Path) -> None:
     sharded = Path(shutil.copytree(map_builds.get(factory="IVF4,Flat", shards=3), tmp_path / "m"))
     queries = map_builds.queries[:2]

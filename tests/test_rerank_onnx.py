@@ -198,6 +198,7 @@ def without_rerank_graph(bundle_dir: Path, tmp_path: Path) -> Path:
     return copy
 
 
+@pytest.mark.slow
 def test_verify_checks_the_rerank_graph(tiny_bundle: Path, tmp_path: Path) -> None:
     from fol_infer.rerank.graph_check import check_rerank
 
@@ -245,6 +246,7 @@ def test_trt_backend_without_an_engine_says_what_to_do(tiny_bundle: Path) -> Non
     assert "build-trt" in str(info.value) or "TensorRT" in str(info.value)
 
 
+@pytest.mark.slow
 def test_pipeline_re_ranks_with_the_bundle_graph(tiny_bundle: Path, tmp_path: Path) -> None:
     from sample_images import make_images
 

@@ -131,6 +131,7 @@ def _query_json(index: Path, queries: list[Path], *extra: str) -> str:
     return result.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tokens", FORMATS)
 def test_map_answers_as_the_single_index(map_builds, tokens: str) -> None:
     """One query re-ranking 10 candidates, 8 re-ranking 2 each (re-ranking costs ~0.1 s per
@@ -151,6 +152,7 @@ def test_map_answers_as_the_single_index(map_builds, tokens: str) -> None:
     assert answers[0] == answers[1]
 
 
+@pytest.mark.slow
 def test_trained_factory_shares_one_quantizer(map_builds) -> None:
     single = map_builds.get(factory="IVF4,Flat")
     sharded = map_builds.get(factory="IVF4,Flat", shards=3)
@@ -211,6 +213,7 @@ def test_interrupted_build_is_not_served_and_resumes_to_the_same_bytes(
     assert MapManifest.load(out).shards == MapManifest.load(reference).shards
 
 
+@pytest.mark.slow
 def test_append_adds_shards_like_a_single_index_append(map_builds, tmp_path: Path) -> None:
     from sample_images import make_images
 

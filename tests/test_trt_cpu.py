@@ -407,7 +407,7 @@ def test_build_trt_command_exits_2_with_one_line(tiny_bundle: Path) -> None:
 
     from fol_infer.cli import (
         app,
-        trt_command,  # noqa: F401  (registers build-trt)
+        build_trt_command,  # noqa: F401  (registers build-trt)
     )
 
     runner = CliRunner()
@@ -423,7 +423,8 @@ def test_build_trt_command_exits_2_with_one_line(tiny_bundle: Path) -> None:
 
 def test_trt_modules_import_neither_torch_nor_tensorrt() -> None:
     code = (
-        "import sys, fol_infer.backends.trt, fol_infer.cli.trt_command, fol_infer.export.precision;"
+        "import sys, fol_infer.backends.trt, fol_infer.cli.build_trt_command,"
+        " fol_infer.export.precision;"
         "print(sorted({'torch', 'tensorrt'} & set(sys.modules)))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

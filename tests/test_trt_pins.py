@@ -347,7 +347,7 @@ def test_build_trt_prints_the_report_and_keeps_the_pins_beside_the_engine(
     from trt_fakes import fake_build_calls
     from typer.testing import CliRunner
 
-    from fol_infer.cli import app, trt_command  # noqa: F401  (registers build-trt)
+    from fol_infer.cli import app, build_trt_command  # noqa: F401  (registers build-trt)
 
     def build(source: Path, shapes: Any, options: Any, fp32: Any, say: Any) -> Any:
         result = trt_build.BuildResult(engine=b"engine for " + source.name.encode())

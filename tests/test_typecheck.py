@@ -84,6 +84,7 @@ def mypy(tmp_path: Path, *files: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(command, cwd=REPO, capture_output=True, text=True)
 
 
+@pytest.mark.slow
 def test_package_type_checks_against_tensorrt_stubs(tmp_path: Path) -> None:
     """One mypy run: the package and the right call pass, each wrong call fails where it is."""
     (tmp_path / "right.py").write_text(RIGHT)

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 from fol_infer.cli import (  # noqa: F401  (importing registers the commands)
     bench_command,
-    dataset_command,
+    build_trt_command,
     encode_command,
+    export_command,
     index_command,
-    model_commands,
+    info_command,
+    make_checkpoint_command,
+    make_dataset_command,
     query_command,
     repair_command,
     show_command,
-    trt_command,
+    verify_command,
 )
 from fol_infer.cli.app import app
 
