@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -89,41 +90,51 @@ def tiny_bundle_322(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFact
 
 class MapBuilds:
     """The ~40-image database (two unreadable files) and its indexes and maps, each built
-    once per session on first use: single index vs sharded map comparisons share them."""
+    once per run on first use (shared by pytest-xdist's workers, `built_once`): single index
+    vs sharded map comparisons share them."""
 
-    def __init__(self, bundle: Path, root: Path) -> None:
+    def __init__(self, bundle: Path, factory: pytest.TempPathFactory) -> None:
+        self.bundle, self.factory = bundle, factory
+        root = built_once(factory, "map-images", self._draw)
+        self.db, self.queries = root / "db", sorted((root / "queries").glob("*.jpg"))
+
+    @staticmethod
+    def _draw(root: Path) -> None:
         from sample_images import make_images
 
-        self.bundle, self.root = bundle, root
-        self.db = root / "db"
-        make_images(self.db / "a", 20, seed=3)
-        make_images(self.db / "b", 18, seed=4)
-        (self.db / "a" / "broken.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
-        (self.db / "b" / "empty.png").write_bytes(b"")
-        self.queries = make_images(root / "queries", 24, seed=5)
-        self._built: dict[tuple[str, str, int], Path] = {}
+        work = root.with_name(root.name + ".drawing")
+        shutil.rmtree(work, ignore_errors=True)
+        make_images(work / "db" / "a", 20, seed=3)
+        make_images(work / "db" / "b", 18, seed=4)
+        (work / "db" / "a" / "broken.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
+        (work / "db" / "b" / "empty.png").write_bytes(b"")
+        make_images(work / "queries", 24, seed=5)
+        work.rename(root)
 
     def get(self, tokens: str = "fp16", factory: str = "Flat", shards: int = 0) -> Path:
         """An index (shards=0) or a map of `shards` shards, batch 4."""
-        key = (tokens, factory, shards)
-        if key not in self._built:
-            from fol_infer.backends import open_encoder
-            from fol_infer.bundle import Bundle
-            from fol_infer.index.build import BuildSettings, build_index
-            from fol_infer.index.map_build import LocalRunner, build_map
+        name = f"{tokens}-{factory.replace(',', '_')}-{shards}"
+        return built_once(self.factory, name, lambda out: self._build(out, tokens, factory, shards))
 
-            bundle = Bundle.open(self.bundle)
-            settings = BuildSettings(factory=factory, tokens=tokens, batch=4)  # type: ignore[arg-type]
-            out = self.root / f"{tokens}-{factory.replace(',', '_')}-{shards}"
-            with open_encoder(bundle, "onnx") as encoder:
-                if shards:
-                    build_map(bundle, self.db, out, LocalRunner(encoder), settings, shards)
-                else:
-                    build_index(bundle, encoder, self.db, out, settings)
-            self._built[key] = out
-        return self._built[key]
+    def _build(self, out: Path, tokens: str, factory: str, shards: int) -> None:
+        """Built beside `out` and renamed into place, so a failed build leaves no `out`."""
+        from fol_infer.backends import open_encoder
+        from fol_infer.bundle import Bundle
+        from fol_infer.index.build import BuildSettings, build_index
+        from fol_infer.index.map_build import LocalRunner, build_map
+
+        bundle = Bundle.open(self.bundle)
+        settings = BuildSettings(factory=factory, tokens=tokens, batch=4)  # type: ignore[arg-type]
+        work = out.with_name(out.name + ".building")
+        shutil.rmtree(work, ignore_errors=True)
+        with open_encoder(bundle, "onnx") as encoder:
+            if shards:
+                build_map(bundle, self.db, work, LocalRunner(encoder), settings, shards)
+            else:
+                build_index(bundle, encoder, self.db, work, settings)
+        work.rename(out)
 
 
 @pytest.fixture(scope="session")
 def map_builds(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> MapBuilds:
-    return MapBuilds(tiny_bundle, tmp_path_factory.mktemp("maps"))
+    return MapBuilds(tiny_bundle, tmp_path_factory)
