@@ -54,6 +54,7 @@ def test_an_output_file_is_x_out_and_the_old_spelling_still_works(
     map_builds, tmp_path: Path
 ) -> None:
     query = ["query", str(map_builds.get()), str(map_builds.queries[0]), "--top-k", "2"]
+    query += ["--rerank-k", "2"]
     new, old = tmp_path / "new.csv", tmp_path / "old.csv"
     result = runner.invoke(app, [*query, "--csv-out", str(new)])
     assert result.exit_code == 0 and "is now" not in result.output, result.output

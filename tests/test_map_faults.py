@@ -91,7 +91,8 @@ def test_a_missing_shard_is_left_out_only_when_allowed(map_builds, tmp_path: Pat
     code, stdout, out = cli("query", sharded, query, "--json")
     assert code == 2 and "shard-00001 (global ids 16..26) of map" in out and "missing" in out
     assert "fol-infer repair" in out and stdout == ""
-    code, stdout, out = cli("query", sharded, query, "--json", "--allow-partial", "--top-k", "40")
+    partial = ("--allow-partial", "--top-k", "40", "--rerank-k", "3")
+    code, stdout, out = cli("query", sharded, query, "--json", *partial)
     assert code == 0, out
     (doc,) = json.loads(stdout)
     assert doc["partial"] is True and doc["missing_shards"] == ["shard-00001"]

@@ -286,7 +286,9 @@ def test_relative_paths_reach_a_head_started_in_another_folder(map_builds, tmp_p
     work, other = tmp_path / "work", tmp_path / "other"
     other.mkdir()
     shutil.copytree(map_builds.bundle, work / "bundle")
-    shutil.copytree(map_builds.db, work / "db")
+    (work / "db").mkdir(parents=True)
+    for image in sorted((map_builds.db / "a").glob("*.jpg"))[:8]:  # a small database: Ray's
+        shutil.copy(image, work / "db")  # start-up is what this test is about
     shutil.copy(map_builds.queries[0], work / "q.jpg")
     port = _free_port()
     temp_dir = tempfile.mkdtemp(prefix="fr", dir="/tmp")  # short: Ray's socket paths
@@ -300,8 +302,8 @@ def test_relative_paths_reach_a_head_started_in_another_folder(map_builds, tmp_p
     try:
         address = f"127.0.0.1:{port}"
         _wait_for_port(port, head)
-        built = _cli("index", "bundle", "db", "--out", "map", "--shards", "2", "--ray",
-                     address, cwd=work, env=env)  # fmt: skip
+        argv = ["index", "bundle", "db", "--out", "map", "--shards", "2", "--batch", "4"]
+        built = _cli(*argv, "--ray", address, cwd=work, env=env)
         assert built.returncode == 0, built.stderr
         over_ray = _cli("query", "map", "q.jpg", "--json", "--ray", address, cwd=work, env=env)
         assert over_ray.returncode == 0, over_ray.stderr

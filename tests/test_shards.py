@@ -231,8 +231,8 @@ def test_append_adds_shards_like_a_single_index_append(map_builds, tmp_path: Pat
     assert code == 0, out
     manifest = MapManifest.load(sharded)
     assert len(manifest.shards) == 5 and manifest.images == 47
-    queries = map_builds.queries[:3]
-    assert _query_json(sharded, queries) == _query_json(index, queries)
+    queries, depth = map_builds.queries[:3], ("--rerank-k", "5")
+    assert _query_json(sharded, queries, *depth) == _query_json(index, queries, *depth)
 
 
 def test_bad_input_is_named(map_builds, tiny_bundle_322: Path, tmp_path: Path) -> None:
