@@ -101,6 +101,11 @@ ThresholdOption = Annotated[
     ),
 ]
 BatchOption = Annotated[int, typer.Option(min=1, help="Images per forward pass.")]
+RecordedBundleOption = Annotated[
+    Path | None,
+    typer.Option("--bundle", help="Bundle folder (default: the one that built the index)."),
+]
+RerankKOption = Annotated[int, typer.Option(min=1, help="Global candidates to re-rank.")]
 RayOption = Annotated[
     str | None,
     typer.Option(
@@ -154,3 +159,10 @@ def refuse_unused(ctx: typer.Context, unused: dict[str, str]) -> None:
             continue
         flag = next(p.opts[0] for p in ctx.command.params if p.name == name)
         raise UsageError(f"{flag} {why}")
+
+
+def refuse_rerank_options(ctx: typer.Context, no_rerank: bool) -> None:
+    """With --no-rerank, the re-ranking options given are refused, not dropped."""
+    if no_rerank:
+        why = "has no effect with --no-rerank: drop one of the two"
+        refuse_unused(ctx, {"rerank_k": why, "reranker": why, "threshold": why})

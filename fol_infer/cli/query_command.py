@@ -15,10 +15,13 @@ from fol_infer.cli.app import app, console, friendly_errors, stdout, untrained_b
 from fol_infer.cli.options import (
     BackendOption,
     RayOption,
+    RecordedBundleOption,
     RerankerOption,
+    RerankKOption,
     ThresholdOption,
     bounded,
     float_option,
+    refuse_rerank_options,
     refuse_unused,
     renamed,
 )
@@ -82,12 +85,9 @@ def query(
     paths: Annotated[
         list[Path], typer.Argument(metavar="IMAGES...", help="Query images or folders.")
     ],
-    bundle_dir: Annotated[
-        Path | None,
-        typer.Option("--bundle", help="Bundle folder (default: the one that built the index)."),
-    ] = None,
+    bundle_dir: RecordedBundleOption = None,
     top_k: Annotated[int, typer.Option(min=1, help="Results per query (of the final order).")] = 10,
-    rerank_k: Annotated[int, typer.Option(min=1, help="Global candidates to re-rank.")] = 100,
+    rerank_k: RerankKOption = 100,
     no_rerank: Annotated[
         bool, typer.Option("--no-rerank", help="Global search only (skips the local branch).")
     ] = False,
@@ -137,9 +137,7 @@ def query(
     csv_out = renamed(csv_out, csv_old, "--csv", "--csv-out")
     if ray is None:
         refuse_unused(ctx, {"timeout": "applies to a map served on Ray: add --ray, or drop it"})
-    if no_rerank:
-        why = "has no effect with --no-rerank: drop one of the two"
-        refuse_unused(ctx, {"rerank_k": why, "reranker": why, "threshold": why})
+    refuse_rerank_options(ctx, no_rerank)
     if bundle_dir is None:
         bundle_dir = recorded_bundle(index_dir)
     files = find_images(paths)

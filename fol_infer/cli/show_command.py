@@ -20,9 +20,11 @@ from fol_infer.cli.options import (
     BackendOption,
     PositionsOption,
     RadiusOption,
+    RecordedBundleOption,
     RerankerOption,
+    RerankKOption,
     ThresholdOption,
-    refuse_unused,
+    refuse_rerank_options,
 )
 from fol_infer.cli.query_command import query_inputs
 from fol_infer.errors import UsageError
@@ -125,12 +127,9 @@ def results(
     index_dir: Annotated[Path, typer.Argument(metavar="INDEX", help="Index or map folder.")],
     queries: Annotated[list[Path], typer.Argument(help="Query images or folders.")],
     out: OutOption,
-    bundle_dir: Annotated[
-        Path | None,
-        typer.Option("--bundle", help="Bundle folder (default: the one that built the index)."),
-    ] = None,
+    bundle_dir: RecordedBundleOption = None,
     top_k: Annotated[int, typer.Option(min=1, help="Results shown per query and list.")] = 5,
-    rerank_k: Annotated[int, typer.Option(min=1, help="Global candidates to re-rank.")] = 100,
+    rerank_k: RerankKOption = 100,
     no_rerank: Annotated[bool, typer.Option("--no-rerank", help="Global list only.")] = False,
     positions: PositionsOption = None,
     positive_radius: RadiusOption = RADIUS_M,
@@ -148,9 +147,7 @@ def results(
     from fol_infer.viz.figure import check_out
     from fol_infer.viz.results import draw_results, results_figure
 
-    if no_rerank:
-        why = "has no effect with --no-rerank: drop one of the two"
-        refuse_unused(ctx, {"rerank_k": why, "reranker": why, "threshold": why})
+    refuse_rerank_options(ctx, no_rerank)
     check_out(out)
     table = read_positions_csv(positions) if positions else None
     files = find_images(queries)
