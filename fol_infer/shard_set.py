@@ -77,6 +77,11 @@ class ShardSet(ABC):
     def __len__(self) -> int:
         return self.manifest.images
 
+    def place_paths(self, i: int, paths: list[str]) -> None:
+        """Shard `i`'s image paths, at its global ids (a down shard's stay unknown: "")."""
+        entry = self.entries[i]
+        self.paths[entry.offset : entry.offset + entry.images] = paths
+
     def absolute_path(self, db_index: int) -> Path:
         """An image's file: its recorded path under the database root."""
         return Path(self.manifest.root) / self.paths[db_index]
@@ -382,7 +387,7 @@ class LocalShardSet(ShardSet):
             self.health.mark_down(i, exc if isinstance(exc, FolInferError) else first_line(exc))
             return
         self.databases[i] = database
-        self.paths[entry.offset : entry.offset + entry.images] = database.paths
+        self.place_paths(i, database.paths)
         self.health.mark_up(i)
 
     def _revive(self, allow_partial: bool) -> None:

@@ -333,8 +333,7 @@ class RayShardSet(ShardSet):
         if method == "paths":
             for i in needed:
                 if results[i] is not None:
-                    entry = self.entries[i]
-                    self.paths[entry.offset : entry.offset + entry.images] = results[i][0]
+                    self.place_paths(i, results[i][0])
         elif not self.health.down:
             self._start_graph(wait=False)  # every shard answers again: back to the graph
         return results, missing

@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -64,6 +64,16 @@ class BuildSettings:
 
     def to_dict(self) -> dict[str, object]:
         return {"factory": self.factory, "tokens": str(self.tokens), "batch": self.batch}
+
+    def check_same(self, recorded: Mapping[str, object], folder: Path) -> None:
+        """Refuse to extend or resume an index or map built with other settings (the batch
+        may differ: it changes no stored byte's meaning)."""
+        for key, value in self.to_dict().items():
+            if key != "batch" and recorded.get(key) != value:
+                raise UsageError(
+                    f"{folder} was built with {key}={recorded.get(key)!r}, not {value!r}: "
+                    "use the same settings, or --force to rebuild"
+                )
 
 
 @dataclass
@@ -206,7 +216,7 @@ def _same_build(work: Path, bundle: Bundle, settings: BuildSettings, root: Path)
     try:
         meta = IndexMetadata.load(work / METADATA)
         meta.check_bundle(bundle.manifest.fingerprint)
-        _check_settings(meta, settings, work)
+        settings.check_same(meta.settings, work)
     except UsageError:  # IndexStoreError included
         return False
     return meta.root == str(root)
@@ -224,7 +234,7 @@ def _open_or_create(
     if is_index(work):
         meta = IndexMetadata.load(work / METADATA)
         meta.check_bundle(bundle.manifest.fingerprint, str(bundle.folder))
-        _check_settings(meta, settings, work)
+        settings.check_same(meta.settings, work)
         if not meta.paths and not meta.settings.get("complete", False):
             return meta, _fresh_stores(work, bundle, settings)
         return meta, open_stores(work, settings.tokens, meta, "cached", writer=True)
@@ -341,12 +351,3 @@ def _discard(work: Path, existed: bool) -> None:
         TokenStore.remove(work / name)
     for name in (METADATA, FAISS_FILE):
         (work / name).unlink(missing_ok=True)
-
-
-def _check_settings(meta: IndexMetadata, settings: BuildSettings, folder: Path) -> None:
-    for key, value in settings.to_dict().items():
-        if key != "batch" and meta.settings.get(key) != value:
-            raise UsageError(
-                f"{folder} was built with {key}={meta.settings.get(key)!r}, not {value!r}: "
-                "use the same settings, or --force to rebuild"
-            )

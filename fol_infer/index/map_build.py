@@ -240,7 +240,7 @@ def _prepare(
         return work, manifest
     manifest = MapManifest.load(work)
     manifest.check_bundle(bundle.manifest.fingerprint, str(bundle.folder))
-    _check_map_settings(manifest, settings, work)
+    settings.check_same(manifest.settings, work)
     if manifest.complete and mode == "new":
         raise UsageError(f"{out} already holds a map: pass --append to add images or --force")
     if not manifest.complete and mode == "append" and manifest.pending_from == 0:
@@ -253,15 +253,6 @@ def _prepare(
     return work, manifest
 
 
-def _check_map_settings(manifest: MapManifest, settings: BuildSettings, work: Path) -> None:
-    for key in ("factory", "tokens"):
-        if manifest.settings.get(key) != getattr(settings, key):
-            raise UsageError(
-                f"{work} was built with {key}={manifest.settings.get(key)!r}, not "
-                f"{getattr(settings, key)!r}: use the same settings, or --force to rebuild"
-            )
-
-
 def _same_map_build(work: Path, bundle: Bundle, settings: BuildSettings, root: Path) -> bool:
     """Whether `work` is a map begun from this database by this bundle with these settings
     (an interrupted --force of the same command, which resumes it)."""
@@ -270,7 +261,7 @@ def _same_map_build(work: Path, bundle: Bundle, settings: BuildSettings, root: P
     try:
         manifest = MapManifest.load(work)
         manifest.check_bundle(bundle.manifest.fingerprint)
-        _check_map_settings(manifest, settings, work)
+        settings.check_same(manifest.settings, work)
     except UsageError:
         return False
     return manifest.root == str(root)

@@ -238,11 +238,8 @@ def _entry_files(folder: Path, manifest: MapManifest, entry: ShardEntry) -> list
             others.update(meta.paths, (name for name, _ in meta.failures))
     first, last = name_key(entry.first), name_key(entry.last)
     namer = IndexMetadata(root=manifest.root, bundle_sha256="")
-    files = [
-        f
-        for f in find_images([root])
-        if first <= name_key(namer.name_of(f)) <= last and namer.name_of(f) not in others
-    ]
+    named = ((f, namer.name_of(f)) for f in find_images([root]))
+    files = [f for f, name in named if first <= name_key(name) <= last and name not in others]
     if len(files) != entry.files:
         raise UsageError(
             f"{entry.name} of map {folder} cannot be encoded again: map.json records "
